@@ -1,0 +1,1 @@
+"""Training-dynamics analysis programs (``pntk``, ``trajectory``); see docs/analysis.md."""

@@ -1,0 +1,195 @@
+"""Kernel baselines and feature-kernel tests on CIFAR-10, by kernel ridge regression.
+
+Modes (any combination; each prints its test accuracy):
+
+* ``--gp``: the NNGP of a ReLU MLP with ``--depth`` hidden layers (``--varw``, ``--varb``),
+  experiments.kernels.mlp_nngp;
+* ``--ntk``: its NTK (experiments.kernels.mlp_ntk);
+* ``--test-kernel --load-model-path CKPT``: the feature kernel of the last hidden layer of a
+  net trained by experiments.cifar10.cifar10mlp or experiments.imagenet.transfer_imagenet
+  (a ``checkpoint.pt`` written with ``--save-model``). For an infinite net it is
+  ``s s' F00(ĝ·ĝ')`` of the preactivation ``g`` entering the output layer
+  (experiments.kernels.feature_kernel); for a finite π-net or μP net the empirical kernel
+  ``φ(h)·φ(h')``. ``--width n`` samples a finite π-net of width n from an infinite
+  checkpoint and uses its empirical kernel. A 10-class checkpoint is also evaluated
+  directly on the test set.
+
+Regression: targets ``onehot − 0.1``; ridge ``λ = --kernel-reg × mean(diag K_train)``; the
+N×N training kernel is built and Cholesky-factorised block by block in float32 (10 GB for
+the full 50 000 training images; ``--krr-method cg`` needs almost no memory but recomputes
+the kernel every iteration). ``--train-size N`` regresses on a fixed subset of N training
+images instead (nested across N, identical in every program), ``--test-size`` likewise.
+
+The original command lines are accepted, e.g.::
+
+    python -m experiments.cifar10.cifar10test --varb 0 --depth 2 --kernel-reg 1e-4 --gp \\
+        --float --batch-size 2000 --test-batch-size 2000 --save-dir ./output/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from experiments.common import (ConfigError, ImageSet, add_krr_args, atomic_write,
+                                check_args, checkpoint_model, device_from_args,
+                                feature_kernel_accuracy, load_checkpoint, load_cifar10_set,
+                                seed_everything, setup_logging, Trainer)
+from experiments.data.cifar import DatasetError
+from experiments.kernels import kernel_ridge_regression, make_mlp_kernel
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("experiments")
+RESULTS_JSON = "kernel_results.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.cifar10.cifar10test",
+        description="CIFAR-10 test accuracy of kernel ridge regression with the NNGP (--gp) or "
+                    "NTK (--ntk) of a deep ReLU MLP, or with the feature kernel of a trained "
+                    "π-net / μP net (--test-kernel --load-model-path CKPT).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    modes = p.add_argument_group("what to test")
+    modes.add_argument("--gp", action="store_true", help="NNGP kernel of a ReLU MLP")
+    modes.add_argument("--ntk", action="store_true", help="NTK of a ReLU MLP")
+    modes.add_argument("--test-kernel", action="store_true",
+                       help="feature kernel of the net in --load-model-path")
+    modes.add_argument("--load-model-path", default=None, metavar="CKPT",
+                       help="checkpoint.pt of cifar10mlp / transfer_imagenet (or its folder)")
+    modes.add_argument("--width", type=int, default=None,
+                       help="with an infinite checkpoint: sample a finite π-net of this width "
+                            "and use its empirical kernel")
+    mlp = p.add_argument_group("MLP kernels")
+    mlp.add_argument("--depth", type=int, default=2,
+                     help="hidden layers (ReLUs) of the MLP (a cifar10mlp net of --depth L has "
+                          "L+1 of them)")
+    mlp.add_argument("--varw", type=float, default=2.0,
+                     help="weight variance σ_w² (times 1/fan-in); with --varb 0 it only scales "
+                          "the kernel, which the relative ridge ignores")
+    mlp.add_argument("--varb", type=float, default=0.0, help="bias variance σ_b²")
+    for name in ("--first-layer-lr-mult", "--last-layer-lr-mult", "--bias-lr-mult"):
+        mlp.add_argument(name, type=float, default=1.0,
+                         help="accepted for the original command lines; the NTK here has "
+                              "every multiplier 1")
+    add_krr_args(p)
+    data = p.add_argument_group("data and run")
+    data.add_argument("--data", default="./data",
+                      help="CIFAR-10 python version (folder or cifar-10-python.tar.gz)")
+    data.add_argument("--train-size", type=int, default=None, metavar="N",
+                      help="regress on a fixed subset of N training images (default: all "
+                           "50 000, which needs a 10 GB kernel matrix)")
+    data.add_argument("--test-size", type=int, default=None, metavar="N",
+                      help="test on a fixed subset of N test images")
+    data.add_argument("--batch-size", type=int, default=None,
+                      help="kernel block size (default: --krr-block-size)")
+    data.add_argument("--test-batch-size", type=int, default=500,
+                      help="batch size of the network passes that compute features")
+    data.add_argument("--cuda", action="store_true", help="compute on the GPU")
+    data.add_argument("--float", action="store_true",
+                      help="accepted for the original command lines (kernels are computed in "
+                           "float64 blocks and factorised in float32 unless --krr-float64)")
+    data.add_argument("--seed", type=int, default=1, help="seed (for --width sampling)")
+    data.add_argument("--save-dir", default=None, help=f"write {RESULTS_JSON} here")
+    data.add_argument("--human", action="store_true", help="accepted; output is always text")
+    data.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                      help="no progress bars")
+    return p
+
+
+def main(argv=None) -> dict:
+    """Run the requested tests; returns ``{"config": …, "results": [{mode, test_acc, …}]}``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if not (args.gp or args.ntk or args.test_kernel):
+        parser.error("choose at least one of --gp, --ntk, --test-kernel")
+    if args.test_kernel and not args.load_model_path:
+        parser.error("--test-kernel needs --load-model-path CKPT")
+    if args.ntk and any(m != 1.0 for m in (args.first_layer_lr_mult, args.last_layer_lr_mult,
+                                           args.bias_lr_mult)):
+        parser.error("--ntk supports only learning-rate multipliers of 1 (the plain NTK)")
+    if args.depth < 0:
+        parser.error("--depth must be non-negative")
+    if args.batch_size is not None:
+        args.krr_block_size = args.batch_size
+    setup_logging()
+    with logging_redirect_tqdm():
+        return _run(args)
+
+
+def _run(args) -> dict:
+    device = device_from_args(args)
+    seed_everything(args.seed)
+    ckpt = load_checkpoint(args.load_model_path) if args.test_kernel else None
+    train = load_cifar10_set(args.data, True, args.train_size).to(device)
+    test = load_cifar10_set(args.data, False, args.test_size).to(device)
+    progress = not args.no_progress
+    results = []
+    for mode in ("nngp", "ntk"):
+        if not getattr(args, "gp" if mode == "nngp" else "ntk"):
+            continue
+        began = time.perf_counter()
+        kernel = make_mlp_kernel(mode, depth=args.depth, varw=args.varw, varb=args.varb)
+        acc = kernel_ridge_regression(
+            kernel, train.inputs(), train.labels, test.inputs(), test.labels, num_classes=10,
+            kernel_reg=args.kernel_reg, method=args.krr_method,
+            dtype=torch.float64 if args.krr_float64 else None, block_size=args.krr_block_size,
+            progress=progress)
+        results.append({"mode": mode, "test_acc": acc, "depth": args.depth, "varw": args.varw,
+                        "varb": args.varb, "time_s": time.perf_counter() - began})
+        log.info("%s (depth %d, varw %g, varb %g, kernel reg %g): test accuracy %.2f%% "
+                 "(%d train / %d test images, %.1f s)", mode.upper(), args.depth, args.varw,
+                 args.varb, args.kernel_reg, 100 * acc, len(train), len(test),
+                 results[-1]["time_s"])
+    if ckpt is not None:
+        results += _test_kernel(args, ckpt, train, test, device, progress)
+    doc = {"config": vars(args), "results": results}
+    if args.save_dir:
+        out = Path(args.save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / RESULTS_JSON, lambda fh: fh.write(json.dumps(doc, indent=1).encode()))
+    return doc
+
+
+def _test_kernel(args, ckpt, train: ImageSet, test: ImageSet, device, progress) -> list[dict]:
+    if ckpt["shape"]["d_in"] != train.dim:
+        raise ConfigError(f"{args.load_model_path} takes {ckpt['shape']['d_in']} inputs, not "
+                          f"CIFAR-10's {train.dim}")
+    net, kind, saved = checkpoint_model(ckpt, device, width=args.width)
+    name = f"{kind} net from {args.load_model_path} (epoch {ckpt['epoch']})"
+    row = {"mode": "feature_kernel", "kind": kind, "epoch": ckpt["epoch"],
+           "checkpoint": str(args.load_model_path), "width": args.width or saved.width}
+    if ckpt["shape"]["d_out"] == test.num_classes:
+        # the original program reported the net's own test accuracy next to its kernel's
+        stats = Trainer(argparse.Namespace(test_batch_size=args.test_batch_size,
+                                           loss=saved.loss), net, None, device,
+                        torch.Generator()).evaluate(test)
+        row.update(net_test_loss=stats["test_loss"], net_test_acc=stats["test_acc"])
+        log.info("%s: test loss %.4f, test accuracy %.2f%%", name, stats["test_loss"],
+                 100 * stats["test_acc"])
+    began = time.perf_counter()
+    acc = feature_kernel_accuracy(net, kind, train, test, args, progress)
+    row.update(test_acc=acc, kernel_reg=args.kernel_reg, time_s=time.perf_counter() - began)
+    log.info("feature kernel of the %s (kernel reg %g): test accuracy %.2f%% (%d train / %d "
+             "test images, %.1f s)", name, args.kernel_reg, 100 * acc, len(train), len(test),
+             row["time_s"])
+    return [row]
+
+
+def _cli() -> None:
+    try:
+        main()
+    except (DatasetError, ConfigError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    _cli()
