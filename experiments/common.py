@@ -59,7 +59,6 @@ from experiments.data.cifar import CIFAR10_MEAN, load_cifar10, normalize, random
 from experiments.kernels import feature_kernel, kernel_ridge_regression
 from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 from inf.optim import InfSGD
-from inf.tract import tract_weight_grad
 from inf.utils import clip_grad_norm_, pi_param_groups, resolve_device
 
 __all__ = [
@@ -67,7 +66,7 @@ __all__ = [
     "IntListAction", "add_model_args", "add_optim_args", "add_run_args", "add_krr_args",
     "check_args", "setup_logging", "device_from_args", "seed_everything",
     "ImageSet", "fixed_subset", "load_cifar10_set",
-    "model_kind", "build_model", "TrActLinearInput", "apply_precision", "make_optimizer",
+    "model_kind", "build_model", "apply_precision", "make_optimizer",
     "make_scheduler", "gclip_at", "batch_loss", "Trainer", "fit",
     "atomic_write", "save_checkpoint", "load_checkpoint", "checkpoint_model", "MetricsLog",
     "plot_curves", "ARCH_KEYS", "adopt_architecture", "feature_kernel_inputs",
@@ -391,61 +390,6 @@ def model_kind(args) -> str:
     return "mup" if args.gaussian_init else "finite"
 
 
-class _TrActLinearFunction(torch.autograd.Function):
-    """``x Wᵀ`` whose weight gradient is TrAct's ``Gᵀ X (XᵀX/b + λI)⁻¹`` (spec §7)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, lambda_):
-        ctx.save_for_backward(x, weight)
-        ctx.lambda_ = lambda_
-        return F.linear(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            X = x.reshape(-1, x.shape[-1]).to(cdt)
-            G = grad_out.reshape(-1, grad_out.shape[-1]).to(cdt)
-            grad_w = tract_weight_grad(X, G, ctx.lambda_).to(weight.dtype)
-        return grad_x, grad_w, None
-
-
-class TrActLinearInput(nn.Module):
-    """The input layer of a :class:`inf.networks.MuMLP` trained with TrAct.
-
-    ``inf.tract.TrAct`` accepts ``nn.Linear``/``nn.Conv`` and the π input layers; MuMLP's
-    input layer is neither (it scales its bias by β), so this module takes it over: the very
-    same ``weight``/``bias`` Parameters under the same names (state dicts are unchanged), the
-    same forward ``W x + β b``, and TrAct's weight gradient.
-    """
-
-    def __init__(self, layer: nn.Module, lambda_: float):
-        super().__init__()
-        if not lambda_ > 0:
-            raise ValueError(f"TrAct's λ must be > 0, got {lambda_}")
-        self.n_in, self.n_out = layer.weight.shape[1], layer.weight.shape[0]
-        self.bias_alpha = float(layer.bias_alpha)
-        self.lambda_ = float(lambda_)
-        self.weight = layer.weight
-        if layer.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = layer.bias
-
-    def forward(self, x):
-        out = _TrActLinearFunction.apply(x, self.weight, self.lambda_)
-        if self.bias is not None:
-            out = out + self.bias_alpha * self.bias
-        return out
-
-    def extra_repr(self):
-        return (f"n_in={self.n_in}, n_out={self.n_out}, bias_alpha={self.bias_alpha}, "
-                f"tract_lambda={self.lambda_}")
-
-
 def build_model(args, d_in: int, d_out: int, device: torch.device) -> nn.Module:
     """The net the options describe, in float32 on ``device``.
 
@@ -459,9 +403,7 @@ def build_model(args, d_in: int, d_out: int, device: torch.device) -> nn.Module:
     tract = args.tract_lambda if args.tract_lambda else None
     generator = torch.Generator().manual_seed(args.seed)
     if kind == "mup":
-        net = MuMLP(d_in, d_out, args.width, L=args.depth, generator=generator, **shape)
-        if tract:
-            net.layers[0] = TrActLinearInput(net.layers[0], tract)
+        net = MuMLP(d_in, d_out, args.width, L=args.depth, generator=generator, tract_lambda=tract, **shape)
         return net.to(device)
     if kind == "infinite":
         return InfMLP(d_in, d_out, args.r, L=args.depth, tract_lambda=tract, device=device,

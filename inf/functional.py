@@ -22,25 +22,49 @@ changes existing coefficients except through weight decay and momentum. The
 coefficients are not an autograd input: their shape changes as rows are
 appended, which autograd's cached gradient accumulators do not allow.
 
-Rows are processed in chunks of ``chunk_rows`` so the batch × M intermediates
-stay bounded. Without chunking, forward keeps ``F11(q)`` and ``F02(q)`` for
-backward, so ``arccos`` and ``sqrt`` run once per step; with chunking they are
-recomputed chunk by chunk in backward (memory first).
+Rows are processed in blocks, so that no batch × M intermediate is ever
+formed in one piece:
 
-``A`` and ``B`` may be stored in float16/bfloat16; the computation then runs
-in float32 (float64 when the input is float64) and the result is cast back to
-the input's dtype.
+* ``chunk_rows`` is the memory budget's block (see :func:`auto_chunk_rows`):
+  at most four batch × chunk intermediates are alive at a time.
+* On the CPU the rows are cut further into cache-sized blocks of
+  ``CPU_BLOCK_ROWS`` rows. For the small batches of training the products
+  ``ĝ Bᵀ`` and ``δ Aᵀ`` are memory-bound, and one ``torch.mm`` over all M rows
+  is markedly slower than the same product in blocks whose outputs stay in
+  cache; the elementwise kernels then also run on cached data (measured in
+  ``benchmarks/step_time.py``, see ``docs/performance.md``).
+
+Transcendental work runs once per step: when the budget allows the batch × M
+intermediates (``chunk_rows`` is None or ≥ M), forward writes ``F11(q)`` and
+``F02(q)`` block by block into two batch × M buffers that backward reads;
+otherwise backward recomputes them block by block (memory first). The module
+switch :data:`SAVE_KERNELS` (or the ``save_kernels`` argument) forces either
+choice; saving was measured faster (``benchmarks/step_time.py --compare-save``).
+
+``A`` and ``B`` may be stored in float16/bfloat16; each block is converted
+to float32 (float64 when the input is float64) just before its products, so
+products accumulate in float32 with float32 coefficients, and the result is
+cast back to the input's dtype. The accuracy cost is measured in
+``benchmarks/memory.py`` and stated in ``docs/performance.md``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .math import F00_F11_F02
-
 __all__ = ["InfPiLinearReLUFunction", "inf_pi_linear_relu", "pi_features", "compute_dtype",
-           "auto_chunk_rows"]
+           "auto_chunk_rows", "block_rows", "SAVE_KERNELS", "CPU_BLOCK_ROWS"]
 
 _TINY = 1e-30
+_INV_2PI = 1.0 / (2.0 * math.pi)
+
+#: Keep F11/F02 from forward for backward: None = when the memory budget allows the
+#: batch × M buffers (no ``chunk_rows`` below M), True = always, False = recompute.
+SAVE_KERNELS: bool | None = None
+
+#: Rows per cache-sized block on the CPU (0 or None: blocks only for the memory budget).
+CPU_BLOCK_ROWS: int | None = 1024
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -61,12 +85,26 @@ def pi_features(g: torch.Tensor, layernorm: bool = False) -> tuple[torch.Tensor,
 
 def auto_chunk_rows(batch: int, rows: int, budget_bytes: int | None, itemsize: int = 4,
                     live_tensors: int = 4) -> int | None:
-    """Row-chunk size that keeps ``live_tensors`` batch × chunk intermediates under ``budget_bytes``."""
+    """Row-chunk size that keeps ``live_tensors`` batch × chunk intermediates under ``budget_bytes``.
+
+    Forward and backward of :class:`InfPiLinearReLUFunction` hold at most four
+    batch × chunk intermediates at a time (``q``, ``F11``, ``F02`` and ``F00``
+    resp. ``γ``). None means that everything fits: no chunking is needed.
+    """
     if budget_bytes is None:
         return None
     per_row = max(1, batch * itemsize * live_tensors)
     chunk = max(1, budget_bytes // per_row)
     return None if chunk >= rows else int(chunk)
+
+
+def block_rows(rows: int, chunk_rows: int | None, device: torch.device | str) -> int | None:
+    """Rows per block actually processed: the budget's ``chunk_rows``, cut to
+    :data:`CPU_BLOCK_ROWS` on the CPU; None means one block of all rows."""
+    block = chunk_rows if chunk_rows and chunk_rows < rows else None
+    if torch.device(device).type == "cpu" and CPU_BLOCK_ROWS and rows > CPU_BLOCK_ROWS:
+        block = min(block or rows, int(CPU_BLOCK_ROWS))
+    return block
 
 
 def _chunks(M: int, chunk_rows: int | None):
@@ -77,34 +115,70 @@ def _chunks(M: int, chunk_rows: int | None):
         yield start, min(M, start + chunk_rows)
 
 
+def _kernels_(q: torch.Tensor, f11_out: torch.Tensor | None = None, f02_out: torch.Tensor | None = None):
+    """``(F11(q), F02(q))`` from one ``arccos`` per entry; clamps ``q`` in place.
+
+    With ``θ = arccos(q)``: ``F11 = (π − θ)/2π`` and ``F02 = sin(θ)/2π``. ``sin θ``
+    equals ``sqrt(1 − q²)`` but keeps full relative precision near ``q = ±1``,
+    where ``1 − q²`` cancels. ``*_out`` may be strided views of saved buffers.
+    """
+    q.clamp_(-1.0, 1.0)
+    theta = torch.arccos(q) if f11_out is None else torch.arccos(q, out=f11_out)
+    f02 = torch.sin(theta) if f02_out is None else torch.sin(theta, out=f02_out)
+    f02.clamp_min_(0.0).mul_(_INV_2PI)  # sin(fl(π)) is -9e-8 in float32
+    f11 = theta.mul_(-_INV_2PI).add_(0.5)
+    return f11, f02
+
+
+def _rows(X: torch.Tensor, lo: int, hi: int, cdt: torch.dtype) -> torch.Tensor:
+    block = X[lo:hi]
+    return block if block.dtype == cdt else block.to(cdt)
+
+
 class InfPiLinearReLUFunction(torch.autograd.Function):
     """``g_out = s · (F00(ĝ Bᵀ) ⊙ c) A`` with the closed-form backward of spec §4.
 
-    ``apply(g, A, coef, B, store, layernorm, chunk_rows, trigger)``; ``store`` is the
-    :class:`~inf.tensors.RowStore` that receives the gradient rows, or None.
+    ``apply(g, A, coef, B, store, layernorm, chunk_rows, trigger, save_kernels)``;
+    ``store`` is the :class:`~inf.tensors.RowStore` that receives the gradient
+    rows, or None; ``save_kernels`` overrides :data:`SAVE_KERNELS`.
     """
 
     @staticmethod
-    def forward(ctx, g, A, coef, B, store, layernorm, chunk_rows, trigger=None):
+    def forward(ctx, g, A, coef, B, store, layernorm, chunk_rows, trigger=None, save_kernels=None):
         cdt = compute_dtype(g, A, B)
         g32 = g.to(cdt)
         norm = g32.norm(dim=1)
         ghat = g32 / norm.clamp_min(_TINY)[:, None]
-        M = A.shape[0]
-        out = torch.zeros(g.shape[0], A.shape[1], dtype=cdt, device=g.device)
-        keep = ctx.needs_input_grad[0] and (not chunk_rows or chunk_rows >= M)
+        batch, M = g.shape[0], A.shape[0]
+        save = SAVE_KERNELS if save_kernels is None else save_kernels
+        if save is None:
+            save = not chunk_rows or chunk_rows >= M
+        keep = bool(ctx.needs_input_grad[0] and save)
+        block = block_rows(M, chunk_rows, g.device)
+        blocked = block is not None and block < M
+        out = torch.zeros(batch, A.shape[1], dtype=cdt, device=g.device)
         f11_saved = f02_saved = None
-        for lo, hi in _chunks(M, chunk_rows):
-            Bc = B[lo:hi].to(cdt)
-            f00, f11, f02 = F00_F11_F02(ghat @ Bc.T)
-            out.addmm_(f00.mul_(coef[lo:hi].to(cdt)), A[lo:hi].to(cdt))
-            if keep:
-                f11_saved, f02_saved = f11, f02
+        if keep and blocked:
+            f11_saved = torch.empty(batch, M, dtype=cdt, device=g.device)
+            f02_saved = torch.empty(batch, M, dtype=cdt, device=g.device)
+        for lo, hi in _chunks(M, block):
+            q = ghat @ _rows(B, lo, hi, cdt).T
+            if keep and blocked:
+                f11, f02 = _kernels_(q, f11_saved[:, lo:hi], f02_saved[:, lo:hi])
+            else:
+                f11, f02 = _kernels_(q)
+                if keep:
+                    f11_saved, f02_saved = f11, f02
+            # F00 = F02 + q F11 (spec §2), times the coefficients
+            f00 = torch.addcmul(f02, q, f11).mul_(coef[lo:hi])
+            del q, f11, f02
+            out.addmm_(f00, _rows(A, lo, hi, cdt))
+            del f00
         if not layernorm:
             out.mul_(norm[:, None])
         ctx.store = store
         ctx.layernorm = layernorm
-        ctx.chunk_rows = chunk_rows
+        ctx.block = block
         ctx.in_dtype = g.dtype
         # the rows are kept as detached aliases of the M rows seen here, not via
         # save_for_backward: appending temporary rows between forward and backward
@@ -112,7 +186,7 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
         ctx.rows = (A.detach(), coef.detach(), B.detach())
         ctx.coef_param = coef  # the parameter itself carries the gradient marker
         ctx.save_for_backward(ghat, norm, f11_saved, f02_saved)
-        return out.to(g.dtype)
+        return out if out.dtype == g.dtype else out.to(g.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -125,21 +199,22 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             v = torch.zeros_like(ghat)
             radial = torch.zeros(ghat.shape[0], dtype=cdt, device=ghat.device)
-            for lo, hi in _chunks(A.shape[0], ctx.chunk_rows):
-                gamma = (delta @ A[lo:hi].to(cdt).T).mul_(coef[lo:hi].to(cdt))
-                Bc = B[lo:hi].to(cdt)
+            for lo, hi in _chunks(A.shape[0], ctx.block):
+                gamma = (delta @ _rows(A, lo, hi, cdt).T).mul_(coef[lo:hi])
+                Bc = _rows(B, lo, hi, cdt)
                 if f11_saved is not None:
-                    f11, f02 = f11_saved, f02_saved
+                    f11, f02 = f11_saved[:, lo:hi], f02_saved[:, lo:hi]
                 else:
-                    _, f11, f02 = F00_F11_F02(ghat @ Bc.T)
+                    f11, f02 = _kernels_(ghat @ Bc.T)
                 if not ctx.layernorm:
-                    radial += (gamma * f02).sum(1)
+                    radial += torch.linalg.vecdot(gamma, f02)
                 v.addmm_(gamma.mul_(f11), Bc)
+                del gamma, f11, f02, Bc
             if ctx.layernorm:
                 # back through ĝ = g/|g|; the radial part of v is removed
                 v = (v - (v * ghat).sum(1, keepdim=True) * ghat) / norm.clamp_min(_TINY)[:, None]
             else:
-                v += radial[:, None] * ghat
+                v.addcmul_(radial[:, None], ghat)
             grad_g = v.to(ctx.in_dtype)
         if ctx.store is not None:
             coef_param = ctx.coef_param
@@ -151,17 +226,19 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
             scale = 1.0 if ctx.layernorm else norm[:, None]
             ctx.store.add_pending((delta * scale).to(A.dtype), ghat.to(B.dtype))
         grad_trigger = torch.zeros((), dtype=cdt, device=ghat.device) if ctx.needs_input_grad[7] else None
-        return grad_g, None, None, None, None, None, None, grad_trigger
+        return grad_g, None, None, None, None, None, None, grad_trigger, None
 
 
-def inf_pi_linear_relu(g, A, coef, B, store=None, layernorm=False, chunk_rows=None):
+def inf_pi_linear_relu(g, A, coef, B, store=None, layernorm=False, chunk_rows=None, save_kernels=None):
     """Functional form of the infinite π-layer (no bias); see :class:`InfPiLinearReLUFunction`.
 
     With a ``store`` and grad mode on, backward runs even when nothing upstream
     requires grad (a fresh scalar "trigger" input makes sure of it), so a layer
     records its gradient rows even if the layers before it are frozen.
+    ``save_kernels`` (None: :data:`SAVE_KERNELS`) chooses between keeping
+    ``F11``/``F02`` for backward and recomputing them.
     """
     trigger = None
     if store is not None and torch.is_grad_enabled():
         trigger = torch.zeros((), device=g.device, requires_grad=True)
-    return InfPiLinearReLUFunction.apply(g, A, coef, B, store, layernorm, chunk_rows, trigger)
+    return InfPiLinearReLUFunction.apply(g, A, coef, B, store, layernorm, chunk_rows, trigger, save_kernels)

@@ -133,7 +133,7 @@ def project_pi_grads_(parameters):
 
 def _role(module: nn.Module, first: nn.Module, last: nn.Module, name: str) -> str:
     if name.endswith("bias"):
-        return "last_bias" if module is last else "bias"
+        return "last_bias" if module is last else "first_bias" if module is first else "bias"
     if module is first:
         return "first"
     if module is last:
@@ -166,7 +166,7 @@ def pi_param_groups(net: nn.Module, lr: float, weight_decay: float = 0.0, first_
             seen.add(id(p))
             role = _role(layer, first, last, name)
             mult = {"first": first_layer_lr_mult, "last": last_layer_lr_mult, "hidden": 1.0,
-                    "bias": bias_lr_mult * (first_layer_lr_mult if layer is first else 1.0),
+                    "bias": bias_lr_mult, "first_bias": bias_lr_mult * first_layer_lr_mult,
                     "last_bias": bias_lr_mult * last_layer_lr_mult}[role]
             g = groups.setdefault(role, {"params": [], "role": role, "lr_mult": mult})
             g["params"].append(p)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import pytest
@@ -99,6 +98,11 @@ def test_exact_features_are_the_empirical_ntk():
     assert torch.allclose(ntk_from_features(F, kind="pseudo"), pseudo, atol=1e-10)
     with pytest.raises(ValueError, match="per-output"):
         ntk_from_features(F, kind="trace")
+    # the CUDA projector is chosen only where it can run
+    from inf.analysis.pntk import _fast_jl_available, _projector_plan
+    assert _projector_plan(100, 64, "cpu", torch.float32, 2**20) == ("basic", 64)
+    assert _projector_plan(10**6, 512, "cuda", torch.float32, 2**22)[0] == ("cuda" if _fast_jl_available() else "basic")
+    assert _projector_plan(100, 512, "cuda", torch.float64, 2**22)[0] == "basic"
     # parameter blocks and example chunks do not change the result
     F2 = pntk_features(net, X, 64, block_numel=20, chunk_size=2)
     F3 = pntk_features(net, X, 64)
@@ -237,12 +241,12 @@ def test_inf_ntk_is_the_limit_of_finite_pi_nets():
     widths, gaps = [128, 512, 2048], []
     for n in widths:
         g = [_rel(empirical_ntk(net.sample(n, generator=torch.Generator().manual_seed(s)), Xs, kind="full"), exact)
-             for s in range(3)]
+             for s in range(5)]
         gaps.append(float(np.mean(g)))
     print("width gaps", dict(zip(widths, gaps)))
     slope = np.polyfit(np.log(widths), np.log(gaps), 1)[0]
-    assert gaps[-1] < 0.5 * gaps[0], gaps
-    assert -1.0 < slope < -0.25, (gaps, slope)
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[-1] < 0.6 * gaps[0], gaps
+    assert -1.0 < slope < -0.2, (gaps, slope)
     assert gaps[-1] < 0.12, gaps
     # (without the Ω-projection the finite kernel tends to another limit, about 0.1 away here;
     # it shows only at widths ≥ 8192, too slow for this file: see the next test instead)
@@ -440,8 +444,11 @@ def test_programs_smoke(tmp_path):
         assert (tmp_path / "traj" / name).exists()
     assert json.loads((tmp_path / "traj" / "summary.json").read_text())["steps"] == 12
     assert summary["kernel_steps"][-1] == 12
-    summary = traj_prog.main(["--model", "cnn", "--channels", "4", "--hidden", "8", "--n-train", "30",
-                              "--n-test", "10", "--steps", "6", "--records", "4", "--kernel-records", "2",
-                              "--proj-dim", "32", "--basis", "ntk-init", "--no-progress", "--top", "4",
-                              "--out", str(tmp_path / "traj_cnn")])
-    assert summary["basis"] == "ntk-init"
+    from experiments.data.synthetic import write_synthetic_cifar10
+
+    root = write_synthetic_cifar10(tmp_path / "cifar", n_train=40, n_test=10)
+    summary = traj_prog.main(["--model", "cnn", "--channels", "2", "--hidden", "8", "--data", "cifar10",
+                              "--data-root", str(root), "--n-train", "30", "--steps", "6", "--records", "4",
+                              "--kernel-records", "2", "--proj-dim", "32", "--basis", "ntk-init", "--no-progress",
+                              "--top", "4", "--out", str(tmp_path / "traj_cnn")])
+    assert summary["basis"] == "ntk-init" and summary["n_train"] == 30

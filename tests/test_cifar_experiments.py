@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from experiments.cifar10 import cifar10mlp, cifar10test
-from experiments.common import (ConfigError, ImageSet, Trainer, TrActLinearInput,
+from experiments.common import (ConfigError, ImageSet, Trainer,
                                 apply_precision, build_model, feature_kernel_inputs,
                                 load_checkpoint, make_optimizer)
 from experiments.data.cifar import CorruptDatasetError, DatasetNotFoundError
@@ -202,18 +202,21 @@ def test_half_rows_train_and_checkpoint(cifar):
 
 
 def test_mup_tract_input_matches_tract_on_linear():
-    """TrActLinearInput (for MuMLP's β-scaled input layer) gives TrAct's weight gradient."""
+    """TrAct on MuMLP's β-scaled input layer gives the same gradients as TrAct on an nn.Linear."""
+    from inf.networks import MuMLP
     torch.manual_seed(0)
+    net = MuMLP(12, 3, 5, L=1, bias_alpha=1.0, tract_lambda=0.3)
+    layer = net.layers[0]
     lin = nn.Linear(12, 5)
-    layer = argparse.Namespace(weight=nn.Parameter(lin.weight.detach().clone()),
-                               bias=nn.Parameter(lin.bias.detach().clone()), bias_alpha=1.0)
-    mine = TrActLinearInput(layer, 0.3)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight)
+        lin.bias.copy_(layer.bias)
     ref = TrAct(lin, lambda_=0.3)
     x = torch.randn(7, 12)
-    for module in (mine, ref):
+    for module in (layer, ref):
         (module(x) ** 2).sum().backward()
-    assert torch.allclose(mine.weight.grad, lin.weight.grad, atol=1e-6)
-    assert torch.allclose(mine.bias.grad, lin.bias.grad, atol=1e-6)
+    assert torch.allclose(layer.weight.grad, lin.weight.grad, atol=1e-6)
+    assert torch.allclose(layer.bias.grad, lin.bias.grad, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- cifar10test

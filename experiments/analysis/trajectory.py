@@ -30,7 +30,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inf.analysis import (TrajectoryRecorder, after_kernel, eigenbasis, plot_beta_curves, plot_beta_vs_gradnorm,

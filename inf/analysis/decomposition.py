@@ -34,7 +34,6 @@ basis given up front or chosen after training (the after kernel of the final net
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -237,7 +236,7 @@ class TrajectoryRecorder:
         self.kernels: list[torch.Tensor] = []
         self.phi = self.eigvals = None
         if phi is not None:
-            self.set_basis(eigvals, phi) if eigvals is not None else self.set_basis(None, phi)
+            self.set_basis(eigvals, phi)
 
     def set_basis(self, eigvals, phi) -> "TrajectoryRecorder":
         """Use the basis ``phi`` (N × m); ``eigvals`` may be None. Argument order matches

@@ -57,7 +57,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -220,11 +220,19 @@ def _fingerprint_data(X, chunk: int = 4096) -> str:
 
 # ----------------------------------------------------------------------------- projectors
 def _fast_jl_available() -> bool:
-    try:
-        import fast_jl  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("fast_jl") is not None
+
+
+def _projector_plan(grad_dim: int, proj_dim: int, device, dtype, memory_bytes: int) -> tuple[str, int]:
+    """``("cuda", 0)`` for TRAK's CudaProjector, else ``("basic", column block size)``."""
+    device = torch.device(device)
+    if (device.type == "cuda" and dtype in (torch.float16, torch.float32) and proj_dim % 512 == 0
+            and _fast_jl_available()):
+        return "cuda", 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return "basic", int(max(1, min(proj_dim, memory_bytes // max(1, grad_dim * itemsize))))
 
 
 def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "rademacher",
@@ -234,7 +242,8 @@ def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "ra
     ``CudaProjector`` when the device is CUDA, ``fast_jl`` is installed, the dtype is
     float16/float32 and ``proj_dim`` is a multiple of 512 (its kernels' requirement);
     otherwise ``BasicProjector``, whose random matrix is generated in column blocks that
-    fit in ``memory_bytes``. Returns ``(projector, description)``.
+    fit in ``memory_bytes`` (one block: generated once and kept). Returns
+    ``(projector, description)``.
     """
     try:
         from trak.projectors import BasicProjector, CudaProjector, ProjectionType
@@ -243,14 +252,12 @@ def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "ra
                           "pip install --no-deps traker") from e
     if proj_type not in ("rademacher", "normal"):
         raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
-    device = torch.device(device)
-    if (device.type == "cuda" and dtype in (torch.float16, torch.float32) and proj_dim % 512 == 0
-            and _fast_jl_available()):
-        proj = CudaProjector(grad_dim, proj_dim, seed, ProjectionType(proj_type), device, max_batch_size=32)
+    kind, block = _projector_plan(grad_dim, proj_dim, device, dtype, memory_bytes)
+    if kind == "cuda":
+        proj = CudaProjector(grad_dim, proj_dim, seed, ProjectionType(proj_type), torch.device(device),
+                             max_batch_size=32)
         return proj, "cuda"
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    block = int(max(1, min(proj_dim, memory_bytes // max(1, grad_dim * itemsize))))
-    proj = BasicProjector(grad_dim, proj_dim, seed, proj_type, device, block_size=block, dtype=dtype)
+    proj = BasicProjector(grad_dim, proj_dim, seed, proj_type, torch.device(device), block_size=block, dtype=dtype)
     return proj, f"basic(block={block})"
 
 
@@ -469,15 +476,17 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
     K = P if proj_dim is None else int(proj_dim)
     itemsize = torch.empty((), dtype=pdtype).element_size()
 
-    # one projector per block, with its own seed (their stack is one P × K matrix)
-    projectors, kinds = [], []
+    if proj_type not in ("rademacher", "normal"):
+        raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
+    # one projector per block, with its own seed (their stack is one P × K matrix); the
+    # memory budget is shared in proportion to the block sizes
+    dims = [sum(gmap.dims[n] for n in names) for names in blocks]
+    budgets = [max(1, int(proj_memory * d / P)) for d in dims]
+    kinds = []
     if proj_dim is not None:
-        for b, names in enumerate(blocks):
-            dim = sum(gmap.dims[n] for n in names)
-            budget = max(1, int(proj_memory * dim / P))  # shared in proportion to the block sizes
-            proj, kind = make_projector(dim, K, seed + 10_000_019 * b, proj_type, device, pdtype, budget)
-            projectors.append(proj)
-            kinds.append(kind)
+        for d, budget in zip(dims, budgets):
+            kind, block = _projector_plan(d, K, device, pdtype, budget)
+            kinds.append(kind if kind == "cuda" else f"basic(block={block})")
     lr_fp = sorted([n, mults[id(p)]] for n, p in params.items() if id(p) in mults)
     meta = _settings(model, X, params, gmap, blocks, proj_dim, proj_type, seed, outputs, n_out, dtype, K, kinds,
                      lr_fp)
@@ -497,6 +506,10 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
     if max_chunks is not None:
         todo = todo[:max(0, int(max_chunks))]
     if todo:
+        projectors = []
+        if proj_dim is not None:
+            projectors = [make_projector(d, K, seed + 10_000_019 * b, proj_type, device, pdtype, budget)[0]
+                          for b, (d, budget) in enumerate(zip(dims, budgets))]
         bar = _progress(todo, progress, "pNTK features")
         state: dict[str, Any] = {}
         with _vmap_friendly(model):
@@ -863,16 +876,16 @@ def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor,
         raise ValueError(f"shapes do not match: network {tuple(p_net.shape)}, surrogate {tuple(p_sur.shape)}, "
                          f"labels {tuple(y.shape)}")
     idx = torch.arange(len(y))
-    per_example = []
-    for a, b in zip(p_net.numpy(), p_sur.numpy()):
-        if np.ptp(a) > 0 and np.ptp(b) > 0:
-            per_example.append(spearmanr(a, b).statistic)
+
+    def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+        return float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
+    per_example = [rank_corr(a, b) for a, b in zip(p_net.numpy(), p_sur.numpy()) if np.ptp(a) > 0 and np.ptp(b) > 0]
     return {
         "n_test": int(len(y)),
         "net_accuracy": float((p_net.argmax(1) == y).double().mean()),
         "surrogate_accuracy": float((p_sur.argmax(1) == y).double().mean()),
         "prediction_agreement": float((p_net.argmax(1) == p_sur.argmax(1)).double().mean()),
-        "spearman_all": float(spearmanr(p_net.reshape(-1).numpy(), p_sur.reshape(-1).numpy()).statistic),
+        "spearman_all": rank_corr(p_net.reshape(-1).numpy(), p_sur.reshape(-1).numpy()),
         "spearman_per_example": float(np.mean(per_example)) if per_example else float("nan"),
-        "spearman_true_class": float(spearmanr(p_net[idx, y].numpy(), p_sur[idx, y].numpy()).statistic),
+        "spearman_true_class": rank_corr(p_net[idx, y].numpy(), p_sur[idx, y].numpy()),
     }

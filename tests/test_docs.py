@@ -1,0 +1,22 @@
+"""The code examples in docs/guide.md run, in order, as one program."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.parametrize("page", ["guide.md"])
+def test_guide_examples_run(page):
+    text = (DOCS / page).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"no python examples found in {page}"
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{page}[block {i}]", "exec"), namespace)
+        except Exception as exc:  # noqa: BLE001 - report which block failed, then re-raise
+            raise AssertionError(f"{page}: example block {i} failed: {exc!r}\n{block}") from exc
