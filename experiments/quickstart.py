@@ -6,7 +6,7 @@ initialization and both are trained with InfSGD on the same batches, so their
 curves should nearly coincide; at the end a second finite net is sampled from
 the *trained* infinite net, which should reproduce its predictions.
 
-    python -m experiments.quickstart [--epochs 4] [--width 1024] [--out quickstart.png]
+    python -m experiments.quickstart [--epochs 3] [--width 1024] [--out quickstart.png]
 """
 from __future__ import annotations
 
@@ -48,13 +48,13 @@ def accuracy(net, X, y, batch_size=512):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--r", type=int, default=64, help="rank of the π-net")
+    p.add_argument("--r", type=int, default=32, help="rank of the π-net")
     p.add_argument("--depth", type=int, default=1, help="number of hidden π-layers")
     p.add_argument("--width", type=int, default=1024, help="width of the finite π-net")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--gclip", type=float, default=0.5, help="per-parameter gradient clipping (0: off)")
+    p.add_argument("--lr", type=float, default=2.0)
+    p.add_argument("--gclip", type=float, default=1.0, help="per-parameter gradient clipping (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="quickstart.png", help="where to save the loss/accuracy plot")
     return p.parse_args(argv)

@@ -32,11 +32,12 @@ formed in one piece:
   ``ĝ Bᵀ`` and ``δ Aᵀ`` are memory-bound, and one ``torch.mm`` over all M rows
   is markedly slower than the same product in blocks whose outputs stay in
   cache; the elementwise kernels then also run on cached data (measured in
-  ``benchmarks/step_time.py``, see ``docs/performance.md``).
+  ``benchmarks/step_time.py``, see ``docs/performance.md``). This applies
+  while torch runs at most ``CPU_BLOCK_MAX_THREADS`` threads (default 1).
 
 Transcendental work runs once per step: when the budget allows the batch × M
-intermediates (``chunk_rows`` is None or ≥ M), forward writes ``F11(q)`` and
-``F02(q)`` block by block into two batch × M buffers that backward reads;
+intermediates (``chunk_rows`` is None or ≥ M), forward writes ``2π F11(q)``
+and ``2π F02(q)`` block by block into two batch × M buffers that backward reads;
 otherwise backward recomputes them block by block (memory first). The module
 switch :data:`SAVE_KERNELS` (or the ``save_kernels`` argument) forces either
 choice; saving was measured faster (``benchmarks/step_time.py --compare-save``).
@@ -54,7 +55,8 @@ import math
 import torch
 
 __all__ = ["InfPiLinearReLUFunction", "inf_pi_linear_relu", "pi_features", "compute_dtype",
-           "auto_chunk_rows", "block_rows", "SAVE_KERNELS", "CPU_BLOCK_ROWS"]
+           "auto_chunk_rows", "block_rows", "SAVE_KERNELS", "CPU_BLOCK_ROWS",
+           "CPU_BLOCK_MAX_THREADS", "CPU_BLOCK_BATCH"]
 
 _TINY = 1e-30
 _INV_2PI = 1.0 / (2.0 * math.pi)
@@ -65,6 +67,15 @@ SAVE_KERNELS: bool | None = None
 
 #: Rows per cache-sized block on the CPU (0 or None: blocks only for the memory budget).
 CPU_BLOCK_ROWS: int | None = 1024
+
+#: Inputs per cache-sized block on the CPU (large batches, e.g. evaluation).
+CPU_BLOCK_BATCH: int | None = 256
+
+#: Cache blocks are used only when torch runs at most this many threads. Each
+#: block's products are a parallel region of their own; on cores shared with
+#: other jobs every parallel region waits for the scheduler, and hundreds of
+#: them per step cost far more than blocking gains (docs/performance.md).
+CPU_BLOCK_MAX_THREADS: int = 1
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -98,13 +109,25 @@ def auto_chunk_rows(batch: int, rows: int, budget_bytes: int | None, itemsize: i
     return None if chunk >= rows else int(chunk)
 
 
+def _cpu_blocking(device) -> bool:
+    return torch.device(device).type == "cpu" and torch.get_num_threads() <= CPU_BLOCK_MAX_THREADS
+
+
 def block_rows(rows: int, chunk_rows: int | None, device: torch.device | str) -> int | None:
     """Rows per block actually processed: the budget's ``chunk_rows``, cut to
-    :data:`CPU_BLOCK_ROWS` on the CPU; None means one block of all rows."""
+    :data:`CPU_BLOCK_ROWS` on the CPU when torch runs at most
+    :data:`CPU_BLOCK_MAX_THREADS` threads; None means one block of all rows."""
     block = chunk_rows if chunk_rows and chunk_rows < rows else None
-    if torch.device(device).type == "cpu" and CPU_BLOCK_ROWS and rows > CPU_BLOCK_ROWS:
+    if CPU_BLOCK_ROWS and rows > CPU_BLOCK_ROWS and _cpu_blocking(device):
         block = min(block or rows, int(CPU_BLOCK_ROWS))
     return block
+
+
+def block_batch(batch: int, device: torch.device | str) -> int | None:
+    """Inputs per block (CPU cache blocking of large batches); None means all at once."""
+    if CPU_BLOCK_BATCH and batch > CPU_BLOCK_BATCH and _cpu_blocking(device):
+        return int(CPU_BLOCK_BATCH)
+    return None
 
 
 def _chunks(M: int, chunk_rows: int | None):
@@ -116,17 +139,20 @@ def _chunks(M: int, chunk_rows: int | None):
 
 
 def _kernels_(q: torch.Tensor, f11_out: torch.Tensor | None = None, f02_out: torch.Tensor | None = None):
-    """``(F11(q), F02(q))`` from one ``arccos`` per entry; clamps ``q`` in place.
+    """``(2π F11(q), 2π F02(q))`` from one ``arccos`` and one ``sin`` per entry; clamps ``q`` in place.
 
-    With ``θ = arccos(q)``: ``F11 = (π − θ)/2π`` and ``F02 = sin(θ)/2π``. ``sin θ``
+    With ``θ = arccos(q)``: ``2π F11 = π − θ`` and ``2π F02 = sin θ``. ``sin θ``
     equals ``sqrt(1 − q²)`` but keeps full relative precision near ``q = ±1``,
-    where ``1 − q²`` cancels. ``*_out`` may be strided views of saved buffers.
+    where ``1 − q²`` cancels. The common factor ``1/2π`` is applied once to the
+    layer's output (resp. input gradient) instead of to every entry. Four
+    passes per block; ``*_out`` may be strided views of the saved buffers.
+    At ``q = ±1`` the results are exact up to float rounding (``sin(fl(π))``
+    is −9e-8 in float32).
     """
     q.clamp_(-1.0, 1.0)
     theta = torch.arccos(q) if f11_out is None else torch.arccos(q, out=f11_out)
     f02 = torch.sin(theta) if f02_out is None else torch.sin(theta, out=f02_out)
-    f02.clamp_min_(0.0).mul_(_INV_2PI)  # sin(fl(π)) is -9e-8 in float32
-    f11 = theta.mul_(-_INV_2PI).add_(0.5)
+    f11 = torch.sub(theta.new_full((), math.pi), theta, out=theta)
     return f11, f02
 
 
@@ -155,30 +181,36 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
             save = not chunk_rows or chunk_rows >= M
         keep = bool(ctx.needs_input_grad[0] and save)
         block = block_rows(M, chunk_rows, g.device)
-        blocked = block is not None and block < M
+        bblock = block_batch(batch, g.device)
+        blocked = (block is not None and block < M) or bblock is not None
         out = torch.zeros(batch, A.shape[1], dtype=cdt, device=g.device)
         f11_saved = f02_saved = None
         if keep and blocked:
             f11_saved = torch.empty(batch, M, dtype=cdt, device=g.device)
             f02_saved = torch.empty(batch, M, dtype=cdt, device=g.device)
         for lo, hi in _chunks(M, block):
-            q = ghat @ _rows(B, lo, hi, cdt).T
-            if keep and blocked:
-                f11, f02 = _kernels_(q, f11_saved[:, lo:hi], f02_saved[:, lo:hi])
-            else:
-                f11, f02 = _kernels_(q)
-                if keep:
-                    f11_saved, f02_saved = f11, f02
-            # F00 = F02 + q F11 (spec §2), times the coefficients
-            f00 = torch.addcmul(f02, q, f11).mul_(coef[lo:hi])
-            del q, f11, f02
-            out.addmm_(f00, _rows(A, lo, hi, cdt))
-            del f00
-        if not layernorm:
-            out.mul_(norm[:, None])
+            Bc, Ac, cc = _rows(B, lo, hi, cdt), _rows(A, lo, hi, cdt), coef[lo:hi]
+            for blo, bhi in _chunks(batch, bblock):
+                q = ghat[blo:bhi] @ Bc.T
+                if keep and blocked:
+                    f11, f02 = _kernels_(q, f11_saved[blo:bhi, lo:hi], f02_saved[blo:bhi, lo:hi])
+                else:
+                    f11, f02 = _kernels_(q)
+                    if keep:
+                        f11_saved, f02_saved = f11, f02
+                # 2π F00 = 2π F02 + q 2π F11 (spec §2), times the coefficients
+                f00 = torch.addcmul(f02, q, f11).mul_(cc)
+                del q, f11, f02
+                out[blo:bhi].addmm_(f00, Ac)
+                del f00
+            del Bc, Ac
+        if layernorm:
+            out.mul_(_INV_2PI)
+        else:
+            out.mul_(norm[:, None] * _INV_2PI)
         ctx.store = store
         ctx.layernorm = layernorm
-        ctx.block = block
+        ctx.block, ctx.bblock = block, bblock
         ctx.in_dtype = g.dtype
         # the rows are kept as detached aliases of the M rows seen here, not via
         # save_for_backward: appending temporary rows between forward and backward
@@ -200,21 +232,24 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
             v = torch.zeros_like(ghat)
             radial = torch.zeros(ghat.shape[0], dtype=cdt, device=ghat.device)
             for lo, hi in _chunks(A.shape[0], ctx.block):
-                gamma = (delta @ _rows(A, lo, hi, cdt).T).mul_(coef[lo:hi])
-                Bc = _rows(B, lo, hi, cdt)
-                if f11_saved is not None:
-                    f11, f02 = f11_saved[:, lo:hi], f02_saved[:, lo:hi]
-                else:
-                    f11, f02 = _kernels_(ghat @ Bc.T)
-                if not ctx.layernorm:
-                    radial += torch.linalg.vecdot(gamma, f02)
-                v.addmm_(gamma.mul_(f11), Bc)
-                del gamma, f11, f02, Bc
+                Ac, Bc, cc = _rows(A, lo, hi, cdt), _rows(B, lo, hi, cdt), coef[lo:hi]
+                for blo, bhi in _chunks(ghat.shape[0], ctx.bblock):
+                    gamma = (delta[blo:bhi] @ Ac.T).mul_(cc)
+                    if f11_saved is not None:
+                        f11, f02 = f11_saved[blo:bhi, lo:hi], f02_saved[blo:bhi, lo:hi]
+                    else:
+                        f11, f02 = _kernels_(ghat[blo:bhi] @ Bc.T)
+                    if not ctx.layernorm:
+                        radial[blo:bhi] += torch.linalg.vecdot(gamma, f02)
+                    v[blo:bhi].addmm_(gamma.mul_(f11), Bc)
+                    del gamma, f11, f02
+                del Ac, Bc
             if ctx.layernorm:
                 # back through ĝ = g/|g|; the radial part of v is removed
+                v.mul_(_INV_2PI)
                 v = (v - (v * ghat).sum(1, keepdim=True) * ghat) / norm.clamp_min(_TINY)[:, None]
             else:
-                v.addcmul_(radial[:, None], ghat)
+                v.addcmul_(radial[:, None], ghat).mul_(_INV_2PI)
             grad_g = v.to(ctx.in_dtype)
         if ctx.store is not None:
             coef_param = ctx.coef_param

@@ -227,16 +227,19 @@ class _FinPiLayer(nn.Module):
     @torch.no_grad()
     def project_(self, grad: torch.Tensor) -> torch.Tensor:
         """Project ``grad`` (n × ·, or n) onto ``span(Ω)`` on its output side, in place:
-        ``G ← Q (Qᵀ G)``; O(n·r) extra memory."""
+        ``G ← Q (Qᵀ G)``. Extra memory is the k × cols matrix ``Qᵀ G`` (O(n·r) for an
+        n × n gradient): the product is written straight into ``grad`` when it is a
+        contiguous float32/float64 tensor."""
         Q = self.omega_basis
         cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
         Qc = Q.to(cdt)
         G = grad.to(cdt)
-        if G.dim() == 1:
-            projected = Qc @ (Qc.T @ G)
+        G2 = G.reshape(G.shape[0], -1)
+        coords = Qc.T @ G2  # k × cols
+        if G2.is_contiguous() and G2.data_ptr() == grad.data_ptr() and G2.dtype == grad.dtype:
+            torch.mm(Qc, coords, out=G2)  # G2 is a view of grad: no n × cols temporary
         else:
-            projected = Qc @ (Qc.T @ G.reshape(G.shape[0], -1))
-        grad.copy_(projected.reshape(grad.shape))
+            grad.copy_((Qc @ coords).reshape(grad.shape))
         return grad
 
     @torch.no_grad()

