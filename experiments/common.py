@@ -626,13 +626,14 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
             tmp.unlink()
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random state a resumable run needs: torch, Python, CUDA and the data generator."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "data": generator.get_state()}
 
 
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if device.type == "cuda" and state.get("cuda") is not None:
@@ -849,7 +850,7 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], generator, device)
+        set_rng_state(ckpt["rng"], generator, device)
         history, start_epoch = list(ckpt["metrics"]), int(ckpt["epoch"])
         log.info("resuming %s after epoch %d of %d", args.model_path, start_epoch, args.epochs)
     metrics = MetricsLog(save_dir, _config(args), history, title)
@@ -895,7 +896,7 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
                      "precision": precision, "model": net.state_dict(),
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "rng": _rng_state(generator, device), "metrics": metrics.history}
+                     "rng": rng_state(generator, device), "metrics": metrics.history}
             save_checkpoint(save_dir / CHECKPOINT_NAME, state)
             if args.keep_epoch_models:
                 save_checkpoint(save_dir / f"checkpoint_epoch{epoch + 1}.pt", state)

@@ -48,6 +48,7 @@ from experiments.data.cifar import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetError, load_cifar10,
     load_cifar100, normalize, random_crop_flip,
 )
+from experiments.common import rng_state, set_rng_state
 from experiments.tract.models import FIRST_LAYER, apply_tract, build_model
 
 __all__ = ["build_parser", "main", "ConfigError", "load_data", "default_run_dir"]
@@ -280,20 +281,6 @@ def _write_metrics(out: Path, config: dict, history: list[dict]) -> None:
     _replace_atomically(out / METRICS_CSV, lambda f: f.write(text.getvalue().encode()))
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "data": generator.get_state()}
-
-
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    generator.set_state(state["data"])
-
-
 def _run_config(args) -> dict:
     config = {key: getattr(args, key) for key in RUN_DEFINING}
     if args.method != "tract":
@@ -374,7 +361,7 @@ def _train(args) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], generator, device)
+        set_rng_state(ckpt["rng"], generator, device)
         history, start_epoch = ckpt["metrics"], ckpt["epoch"]
         log.info("resuming %s after epoch %d of %d", out, start_epoch, args.n_epochs)
     log.info("%s: %s %s on %s (%d train / %d test images, %d steps per epoch), %s, %d params",
@@ -401,7 +388,7 @@ def _train(args) -> dict:
         state = {"format": 1, "config": config, "epoch": epoch + 1,
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "rng": _rng_state(generator, device), "metrics": history}
+                 "rng": rng_state(generator, device), "metrics": history}
         _replace_atomically(ckpt_path, lambda f: torch.save(state, f))
         _write_metrics(out, config, history)
         epochs.set_postfix(train_acc=f"{train_acc:.3f}", test_acc=f"{test_acc:.3f}")
