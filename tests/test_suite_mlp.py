@@ -135,6 +135,8 @@ FAST_GRID = [
     Config(layernorm=True, weight_decay=0.1),
     Config(bias_alpha=0.0, gclip=0.1, per_param=False),
     Config(gclip=0.1, per_param=True, last_layer_alpha=10.0, steps=8),
+    # TrAct on the input layer (spec §7): its input-side correction commutes with the projection
+    Config(tract_lambda=0.1),
 ]
 # Last-layer alpha 10 at lr 0.1: without clipping the infinite net itself diverges to NaN within 20
 # steps; with clipping it trains but sits at the edge of stability, where trajectories separate
