@@ -188,3 +188,40 @@ def load_random_rows(net, M: int, seed: int = 0, dtype=None):
         state[prefix + "A"], state[prefix + "Amult"], state[prefix + "B"] = A, c, B
     net.load_state_dict(state)
     return net
+
+
+def template_data(n: int, d_in: int, classes: int, generator: torch.Generator, templates=None):
+    """``n`` inputs ``noise/2 + template[label]/2`` (one fixed random template per class),
+    standardized per feature like image data; returns ``(x, y, templates)``."""
+    if templates is None:
+        templates = torch.randn(classes, d_in, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    x = 0.5 * torch.randn(n, d_in, generator=generator) + 0.5 * templates[y]
+    return x, y, templates
+
+
+def trained_inf_mlp(steps: int, d_in: int = 3072, d_out: int = 10, r: int = 400, L: int = 2,
+                    batch: int = 8, seed: int = 0):
+    """An InfMLP trained for ``steps`` SGD steps with the paper's CIFAR-10 settings (lr 1.0,
+    per-parameter clipping 0.4, bias α 0.5, last-layer α 0.5, lr multipliers 0.1 / 4.0,
+    weight decay 1e-5) on class-template data, so that its rows are shaped by training.
+    Returns ``(net, held-out x, training x)``."""
+    from inf.networks import InfMLP
+    from inf.optim import InfSGD
+    from inf.utils import clip_grad_norm_, pi_param_groups
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = InfMLP(d_in, d_out, r, L=L, bias_alpha=0.5, first_layer_alpha=1.0, last_layer_alpha=0.5)
+    groups = pi_param_groups(net, lr=1.0, weight_decay=1e-5, first_layer_lr_mult=0.1,
+                             last_layer_lr_mult=4.0, apply_lr_mult_to_wd=False)
+    opt = InfSGD(groups, lr=1.0, weight_decay=1e-5)
+    x_train, y_train, templates = template_data(steps * batch, d_in, d_out, gen)
+    for i in range(steps):
+        xb, yb = x_train[i * batch:(i + 1) * batch], y_train[i * batch:(i + 1) * batch]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xb), yb).backward()
+        clip_grad_norm_(net.parameters(), 0.4, per_param=True)
+        opt.step()
+    x_test, _, _ = template_data(512, d_in, d_out, gen, templates)
+    return net, x_test, x_train[: 512]

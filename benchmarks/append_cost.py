@@ -117,7 +117,7 @@ def main(argv=None):
     rows, res = [], {}
     for M in args.sizes:
         store = filled_store(M, args.r, dtype)
-        cap0, re0 = store.capacity, store.reallocations
+        cap0 = store.capacity
         quick = 2000 if args.quick else None
         times, realloc_at = time_appends(store, args.batch, quick_steps=quick)
         plain = [t for i, t in enumerate(times) if i not in realloc_at]

@@ -26,8 +26,7 @@ import torch
 import inf.functional as functional
 from inf.layers import InfPiLinearReLU
 
-from ._util import (PeakRSS, add_common_args, apply_threads, fmt_bytes, interleaved, load_random_rows,
-                    machine_line, median, print_table, random_rows)
+from ._util import add_common_args, apply_threads, interleaved, machine_line, median, print_table, random_rows
 
 
 def make_layer(M: int, r: int, seed: int, dtype=torch.float32) -> InfPiLinearReLU:
@@ -70,7 +69,7 @@ def main(argv=None):
     chunk = layer._chunk_rows(b, torch.float32) or M
     A, B = layer.A.detach(), layer.B.detach()
     ghat = torch.nn.functional.normalize(g, dim=1)
-    row_block = functional.block_rows(M, chunk, "cpu") or M
+    row_block = functional.block_rows(M, chunk, "cpu", batch=b) or M
     batch_block = functional.block_batch(b, "cpu")
 
     def evaluate():
@@ -91,19 +90,14 @@ def main(argv=None):
     flops = {k: 2.0 * b * M * (r + r) for k in cands}
     flops["mm 2048³"] = 2.0 * 2048 ** 3
     gflops = {k: flops[k] / median(v) / 1e9 for k, v in times.items()}
-    with PeakRSS() as mem:
-        evaluate()
     ref = max(gflops["mm, budget shapes"], gflops["mm, cache blocks"])
     rows = [[k, f"{median(v):.3f}", f"{gflops[k]:.1f}", f"{gflops['π-layer forward'] / gflops[k]:.2f}"]
             for k, v in times.items()]
     print()
     print_table(["candidate", "seconds", "GFLOP/s", "layer GFLOP/s ÷ this"], rows)
-    rows_bytes = A.numel() * A.element_size() + B.numel() * B.element_size()
     print(f"\nlayer / best torch.mm on the same products: {gflops['π-layer forward'] / ref:.2f} "
           f"(target ≥ 0.60 → {'met' if gflops['π-layer forward'] / ref >= 0.6 else 'NOT met'})")
-    print(f"peak RSS growth during one evaluation: {fmt_bytes(mem.peak)} (rows themselves: "
-          f"{fmt_bytes(rows_bytes)}, already resident; output {fmt_bytes(b * r * 4)}; "
-          f"budget for intermediates {fmt_bytes(layer.chunk_bytes)})")
+    print("(peak memory of evaluation under the budget: python -m benchmarks.memory)")
     print(machine_line())
 
 

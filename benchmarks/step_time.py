@@ -141,7 +141,6 @@ def run_one(M: int, args) -> dict:
     times = interleaved(cands, repeats=args.repeats, warmup=2)
     res = {k: median(v) for k, v in times.items()}
     res["rows"] = net.rows_per_layer()[0]
-    del net, opt, floors
     return res
 
 

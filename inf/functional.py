@@ -33,7 +33,9 @@ formed in one piece:
   is markedly slower than the same product in blocks whose outputs stay in
   cache; the elementwise kernels then also run on cached data (measured in
   ``benchmarks/step_time.py``, see ``docs/performance.md``). This applies
-  while torch runs at most ``CPU_BLOCK_MAX_THREADS`` threads (default 1).
+  while torch runs at most ``CPU_BLOCK_MAX_THREADS`` threads (default 1), and
+  at any thread count to batches of at least ``CPU_BLOCK_BATCH`` inputs, which
+  are also cut into blocks of that many inputs (evaluation).
 
 Transcendental work runs once per step: when the budget allows the batch × M
 intermediates (``chunk_rows`` is None or ≥ M), forward writes ``2π F11(q)``
@@ -56,7 +58,8 @@ import torch
 
 __all__ = ["InfPiLinearReLUFunction", "inf_pi_linear_relu", "pi_features", "compute_dtype",
            "auto_chunk_rows", "block_rows", "SAVE_KERNELS", "CPU_BLOCK_ROWS",
-           "CPU_BLOCK_MAX_THREADS", "CPU_BLOCK_BATCH"]
+           "CPU_BLOCK_MAX_THREADS", "CPU_BLOCK_BATCH",
+           "CONVERT_BLOCK_ROWS"]
 
 _TINY = 1e-30
 _INV_2PI = 1.0 / (2.0 * math.pi)
@@ -68,13 +71,19 @@ SAVE_KERNELS: bool | None = None
 #: Rows per cache-sized block on the CPU (0 or None: blocks only for the memory budget).
 CPU_BLOCK_ROWS: int | None = 1024
 
-#: Inputs per cache-sized block on the CPU (large batches, e.g. evaluation).
-CPU_BLOCK_BATCH: int | None = 256
+#: Inputs per cache-sized block on the CPU (large batches, e.g. evaluation). Batches of at
+#: least this size are cut into cache blocks at any thread count.
+CPU_BLOCK_BATCH: int | None = 512
 
-#: Cache blocks are used only when torch runs at most this many threads. Each
-#: block's products are a parallel region of their own; on cores shared with
-#: other jobs every parallel region waits for the scheduler, and hundreds of
-#: them per step cost far more than blocking gains (docs/performance.md).
+#: Rows per block when A/B are stored in another dtype than the computation's (float16,
+#: bfloat16): bounds the float32 copy of a block (65536 rows × 800 columns = 200 MB).
+CONVERT_BLOCK_ROWS: int = 65536
+
+#: Cache blocks of small batches are used only when torch runs at most this many
+#: threads. Each block's products are a parallel region of their own: with small
+#: batches the regions are short, their synchronization outweighs what blocking
+#: gains, and on cores shared with other jobs every region also waits for the
+#: scheduler (docs/performance.md).
 CPU_BLOCK_MAX_THREADS: int = 1
 
 
@@ -109,23 +118,35 @@ def auto_chunk_rows(batch: int, rows: int, budget_bytes: int | None, itemsize: i
     return None if chunk >= rows else int(chunk)
 
 
-def _cpu_blocking(device) -> bool:
-    return torch.device(device).type == "cpu" and torch.get_num_threads() <= CPU_BLOCK_MAX_THREADS
+def _cpu_blocking(device, batch: int) -> bool:
+    """Cache blocks on the CPU: always at most :data:`CPU_BLOCK_MAX_THREADS` threads; with
+    more threads only for batches of at least :data:`CPU_BLOCK_BATCH` inputs, whose blocks
+    are big enough to amortize a parallel region each."""
+    if torch.device(device).type != "cpu":
+        return False
+    return (torch.get_num_threads() <= CPU_BLOCK_MAX_THREADS
+            or bool(CPU_BLOCK_BATCH and batch >= CPU_BLOCK_BATCH))
 
 
-def block_rows(rows: int, chunk_rows: int | None, device: torch.device | str) -> int | None:
+def block_rows(rows: int, chunk_rows: int | None, device: torch.device | str,
+               converts: bool = False, batch: int = 1) -> int | None:
     """Rows per block actually processed: the budget's ``chunk_rows``, cut to
-    :data:`CPU_BLOCK_ROWS` on the CPU when torch runs at most
-    :data:`CPU_BLOCK_MAX_THREADS` threads; None means one block of all rows."""
+    :data:`CPU_BLOCK_ROWS` when CPU cache blocks apply (see :func:`block_batch`), and
+    to :data:`CONVERT_BLOCK_ROWS` when the rows are converted to the compute dtype
+    (``converts``); None means one block of all rows."""
     block = chunk_rows if chunk_rows and chunk_rows < rows else None
-    if CPU_BLOCK_ROWS and rows > CPU_BLOCK_ROWS and _cpu_blocking(device):
+    if CPU_BLOCK_ROWS and rows > CPU_BLOCK_ROWS and _cpu_blocking(device, batch):
         block = min(block or rows, int(CPU_BLOCK_ROWS))
+    if converts and CONVERT_BLOCK_ROWS and rows > CONVERT_BLOCK_ROWS:
+        block = min(block or rows, int(CONVERT_BLOCK_ROWS))
     return block
 
 
 def block_batch(batch: int, device: torch.device | str) -> int | None:
-    """Inputs per block (CPU cache blocking of large batches); None means all at once."""
-    if CPU_BLOCK_BATCH and batch > CPU_BLOCK_BATCH and _cpu_blocking(device):
+    """Inputs per block; None means all at once. CPU cache blocks apply when torch runs at
+    most :data:`CPU_BLOCK_MAX_THREADS` threads, or for batches of at least
+    :data:`CPU_BLOCK_BATCH` inputs at any thread count."""
+    if CPU_BLOCK_BATCH and batch > CPU_BLOCK_BATCH and _cpu_blocking(device, batch):
         return int(CPU_BLOCK_BATCH)
     return None
 
@@ -180,7 +201,7 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
         if save is None:
             save = not chunk_rows or chunk_rows >= M
         keep = bool(ctx.needs_input_grad[0] and save)
-        block = block_rows(M, chunk_rows, g.device)
+        block = block_rows(M, chunk_rows, g.device, converts=A.dtype != cdt or B.dtype != cdt, batch=batch)
         bblock = block_batch(batch, g.device)
         blocked = (block is not None and block < M) or bblock is not None
         out = torch.zeros(batch, A.shape[1], dtype=cdt, device=g.device)
