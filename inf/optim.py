@@ -82,14 +82,14 @@ class InfSGD(Optimizer):
                 f"{store.name}: the gradient contains NaN or inf; refusing to append its rows. "
                 "Lower the learning rate, clip gradients (inf.utils.clip_grad_norm_) or check the loss.")
         first = store.append(A_new, B_new, 0.0)
-        grad = torch.zeros_like(p)
-        grad[first:] = store.pending_scale
+        scale = store.pending_scale
         store.clear_pending()
-        state = self.state[p]
         if not group["weight_decay"] and not group["momentum"]:
-            p[first:] = -group["lr"] * grad[first:]
+            p[first:] = -group["lr"] * scale  # only the new rows change: O(rows added)
         else:
-            self._sgd_update(p, grad, state, group)
+            grad = torch.zeros_like(p)
+            grad[first:] = scale
+            self._sgd_update(p, grad, self.state[p], group)
         p.grad = None
         return True
 
