@@ -85,14 +85,15 @@ class InfMLP(PiMLP):
 
     @property
     def pi_layers(self) -> list[InfPiLinearReLU]:
-        return [m for m in self.layers[1:]]
+        """The infinite hidden and output layers (every layer but the input layer)."""
+        return list(self.layers[1:])
 
     def rows_per_layer(self) -> list[int]:
-        return [m.rows.num_rows for m in self.layers[1:]]
+        return [m.rows.num_rows for m in self.pi_layers]
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none)
-        for m in self.layers[1:]:
+        for m in self.pi_layers:
             m.rows.clear_pending()
 
     def sample(self, n: int, generator=None) -> "FinPiMLPSample":

@@ -80,12 +80,14 @@ def store_pi_grad_norm_(modules: Iterable[nn.Module] | nn.Module) -> dict[str, f
     norms = {}
     for m in modules:
         if isinstance(m, InfPiLinearReLU):
-            m.pi_grad_norm = float(m.rows.pending_grad_norm()) if m.Amult.grad is not None else 0.0
-            norms[m.name] = m.pi_grad_norm
-        elif isinstance(m, _FinPiLayer) and m.weight.grad is not None:
-            norm = m.projected_norm(m.weight.grad) if m.projected else m.weight.grad.norm()
-            m.pi_grad_norm = float(norm)
-            norms[repr(m)] = m.pi_grad_norm
+            weight, name = m.Amult, m.name
+        elif isinstance(m, _FinPiLayer):
+            weight, name = m.weight, repr(m)
+        else:
+            continue
+        found = pi_grad_norms([weight])
+        m.pi_grad_norm = float(found[0][1]) if found else 0.0
+        norms[name] = m.pi_grad_norm
     return norms
 
 
