@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
 
+from benchmarks._util import interleaved, median
 from inf.tract import TrAct
 
 
@@ -49,19 +48,12 @@ def _branch(layer: nn.Module, shape) -> tuple[str, int, int]:
     return ("Woodbury" if b < d else "direct"), b, d
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> float:
-    layer.zero_grad(set_to_none=True)
-    _sync(x.device)
-    t0 = time.perf_counter()
-    y = layer(x)
-    y.backward(grad_out)
-    _sync(x.device)
-    return time.perf_counter() - t0
+def _step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+    """One forward + backward of ``layer``, as a callable for :func:`benchmarks._util.interleaved`."""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad_out)
+    return step
 
 
 def run(warmup: int, repeats: int, seed: int = 0, device: str = "cpu"):
@@ -74,15 +66,11 @@ def run(warmup: int, repeats: int, seed: int = 0, device: str = "cpu"):
         x = torch.randn(*shape, device=device)
         with torch.no_grad():
             grad_out = torch.randn_like(plain(x))
-        for _ in range(warmup):
-            _step(plain, x, grad_out)
-            _step(wrapped, x, grad_out)
-        tp, tt = [], []
-        for _ in range(repeats):  # alternate, so drifts in machine load hit both alike
-            tp.append(_step(plain, x, grad_out))
-            tt.append(_step(wrapped, x, grad_out))
+        # alternating calls, so drifts in machine load hit both alike
+        times = interleaved({"plain": _step(plain, x, grad_out), "tract": _step(wrapped, x, grad_out)},
+                            repeats, warmup, device)
         branch, b, d = _branch(plain, shape)
-        mp, mt = statistics.median(tp), statistics.median(tt)
+        mp, mt = median(times["plain"]), median(times["tract"])
         rows.append((name, branch, b, d, mp, mt, mt / mp))
     return rows
 

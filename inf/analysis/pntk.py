@@ -225,6 +225,11 @@ def _fast_jl_available() -> bool:
     return importlib.util.find_spec("fast_jl") is not None
 
 
+def _check_proj_type(proj_type: str):
+    if proj_type not in ("rademacher", "normal"):
+        raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
+
+
 def _projector_plan(grad_dim: int, proj_dim: int, device, dtype, memory_bytes: int) -> tuple[str, int]:
     """``("cuda", 0)`` for TRAK's CudaProjector, else ``("basic", column block size)``."""
     device = torch.device(device)
@@ -250,8 +255,7 @@ def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "ra
     except ImportError as e:  # pragma: no cover - exercised only without the dependency
         raise ImportError("the projected NTK needs the 'traker' package (TRAK's projectors): "
                           "pip install --no-deps traker") from e
-    if proj_type not in ("rademacher", "normal"):
-        raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
+    _check_proj_type(proj_type)
     kind, block = _projector_plan(grad_dim, proj_dim, device, dtype, memory_bytes)
     if kind == "cuda":
         proj = CudaProjector(grad_dim, proj_dim, seed, ProjectionType(proj_type), torch.device(device),
@@ -476,8 +480,7 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
     K = P if proj_dim is None else int(proj_dim)
     itemsize = torch.empty((), dtype=pdtype).element_size()
 
-    if proj_type not in ("rademacher", "normal"):
-        raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
+    _check_proj_type(proj_type)
     # one projector per block, with its own seed (their stack is one P × K matrix); the
     # memory budget is shared in proportion to the block sizes
     dims = [sum(gmap.dims[n] for n in names) for names in blocks]
@@ -879,7 +882,7 @@ def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor,
 
     def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
         return float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
-    per_example = [rank_corr(a, b) for a, b in zip(p_net.numpy(), p_sur.numpy()) if np.ptp(a) > 0 and np.ptp(b) > 0]
+    per_example = [c for c in (rank_corr(a, b) for a, b in zip(p_net.numpy(), p_sur.numpy())) if not np.isnan(c)]
     return {
         "n_test": int(len(y)),
         "net_accuracy": float((p_net.argmax(1) == y).double().mean()),
