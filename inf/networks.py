@@ -22,19 +22,70 @@ __all__ = ["InfMLP", "FinPiMLPSample", "MuMLP", "PiMLP"]
 
 
 class PiMLP(nn.Module):
-    """Common forward of π-MLPs: ``.layers`` = [input, hidden × L, output]."""
+    """Common forward of π-MLPs: ``.layers`` = [input, hidden × L, output].
+
+    The network owns its layout: other code reaches the layers through
+    :attr:`input_layer`, :attr:`hidden_layers`, :attr:`output_layer`, the
+    penultimate preactivation through :meth:`features` and the role of every
+    parameter through :meth:`param_roles`, never by indexing ``layers``.
+    """
 
     first_layer_alpha: float
     last_layer_alpha: float
 
+    @property
+    def input_layer(self) -> nn.Module:
+        """The first layer (possibly wrapped in TrAct)."""
+        return self.layers[0]
+
+    @input_layer.setter
+    def input_layer(self, module: nn.Module):
+        self.layers[0] = module
+
+    @property
+    def hidden_layers(self) -> list[nn.Module]:
+        """The ``L`` hidden layers, in order."""
+        return list(self.layers[1:-1])
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """The readout layer (its output is multiplied by ``last_layer_alpha``)."""
+        return self.layers[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The preactivation entering the output layer (batch × r, or × n for finite nets)."""
+        h = self.first_layer_alpha * self.input_layer(x)
+        for layer in self.hidden_layers:
+            h = layer(h)
+        return h
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The network's output from :meth:`features`: ``α_L · output_layer(h)``."""
+        return self.last_layer_alpha * self.output_layer(h)
+
     def forward(self, x, return_hidden: bool = False):
         """``x`` (batch × d_in) → (batch × d_out); with ``return_hidden`` also the
         preactivation entering the output layer (batch × r or × n)."""
-        h = self.first_layer_alpha * self.layers[0](x)
-        for layer in self.layers[1:-1]:
-            h = layer(h)
-        out = self.last_layer_alpha * self.layers[-1](h)
+        h = self.features(x)
+        out = self.readout(h)
         return (out, h) if return_hidden else out
+
+    def param_roles(self) -> dict[str, str]:
+        """``{parameter name: role}`` with roles ``first``, ``first_bias`` (input layer),
+        ``hidden``, ``bias`` (hidden layers), ``last``, ``last_bias`` (output layer).
+
+        Rows ``A``/``B`` of infinite layers are listed with their layer's role (they
+        do not train by gradient; the optimizer appends them with the coefficients).
+        """
+        roles = {}
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            kind = "first" if i == 0 else "last" if i == last else "hidden"
+            for name, _ in layer.named_parameters():
+                is_bias = name.split(".")[-1] == "bias"
+                role = ("bias" if kind == "hidden" else f"{kind}_bias") if is_bias else kind
+                roles[f"layers.{i}.{name}"] = role
+        return roles
 
     def extra_repr(self):
         return f"first_layer_alpha={self.first_layer_alpha}, last_layer_alpha={self.last_layer_alpha}"

@@ -133,48 +133,55 @@ def project_pi_grads_(parameters):
             owner_of(p).project_(p.grad)
 
 
-def _role(module: nn.Module, first: nn.Module, last: nn.Module, name: str) -> str:
-    if name.endswith("bias"):
-        return "last_bias" if module is last else "first_bias" if module is first else "bias"
-    if module is first:
-        return "first"
-    if module is last:
-        return "last"
-    return "hidden"
+_MULT_OF_ROLE = {
+    "first": lambda f, l, b: f, "last": lambda f, l, b: l, "hidden": lambda f, l, b: 1.0,
+    "bias": lambda f, l, b: b, "first_bias": lambda f, l, b: b * f, "last_bias": lambda f, l, b: b * l,
+}
+
+
+def _roles_from_layers(layers: list[nn.Module]) -> dict[int, str]:
+    """Roles by position for a plain list of layers (input, hidden…, output)."""
+    roles = {}
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        kind = "first" if i == 0 else "last" if i == last else "hidden"
+        for name, p in layer.named_parameters():
+            is_bias = name.split(".")[-1] == "bias"
+            roles.setdefault(id(p), ("bias" if kind == "hidden" else f"{kind}_bias") if is_bias else kind)
+    return roles
 
 
 def pi_param_groups(net: nn.Module, lr: float, weight_decay: float = 0.0, first_layer_lr_mult: float = 1.0,
                     last_layer_lr_mult: float = 1.0, bias_lr_mult: float = 1.0,
                     apply_lr_mult_to_wd: bool = True, layers: list[nn.Module] | None = None) -> list[dict]:
-    """Param groups by role for a net with ``.layers`` (input, hidden…, output).
+    """Param groups by role, from ``net.param_roles()`` (or from ``layers=[input, hidden…, output]``).
 
     lr multipliers: first layer ``first_layer_lr_mult``, output layer
     ``last_layer_lr_mult``, biases ``bias_lr_mult`` (times the layer's own
     multiplier). With ``apply_lr_mult_to_wd=False`` each group's weight decay is
     divided by its lr multiplier, so the decay per step ``lr·wd`` stays the base
     ``lr·wd`` whatever the multiplier (the original ``--no-apply-lr-mult-to-wd``).
-    Each group carries its ``role`` and ``lr_mult``.
+    Each group carries its ``role`` and ``lr_mult``; parameters without a role
+    go to a group ``other`` with multiplier 1.
     """
-    layers = list(layers if layers is not None else getattr(net, "layers", []))
-    if not layers:
-        raise ValueError("pi_param_groups needs a net with .layers (input, hidden…, output) or layers=[...]")
-    first, last = layers[0], layers[-1]
+    if layers is not None:
+        roles = _roles_from_layers(list(layers))
+    elif hasattr(net, "param_roles"):
+        named = dict(net.named_parameters())
+        roles = {id(named[name]): role for name, role in net.param_roles().items() if name in named}
+    else:
+        raise ValueError("pi_param_groups needs a net with param_roles() (InfMLP, FinPiMLPSample, MuMLP) "
+                         "or layers=[input, hidden…, output]")
     groups: dict[str, dict] = {}
     seen = set()
-    for layer in layers:
-        for name, p in layer.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            role = _role(layer, first, last, name)
-            mult = {"first": first_layer_lr_mult, "last": last_layer_lr_mult, "hidden": 1.0,
-                    "bias": bias_lr_mult, "first_bias": bias_lr_mult * first_layer_lr_mult,
-                    "last_bias": bias_lr_mult * last_layer_lr_mult}[role]
-            g = groups.setdefault(role, {"params": [], "role": role, "lr_mult": mult})
-            g["params"].append(p)
-    rest = [p for p in net.parameters() if id(p) not in seen]
-    if rest:
-        groups["other"] = {"params": rest, "role": "other", "lr_mult": 1.0}
+    for p in net.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        role = roles.get(id(p), "other")
+        mult = 1.0 if role == "other" else _MULT_OF_ROLE[role](first_layer_lr_mult, last_layer_lr_mult,
+                                                                bias_lr_mult)
+        groups.setdefault(role, {"params": [], "role": role, "lr_mult": mult})["params"].append(p)
     out = []
     for g in groups.values():
         mult = g["lr_mult"]
