@@ -24,7 +24,7 @@ from experiments.meta import train as meta_train
 from experiments.meta.maml import (MetaLearner, body_features, build_model, finite_inner_loop,
                                    inf_readout_adapt, inf_readout_rows_adapted, make_meta_optimizer,
                                    mean_and_ci95)
-from experiments.meta.omniglot import omniglot_splits
+from experiments.data.omniglot import omniglot_splits
 from experiments.meta.sampler import TaskSampler
 from experiments.meta.synthetic import write_synthetic_omniglot
 from inf.math import F00

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.meta.omniglot import (
+from experiments.data.omniglot import (
     DEFAULT_SPLIT_SIZES,
     SPLIT_NAMES,
     OmniglotCorruptError,

@@ -1,4 +1,4 @@
-"""Batched N-way K-shot task sampling over an :class:`~experiments.meta.omniglot.OmniglotSplit`.
+"""Batched N-way K-shot task sampling over an :class:`~experiments.data.omniglot.OmniglotSplit`.
 
 A task draws ``num_ways`` distinct classes of the split (a class is a
 character at one rotation) and, for each, ``num_shots + num_shots_test``
@@ -19,7 +19,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .omniglot import DEFAULT_SPLIT_SIZES, OmniglotSplit, load_omniglot
+from experiments.data.omniglot import DEFAULT_SPLIT_SIZES, OmniglotSplit, load_omniglot
 
 __all__ = ["TaskBatch", "TaskIndices", "TaskSampler", "omniglot_task_sampler"]
 
@@ -144,7 +144,7 @@ def omniglot_task_sampler(root, split: str = "train", num_ways: int = 5, num_sho
     """Load Omniglot from ``root`` and build a :class:`TaskSampler` on one split.
 
     ``load_kwargs`` (``image_size``, ``resample``, ``invert``, ``cache_file``,
-    ...) go to :func:`~experiments.meta.omniglot.load_omniglot`.
+    ...) go to :func:`~experiments.data.omniglot.load_omniglot`.
     """
     data = load_omniglot(root, **load_kwargs)
     return TaskSampler(OmniglotSplit(data, split, split_sizes, rotations), num_ways=num_ways, num_shots=num_shots,

@@ -11,7 +11,7 @@ adapts the readout only) runs with::
         --num-batches 1000 --num-test-batches 500 --adapt-readout-only --Gproj-inner \\
         --Gproj-outer --last-layer-lr-mult 0 --scheduler cosine --readout-zero-init --depth 1
 
-``dataset`` is the Omniglot folder (see ``experiments/meta/omniglot.py``; nothing is
+``dataset`` is the Omniglot folder (see ``experiments/data/omniglot.py``; nothing is
 downloaded). ``--hidden-size -1`` is the infinite π-net, a positive value a finite
 π-net of that width sampled from an infinite one, and ``--mu-net`` (alias
 ``--mu-init``, ``--gaussian-init``) with a positive width the μP MLP. Images are
@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.meta.maml import MetaLearner, build_model, make_meta_optimizer
-from experiments.meta.omniglot import (DEFAULT_SPLIT_SIZES, OmniglotError, OmniglotSplit,
+from experiments.data.omniglot import (DEFAULT_SPLIT_SIZES, OmniglotError, OmniglotSplit,
                                        load_omniglot, proportional_split_sizes)
 from experiments.meta.sampler import TaskSampler
 from inf.utils import resolve_device
