@@ -33,6 +33,36 @@ bias, readout included)::
 
 and ``mlp_ntk(..., depth=L)`` returns ``Θᴸ(x, x') = ⟨∂f(x)/∂θ, ∂f(x')/∂θ⟩``.
 
+The original library's NTK (``ntk_variant="pilim"``)
+----------------------------------------------------
+
+The paper's Table 1 NTK baseline was computed by the original code
+(``relu_ntk_fn`` of santacml/pilim) with a different recursion.  Written in the
+notation above, with ``P⁰ = x·x'/d``, ``Pˡ = V(Σˡ⁻¹)`` the post-activation
+covariance of hidden layer ``l`` and ``J1 = 2·F00``, ``J0 = 2·F11`` (the
+arc-cosine kernels normalised to 1 at correlation 1)::
+
+    Θ̃⁰ = P⁰ + 1,     Θ̃ˡ = Pˡ + 1 + varw · J0(J1(ρˡ)) · Θ̃ˡ⁻¹,   ρˡ = correlation of Σˡ⁻¹
+
+(learning-rate multipliers 1, as in every Table 1 command).  Compared with the
+tangent kernel ``Θ`` it differs in three places, and in a fourth that only
+matters for ``varw ≠ 1``:
+
+1. every bias contributes ``+1`` per layer, whatever ``varb`` is (the tangent
+   kernel has ``+ varb``: with ``varb = 0`` the biases have no gradient scale);
+2. the ReLU-derivative kernel is evaluated at the *post*-activation
+   correlation ``J1(ρ)`` instead of the preactivation correlation ``ρ``;
+3. it is ``J0 = 2·F11``, i.e. the factor ½ of ``E[φ'(u) φ'(u')] = F11(ρ)`` is
+   dropped (likely a bug there);
+4. the weight terms are ``Pˡ`` rather than ``varw · Pˡ`` (equal at the
+   original's default ``varw = 1``).
+
+``mlp_ntk(..., ntk_variant="pilim")`` (and ``make_mlp_kernel("ntk",
+ntk_variant="pilim")``, ``cifar10test --ntk --ntk-variant pilim``) computes
+exactly this formula so that Table 1's NTK number can be reproduced; the
+default ``"correct"`` is the tangent kernel ``Θ``.  The variant needs
+``depth ≥ 1`` (the original fails at depth 0).  It leaves the NNGP unchanged.
+
 Because ``Σˡ(x, x) = varw · Σˡ⁻¹(x, x) / 2 + varb`` only depends on ``|x|``,
 each block ``K[X_i, Y_j]`` is computed from the two row blocks alone; all
 functions here work block by block, in float64 unless told otherwise.
@@ -58,6 +88,7 @@ __all__ = [
     "mlp_nngp",
     "mlp_ntk",
     "make_mlp_kernel",
+    "NTK_VARIANTS",
     "feature_kernel",
     "cholesky_inplace_",
     "cholesky_solve_inplace",
@@ -68,9 +99,16 @@ __all__ = [
 
 KernelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# smallest standard deviation product used to form a correlation (a point whose
-# variance is exactly 0, e.g. x = 0 with varb = 0, gets correlation 0)
-_EPS = 1e-300
+
+
+def _std_floor(dtype: torch.dtype) -> float:
+    """Smallest standard-deviation product used to form a correlation, for ``dtype``.
+
+    A point whose variance is exactly 0 (``x = 0`` with ``varb = 0``) then gets correlation
+    ``0 / floor = 0`` instead of ``0 / 0``.  The floor is the smallest normal number of the
+    dtype (a fixed 1e-300 underflows to 0 in float32 and gave NaN there).
+    """
+    return torch.finfo(dtype).tiny
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +122,17 @@ def _check_hparams(depth: int, varw: float, varb: float) -> None:
         raise ValueError(f"varw must be positive, got {varw!r}")
     if varb < 0:
         raise ValueError(f"varb must be non-negative, got {varb!r}")
+
+
+NTK_VARIANTS = ("correct", "pilim")
+
+
+def _check_variant(ntk_variant: str, depth: int) -> None:
+    if ntk_variant not in NTK_VARIANTS:
+        raise ValueError(f"ntk_variant must be one of {NTK_VARIANTS}, got {ntk_variant!r}")
+    if ntk_variant == "pilim" and depth < 1:
+        raise ValueError("ntk_variant='pilim' needs depth >= 1 (the original formula is "
+                         "undefined for depth 0)")
 
 
 def _as_rows(X: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -105,7 +154,7 @@ def _mlp_block(X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float, varb: 
     theta = sigma.clone() if want_ntk else None
     for _ in range(depth):
         std = torch.sqrt(vx)[:, None] * torch.sqrt(vy)[None, :]
-        rho = sigma / std.clamp_min(_EPS)
+        rho = sigma / std.clamp_min(_std_floor(std.dtype))
         f00, f11, _ = F00_F11_F02(rho)
         # Σˡ = varw · std · F00(ρ) + varb, written in place of the old Σ
         sigma = torch.mul(std, f00, out=sigma).mul_(varw).add_(varb)
@@ -118,17 +167,57 @@ def _mlp_block(X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float, varb: 
     return sigma, theta
 
 
+def _pilim_block(X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float,
+                 varb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNGP ``Σᴸ`` and the original library's NTK ``Θ̃ᴸ`` (module docstring) between row blocks."""
+    d = X.shape[1]
+    floor = _std_floor(X.dtype)
+    # P⁰: covariance of the input "activations", and the self-variances along it
+    vx = (X * X).sum(1) / d
+    vy = (Y * Y).sum(1) / d
+    post = X @ Y.T / d
+    theta = post + 1.0  # Θ̃⁰: first weight term (multiplier 1) and first bias (+1)
+    for _ in range(depth):
+        # preactivation variances and covariance of this hidden layer
+        vx = varw * vx + varb
+        vy = varw * vy + varb
+        cov = post.mul_(varw).add_(varb)
+        sx, sy = torch.sqrt(vx), torch.sqrt(vy)
+        rho = cov / (sx[:, None] * sy[None, :]).clamp_min(floor)
+        f00, _, _ = F00_F11_F02(rho)
+        kappa = 2.0 * f00  # J1(ρ): the post-activation correlation
+        _, f11_post, _ = F00_F11_F02(kappa)
+        # post-activation covariance Pˡ = J1(ρ) · sqrt(vx/2 · vy/2)
+        vx, vy = vx / 2, vy / 2
+        post = kappa * (torch.sqrt(vx)[:, None] * torch.sqrt(vy)[None, :])
+        # Θ̃ˡ = Pˡ + 1 + varw · J0(J1(ρ)) · Θ̃ˡ⁻¹, with J0 = 2·F11
+        theta.mul_(f11_post).mul_(2.0 * varw).add_(post).add_(1.0)
+        del rho, f00, kappa, f11_post, cov
+    sigma = post.mul_(varw).add_(varb)  # Σᴸ = varw · Pᴸ + varb (readout layer)
+    return sigma, theta
+
+
+def _kernel_block(X, Y, depth, varw, varb, want_ntk, ntk_variant):
+    if want_ntk and ntk_variant == "pilim":
+        return _pilim_block(X, Y, depth, varw, varb)
+    return _mlp_block(X, Y, depth, varw, varb, want_ntk)
+
+
 def mlp_kernels(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw: float = 2.0,
                 varb: float = 0.0, block_size: int = 4096, dtype: torch.dtype = torch.float64,
-                device=None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                device=None, progress: bool = False,
+                ntk_variant: str = "correct") -> tuple[torch.Tensor, torch.Tensor]:
     """NNGP ``Σᴸ`` and NTK ``Θᴸ`` between the rows of ``X`` (N×d) and ``Y`` (M×d).
 
     Conventions in the module docstring (readout layer included).  Inputs with
     more than two dimensions are flattened per row.  ``Y=None`` means ``Y = X``.
     The N×M result is filled ``block_size × block_size`` at a time, so the
     temporaries are a few blocks; it lives on ``device`` (default: ``X``'s).
+    ``ntk_variant="pilim"`` returns the original library's NTK formula instead
+    (module docstring); the NNGP is the same for both.
     """
-    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress)
+    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress,
+                      ntk_variant)
 
 
 def mlp_nngp(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw: float = 2.0,
@@ -140,13 +229,19 @@ def mlp_nngp(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw
 
 def mlp_ntk(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw: float = 2.0,
             varb: float = 0.0, block_size: int = 4096, dtype: torch.dtype = torch.float64,
-            device=None, progress: bool = False) -> torch.Tensor:
-    """NTK ``Θᴸ(x, y)`` of the depth-``L`` ReLU MLP in NTK parametrization (see module docstring)."""
-    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress)[1]
+            device=None, progress: bool = False, ntk_variant: str = "correct") -> torch.Tensor:
+    """NTK ``Θᴸ(x, y)`` of the depth-``L`` ReLU MLP in NTK parametrization (see module docstring).
+
+    ``ntk_variant="pilim"``: the formula of the original library instead (module docstring).
+    """
+    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress,
+                      ntk_variant)[1]
 
 
-def _blockwise(X, Y, depth, varw, varb, want_ntk, block_size, dtype, device, progress):
+def _blockwise(X, Y, depth, varw, varb, want_ntk, block_size, dtype, device, progress,
+               ntk_variant="correct"):
     _check_hparams(depth, varw, varb)
+    _check_variant(ntk_variant, depth)
     if device is None:
         device = torch.as_tensor(X).device
     X = _as_rows(X, dtype, device)
@@ -158,31 +253,34 @@ def _blockwise(X, Y, depth, varw, varb, want_ntk, block_size, dtype, device, pro
     ntk = torch.empty(N, M, dtype=dtype, device=device) if want_ntk else None
     blocks = [(i, j) for i in range(0, N, block_size) for j in range(0, M, block_size)]
     for i, j in tqdm(blocks, desc="kernel blocks", disable=not progress, leave=False):
-        s, t = _mlp_block(X[i:i + block_size], Y[j:j + block_size], depth, varw, varb, want_ntk)
+        s, t = _kernel_block(X[i:i + block_size], Y[j:j + block_size], depth, varw, varb,
+                             want_ntk, ntk_variant)
         nngp[i:i + block_size, j:j + block_size] = s
         if want_ntk:
             ntk[i:i + block_size, j:j + block_size] = t
     return nngp, ntk
 
 
-def _mlp_kernel_fn(A, B, *, kind, depth, varw, varb, dtype):
+def _mlp_kernel_fn(A, B, *, kind, depth, varw, varb, dtype, ntk_variant="correct"):
     A = _as_rows(A, dtype, A.device)
     B = _as_rows(B, dtype, A.device)
-    s, t = _mlp_block(A, B, depth, varw, varb, kind == "ntk")
+    s, t = _kernel_block(A, B, depth, varw, varb, kind == "ntk", ntk_variant)
     return t if kind == "ntk" else s
 
 
 def make_mlp_kernel(kind: str = "nngp", *, depth: int, varw: float = 2.0, varb: float = 0.0,
-                    dtype: torch.dtype = torch.float64) -> KernelFn:
+                    dtype: torch.dtype = torch.float64, ntk_variant: str = "correct") -> KernelFn:
     """A ``kernel_fn(A, B)`` (one block, no further blocking) for :func:`kernel_ridge_regression`.
 
-    ``kind`` is ``"nngp"`` or ``"ntk"``; the other arguments are as in :func:`mlp_nngp`.
+    ``kind`` is ``"nngp"`` or ``"ntk"``; the other arguments are as in :func:`mlp_nngp`
+    and :func:`mlp_ntk` (``ntk_variant`` only matters for ``"ntk"``).
     """
     if kind not in ("nngp", "ntk"):
         raise ValueError(f"kind must be 'nngp' or 'ntk', got {kind!r}")
     _check_hparams(depth, varw, varb)
+    _check_variant(ntk_variant, depth if kind == "ntk" else max(depth, 1))
     return functools.partial(_mlp_kernel_fn, kind=kind, depth=depth, varw=varw, varb=varb,
-                             dtype=dtype)
+                             dtype=dtype, ntk_variant=ntk_variant)
 
 
 # ---------------------------------------------------------------------------

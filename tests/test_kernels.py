@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.func import jacrev, vmap
@@ -267,3 +268,130 @@ def test_memory_estimate_for_50k():
     assert 10.0 < gb < 11.5  # the 10.0 GB matrix dominates: fits in 24 GB
     assert krr_memory_bytes(50_000, "cholesky", dtype=torch.float64) / 1e9 > 20.0
     assert krr_memory_bytes(50_000, "cg") / 1e9 < 1.0
+
+
+# --------------------------------------------------------------------------- float32, zero inputs
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", ["correct", "pilim"])
+def test_zero_input_with_zero_bias_variance_is_finite(dtype, variant):
+    """x = 0 with varb = 0 has variance exactly 0 at every layer, so its correlation is 0/0.
+
+    The old fixed floor of 1e-300 underflowed to 0 in float32 and gave NaN (issue 14, item 12);
+    the floor is now the dtype's smallest normal number. The zero row's NNGP is then exactly 0
+    (its variance is 0), and the float32 kernels agree with float64 to float32 rounding:
+    relative 1e-5 for the NNGP; 1e-3 for the NTK, whose F11 factor on the diagonal is taken at
+    a correlation that float32 rounds to 1 − O(6e-8), where arccos(1 − ε) ≈ √(2ε) ≈ 3e-4
+    (measured: 3.3e-4 relative at one diagonal entry).
+    """
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    X[0] = 0.0
+    nngp, ntk = mlp_kernels(X, depth=3, varw=2.0, varb=0.0, dtype=dtype, ntk_variant=variant)
+    assert torch.isfinite(nngp).all() and torch.isfinite(ntk).all()
+    assert torch.all(nngp[0] == 0) and torch.all(nngp[:, 0] == 0)
+    ref_nngp, ref_ntk = mlp_kernels(X, depth=3, varw=2.0, varb=0.0, dtype=torch.float64,
+                                    ntk_variant=variant)
+    torch.testing.assert_close(nngp.double(), ref_nngp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ntk.double(), ref_ntk, rtol=1e-3, atol=1e-6)
+    fn = make_mlp_kernel("ntk", depth=3, varb=0.0, dtype=dtype, ntk_variant=variant)
+    assert torch.isfinite(fn(X, X)).all()
+
+
+# --------------------------------------------------------------------------- original NTK formula
+
+def _ntk_reference(X, Y, depth, varw, varb, *, bias_one, deriv_at_post, keep_double,
+                   weight_without_varw):
+    """NTK of a ReLU MLP by a forward pass over covariances and a backward pass over gradient
+    covariances, in plain numpy float64, written independently of experiments.kernels.
+
+    Every flag False gives the tangent kernel (module docstring of experiments.kernels); every
+    flag True gives the formula of the original library (santacml/pilim, ``relu_ntk_fn``):
+    bias terms of 1, the step-function kernel taken at the post-activation correlation,
+    ``arccos(-c)/π`` without the ½, and weight terms without varw.
+    """
+    X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
+    d = X.shape[1]
+    vx, vy = (X ** 2).sum(1) / d, (Y ** 2).sum(1) / d
+    cov = X @ Y.T / d
+    layer_inputs, step_kernels = [cov], []
+    for _ in range(depth):
+        vx, vy = varw * vx + varb, varw * vy + varb
+        pre = varw * cov + varb
+        rho = np.clip(pre / np.sqrt(np.outer(vx, vy)), -1.0, 1.0)
+        # arc-cosine kernel of degree 1, normalised to 1 at rho = 1: E[φφ] / (½ sqrt(vx vy))
+        post_corr = (np.sqrt(1 - rho ** 2) + (np.pi - np.arccos(rho)) * rho) / np.pi
+        c = np.clip(post_corr, -1.0, 1.0) if deriv_at_post else rho
+        step = np.arccos(-c) / np.pi  # = 2 E[φ'φ'] at correlation c
+        step_kernels.append(step if keep_double else step / 2)
+        vx, vy = vx / 2, vy / 2
+        cov = post_corr * np.sqrt(np.outer(vx, vy))
+        layer_inputs.append(cov)
+    grad_cov = [np.ones_like(cov)]  # at the readout's output, then backwards
+    for step in reversed(step_kernels):
+        grad_cov.append(grad_cov[-1] * varw * step)
+    grad_cov.reverse()
+    wfac = 1.0 if weight_without_varw else varw
+    bfac = 1.0 if bias_one else varb
+    return sum((wfac * inp + bfac) * gc for inp, gc in zip(layer_inputs, grad_cov))
+
+
+def _mixed_inputs(n=6, d=10, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[1] = -0.9 * X[0] + 0.1 * X[1]  # nearly anti-aligned pair
+    X[2] *= 3.0
+    return X
+
+
+PILIM = dict(bias_one=True, deriv_at_post=True, keep_double=True, weight_without_varw=True)
+CORRECT = dict(bias_one=False, deriv_at_post=False, keep_double=False, weight_without_varw=False)
+
+
+@pytest.mark.parametrize("depth,varw,varb", [(1, 1.0, 0.0), (2, 1.0, 0.0), (3, 2.0, 0.3)])
+def test_pilim_ntk_variant_matches_reference_of_original_formula(depth, varw, varb):
+    """The variant equals the numpy re-derivation of the original formula to 1e-12 (float64
+    rounding over a few layers), and the default equals the same recursion with the four
+    differences undone (which also checks the reference against the tangent kernel that
+    test_ntk_matches_empirical_ntk_of_wide_network validates on finite networks)."""
+    X = _mixed_inputs()
+    Y = _mixed_inputs(4, seed=12)
+    pilim = mlp_ntk(X, Y, depth=depth, varw=varw, varb=varb, ntk_variant="pilim")
+    ref = torch.from_numpy(_ntk_reference(X, Y, depth, varw, varb, **PILIM))
+    torch.testing.assert_close(pilim, ref, rtol=1e-12, atol=1e-12)
+    correct = mlp_ntk(X, Y, depth=depth, varw=varw, varb=varb)
+    torch.testing.assert_close(correct, torch.from_numpy(_ntk_reference(X, Y, depth, varw, varb,
+                                                                        **CORRECT)),
+                               rtol=1e-12, atol=1e-12)
+    # the two kernels really differ, also after normalising away the overall scale
+    rel = lambda K: K / torch.diagonal(K[:4, :4]).mean()  # noqa: E731
+    diff = float((rel(pilim[:4]) - rel(correct[:4])).abs().max())
+    assert diff > 0.05, diff
+    # the variant goes through the same blocking, the kernel_fn and mlp_kernels
+    blocked = mlp_ntk(X, Y, depth=depth, varw=varw, varb=varb, ntk_variant="pilim", block_size=3)
+    torch.testing.assert_close(blocked, pilim, rtol=1e-12, atol=1e-12)
+    fn = make_mlp_kernel("ntk", depth=depth, varw=varw, varb=varb, ntk_variant="pilim")
+    torch.testing.assert_close(fn(X, Y), pilim, rtol=1e-12, atol=1e-12)
+    nngp, ntk = mlp_kernels(X, Y, depth=depth, varw=varw, varb=varb, ntk_variant="pilim")
+    torch.testing.assert_close(ntk, pilim)
+    torch.testing.assert_close(nngp, mlp_nngp(X, Y, depth=depth, varw=varw, varb=varb))
+
+
+def test_each_difference_of_the_original_ntk_matters():
+    """Undoing any one of the four differences changes the reference (so each flag is real),
+    at varw = 2 and varb = 0.3 where all four are active."""
+    X = _mixed_inputs()
+    base = _ntk_reference(X, X, 2, 2.0, 0.3, **PILIM)
+    for flag in PILIM:
+        other = _ntk_reference(X, X, 2, 2.0, 0.3, **{**PILIM, flag: False})
+        assert np.abs(other - base).max() > 1e-3 * np.abs(base).max(), flag
+
+
+def test_ntk_variant_is_validated():
+    X = _mixed_inputs()
+    with pytest.raises(ValueError, match="ntk_variant"):
+        mlp_ntk(X, depth=2, ntk_variant="paper")
+    with pytest.raises(ValueError, match="depth >= 1"):
+        mlp_ntk(X, depth=0, ntk_variant="pilim")
+    with pytest.raises(ValueError, match="ntk_variant"):
+        make_mlp_kernel("ntk", depth=2, ntk_variant="nope")
