@@ -395,3 +395,25 @@ def test_ntk_variant_is_validated():
         mlp_ntk(X, depth=0, ntk_variant="pilim")
     with pytest.raises(ValueError, match="ntk_variant"):
         make_mlp_kernel("ntk", depth=2, ntk_variant="nope")
+
+
+def test_cifar10test_ntk_variant_flag(tmp_path, monkeypatch):
+    """``cifar10test --ntk --ntk-variant pilim`` regresses with the original formula."""
+    import experiments.cifar10.cifar10test as cifar10test
+    from experiments.data.synthetic import write_synthetic_cifar10
+
+    root = write_synthetic_cifar10(tmp_path, n_train=60, n_test=20, seed=0)
+    seen = []
+    real = cifar10test.make_mlp_kernel
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("ntk_variant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cifar10test, "make_mlp_kernel", spy)
+    doc = cifar10test.main(["--ntk", "--ntk-variant", "pilim", "--varw", "1", "--data", str(root),
+                            "--no-progress"])
+    assert seen == ["pilim"]
+    assert doc["results"][0]["ntk_variant"] == "pilim"
+    with pytest.raises(SystemExit):
+        cifar10test.main(["--ntk", "--ntk-variant", "pilim", "--depth", "0", "--data", str(root)])

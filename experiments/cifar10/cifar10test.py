@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight variance σ_w² (times 1/fan-in); with --varb 0 it only scales "
                           "the kernel, which the relative ridge ignores")
     mlp.add_argument("--varb", type=float, default=0.0, help="bias variance σ_b²")
+    mlp.add_argument("--ntk-variant", choices=("correct", "pilim"), default="correct",
+                     help="'correct': the tangent kernel of the MLP; 'pilim': the original "
+                          "library's NTK formula (bias terms 1, derivative kernel at the "
+                          "post-activation correlation, no factor 1/2), with which the paper's "
+                          "Table 1 NTK number was computed (docs/experiments_cifar_imagenet.md)")
     for name in ("--first-layer-lr-mult", "--last-layer-lr-mult", "--bias-lr-mult"):
         mlp.add_argument(name, type=float, default=1.0,
                          help="accepted for the original command lines; the NTK here has "
@@ -118,6 +123,8 @@ def main(argv=None) -> dict:
         parser.error("--ntk supports only learning-rate multipliers of 1 (the plain NTK)")
     if args.depth < 0:
         parser.error("--depth must be non-negative")
+    if args.ntk and args.ntk_variant == "pilim" and args.depth < 1:
+        parser.error("--ntk-variant pilim needs --depth 1 or more")
     if args.batch_size is not None:
         args.krr_block_size = args.batch_size
     setup_logging()
@@ -137,16 +144,20 @@ def _run(args) -> dict:
         if not getattr(args, "gp" if mode == "nngp" else "ntk"):
             continue
         began = time.perf_counter()
-        kernel = make_mlp_kernel(mode, depth=args.depth, varw=args.varw, varb=args.varb)
+        kernel = make_mlp_kernel(mode, depth=args.depth, varw=args.varw, varb=args.varb,
+                                 ntk_variant=args.ntk_variant)
         acc = kernel_ridge_regression(
             kernel, train.inputs(), train.labels, test.inputs(), test.labels, num_classes=10,
             kernel_reg=args.kernel_reg, method=args.krr_method,
             dtype=torch.float64 if args.krr_float64 else None, block_size=args.krr_block_size,
             progress=progress)
         results.append({"mode": mode, "test_acc": acc, "depth": args.depth, "varw": args.varw,
+                        **({"ntk_variant": args.ntk_variant} if mode == "ntk" else {}),
                         "varb": args.varb, "time_s": time.perf_counter() - began})
         log.info("%s (depth %d, varw %g, varb %g, kernel reg %g): test accuracy %.2f%% "
-                 "(%d train / %d test images, %.1f s)", mode.upper(), args.depth, args.varw,
+                 "(%d train / %d test images, %.1f s)",
+                 "NTK (original pilim formula)" if mode == "ntk" and args.ntk_variant == "pilim"
+                 else mode.upper(), args.depth, args.varw,
                  args.varb, args.kernel_reg, 100 * acc, len(train), len(test),
                  results[-1]["time_s"])
     if ckpt is not None:
