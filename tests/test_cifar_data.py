@@ -162,6 +162,36 @@ def test_corrupt_file_is_named(tmp_path, damage):
     assert isinstance(err.value, DatasetError)
 
 
+@pytest.mark.parametrize("labels,what", [
+    ([0, 2.7], "2.7"),                       # used to be truncated to 2
+    ([0.0, float("nan")], "nan"),
+    ([1, -1], "range"),
+    ([0, 10], "range"),
+    (np.array([0.0, 12.0]), "range"),        # integral floats are range-checked too
+    (["0", "1"], "not ints"),
+])
+def test_non_integer_or_out_of_range_labels_are_refused(tmp_path, labels, what):
+    """Issue 14, item 9: a label of 2.7 was silently cast to 2. Every label must be an integer
+    class index 0..9; the one-line error names the file."""
+    folder = write_synthetic_cifar10(tmp_path, n_train=10, n_test=2)
+    target = folder / "data_batch_4"
+    target.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": labels},
+                                    protocol=2))
+    with pytest.raises(CorruptDatasetError) as err:
+        load_cifar10(folder)
+    message = str(err.value)
+    assert "data_batch_4" in message and what in message and "\n" not in message
+
+
+def test_integral_float_labels_are_accepted(tmp_path):
+    """Labels stored as whole-number floats (3.0) are the same classes: accepted as ints."""
+    folder = write_synthetic_cifar10(tmp_path, n_train=10, n_test=2)
+    (folder / "test_batch").write_bytes(pickle.dumps(
+        {"data": np.zeros((2, 3072), np.uint8), "labels": [3.0, 9.0]}, protocol=2))
+    _, labels = load_cifar10(folder, train=False)
+    assert labels.tolist() == [3, 9] and labels.dtype == torch.int64
+
+
 def test_pickle_cannot_run_code(tmp_path):
     folder = write_synthetic_cifar10(tmp_path, n_train=10, n_test=2)
     marker = tmp_path / "pwned"

@@ -231,11 +231,7 @@ def _parse_batch(entry: dict, where: str, layout: _Layout) -> tuple[np.ndarray, 
                 if isinstance(data, np.ndarray) else f"a {type(data).__name__}")
         raise CorruptDatasetError(
             f"{where}: 'data' is {desc}, expected a uint8 array of shape (N, {_PIXELS}).")
-    try:
-        labels = np.asarray(entry[layout.labels_key], dtype=np.int64)
-    except (TypeError, ValueError) as err:
-        raise CorruptDatasetError(
-            f"{where}: '{layout.labels_key}' is not a list of ints ({err}).") from err
+    labels = _integer_labels(entry[layout.labels_key], where, layout)
     if labels.shape != (data.shape[0],):
         raise CorruptDatasetError(
             f"{where}: {labels.size} labels for {data.shape[0]} images; expected one each.")
@@ -244,6 +240,32 @@ def _parse_batch(entry: dict, where: str, layout: _Layout) -> tuple[np.ndarray, 
             f"{where}: labels range over [{labels.min()}, {labels.max()}], expected "
             f"0..{layout.num_classes - 1} for {layout.name}.")
     return data, labels
+
+
+def _integer_labels(raw, where: str, layout: _Layout) -> np.ndarray:
+    """The labels as int64, refusing anything that is not an integer (2.7, True, "3", NaN):
+    a cast would silently truncate 2.7 to 2."""
+    key = layout.labels_key
+    try:
+        values = np.asarray(raw)
+    except (TypeError, ValueError) as err:
+        raise CorruptDatasetError(f"{where}: '{key}' is not a list of ints ({err}).") from err
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if values.dtype.kind == "f" and values.size:
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise CorruptDatasetError(
+                f"{where}: label {i} of '{key}' is {values.flat[i]!r}, not an integer "
+                f"({int(bad.sum())} such labels); expected integer class indices "
+                f"0..{layout.num_classes - 1}. Re-download the {layout.archive}.")
+        return values.astype(np.int64)
+    if values.dtype.kind == "f":  # empty
+        return values.astype(np.int64)
+    raise CorruptDatasetError(
+        f"{where}: '{key}' holds {values.dtype} values, not ints; expected integer class "
+        f"indices 0..{layout.num_classes - 1}. Re-download the {layout.archive}.")
 
 
 def _where(source: _Source, layout: _Layout, name: str) -> str:
