@@ -257,7 +257,7 @@ def _integer_labels(raw, where: str, layout: _Layout) -> np.ndarray:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise CorruptDatasetError(
-                f"{where}: label {i} of '{key}' is {values.flat[i]!r}, not an integer "
+                f"{where}: label {i} of '{key}' is {float(values.flat[i])!r}, not an integer "
                 f"({int(bad.sum())} such labels); expected integer class indices "
                 f"0..{layout.num_classes - 1}. Re-download the {layout.archive}.")
         return values.astype(np.int64)
