@@ -1,0 +1,492 @@
+"""Row compression: bounded-cost training of infinite π-layers (docs/math.md, "Row compression").
+
+An infinite hidden or output layer computes ``g ↦ s·h(ĝ)`` with
+
+    h(u) = Σ_i k(u, B_i) w_i,    w_i = c_i A_i,    k(u, v) = F00(u·v),
+
+and training appends one row per example and step, so a step costs O(rows) and
+a run O(steps²). This module replaces a layer's ``M`` rows by ``K ≪ M``
+*landmark* rows ``U`` (a subset of the rows' own ``B``) carrying the weights
+
+    W = K_UU⁻¹ K_UB w,
+
+the orthogonal projection of ``h`` onto ``span{k(·, U_k)}`` in the kernel's
+RKHS. Its error
+
+    ε² = ‖h − Ph‖²_H = wᵀ(K_BB − K_BU K_UU⁻¹ K_UB) w
+
+is reported (relative to ``‖h‖_H``, the L2 norm of the infinite-width weight)
+and bounds every output of the layer: ``|Δh(u)| ≤ ε/√2`` for every unit ``u``
+(so ``|Δ layer(g)| ≤ |g|·ε/√2`` without layernorm).
+
+Landmarks come from a pivoted Cholesky factorization of ``K_BB``, either
+greedy (largest residual diagonal first) or randomly pivoted (pivots drawn
+with probability proportional to the residual diagonal; Chen, Epperly, Tropp
+and Webber 2022). Both work in blocks of pivots so that the work is matrix
+products; ``block=1`` is the textbook one-pivot-at-a-time algorithm. With the
+factor ``F = K_BU L⁻ᵀ`` (``L Lᵀ = K_UU``) the weights are ``W = L⁻ᵀ (Fᵀ w)``
+(two triangular solves, no normal equations) and
+``ε² = ‖h‖²_H − ‖Fᵀ w‖²``, where ``‖h‖²_H = wᵀ K_BB w`` is accumulated over
+row chunks: no M × M matrix is ever formed, memory is O(M·K).
+
+Momentum: SGD's velocity is a function of the same form,
+``V = Σ_i buf_i A_i k(·, B_i)``, and is projected with the same map. A
+landmark then carries two rows: ``(W_k, c=1, buf=0)`` for the weight and
+``(W^V_k, c=0, buf=1)`` for the velocity, so that SGD with momentum continues
+exactly as it would from the projected weight and velocity.
+
+Use :class:`RowBudget` during training (call it after ``optimizer.step()``),
+or :func:`compress_layer` / :func:`compress_rows` directly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["CompressionReport", "Landmarks", "kernel", "rkhs_gram", "pivoted_cholesky", "compress_rows",
+           "compress_layer", "infinite_layers", "RowBudget", "METHODS"]
+
+METHODS = ("rpcholesky", "greedy")
+_TWO_PI = 2.0 * math.pi
+# memory for one chunk of kernel entries (rows × M) when accumulating ‖h‖²_H
+_CHUNK_BYTES = 64 * 2**20
+
+
+# ------------------------------------------------------------------ kernel
+def kernel(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``k(X_i, Y_j) = F00(X_i·Y_j)`` for unit rows (``F00(1) = 1/2``), in the inputs' dtype.
+
+    One ``arccos`` and one ``sin`` per entry: ``2π F00(cos θ) = sin θ + (π − θ) cos θ``.
+    """
+    q = (X @ Y.T).clamp_(-1.0, 1.0)
+    theta = torch.arccos(q)
+    return (torch.sin(theta) + (math.pi - theta) * q) / _TWO_PI
+
+
+def _kernel_diag(B: torch.Tensor) -> torch.Tensor:
+    q = (B * B).sum(1).clamp(-1.0, 1.0)
+    theta = torch.arccos(q)
+    return (torch.sin(theta) + (math.pi - theta) * q) / _TWO_PI
+
+
+def _chunk(M: int, cols: int, chunk_bytes: int, itemsize: int = 8) -> int:
+    return max(1, int(chunk_bytes // max(1, cols * itemsize * 3)))
+
+
+def rkhs_gram(B: torch.Tensor, Z: torch.Tensor, chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
+    """``Zᵀ K_BB Z`` (p × p) for rows ``B`` (M × r) and weights ``Z`` (M × p), accumulated over
+    row chunks of ``K_BB`` (O(chunk·M) memory, O(M²·(r+p)) time).
+
+    With ``Z = w`` (``w_i = c_i A_i``) its trace is ``‖h‖²_H``, the squared L2 norm of the
+    infinite-width weight ``a(ω) = Σ_i w_i φ(ω·B_i)``.
+    """
+    M = B.shape[0]
+    G = Z.new_zeros(Z.shape[1], Z.shape[1])
+    step = _chunk(M, M, chunk_bytes, B.element_size())
+    for lo in range(0, M, step):
+        hi = min(M, lo + step)
+        G += Z[lo:hi].T @ (kernel(B[lo:hi], B) @ Z)
+    return G
+
+
+# ------------------------------------------------------- pivoted Cholesky
+@dataclass
+class Landmarks:
+    """A partial pivoted Cholesky factorization ``K_BB ≈ F Fᵀ``.
+
+    ``index``: the pivots (rows of ``B`` chosen as landmarks, in order); ``factor``:
+    ``F`` (M × K) with ``F[index]`` lower triangular (``= L``, ``L Lᵀ = K_UU``);
+    ``residual``: the diagonal of ``K_BB − F Fᵀ`` (M).
+    """
+    index: torch.Tensor
+    factor: torch.Tensor
+    residual: torch.Tensor
+
+    @property
+    def L(self) -> torch.Tensor:
+        return self.factor[self.index]
+
+
+def _small_pivoted_cholesky(S: torch.Tensor, threshold: float):
+    """Greedy pivoted Cholesky of a small PSD matrix; pivots whose residual is at most
+    ``threshold`` are rejected (numerically dependent). Returns (order, L)."""
+    n = S.shape[0]
+    R = S.clone()
+    order, cols = [], []
+    d = R.diagonal().clone()
+    for _ in range(n):
+        j = int(torch.argmax(d))
+        if d[j] <= threshold:
+            break
+        col = R[:, j] / torch.sqrt(d[j])
+        R -= torch.outer(col, col)
+        d = R.diagonal().clone()
+        d[order + [j]] = -math.inf
+        order.append(j)
+        cols.append(col)
+    if not order:
+        return [], S.new_zeros(0, 0)
+    Lfull = torch.stack(cols, 1)  # n × a
+    return order, Lfull[order]
+
+
+def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", block: int = 64,
+                     generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+                     threshold: float | None = None, on_block=None) -> Landmarks:
+    """Choose up to ``rank`` landmark rows of ``B`` by pivoted Cholesky of ``K_BB``.
+
+    Args:
+        B: rows (M × r), unit vectors, any float dtype (computed in ``dtype``).
+        rank: number of landmarks wanted (fewer are returned if ``K_BB`` has lower
+            numerical rank).
+        method: ``"greedy"`` (largest residual diagonal) or ``"rpcholesky"`` (pivots drawn with
+            probability ∝ residual diagonal).
+        block: pivots chosen per round; each round is a matrix product with the M rows and a
+            small pivoted Cholesky that rejects dependent pivots. 1 = the one-at-a-time algorithm.
+        generator: random source of ``"rpcholesky"``.
+        threshold: residual diagonal below which a pivot counts as dependent (default: 1e-12
+            in float64, 1e-6 in float32, relative to k(u, u) = 1/2).
+        on_block: ``callable(new_factor_columns) -> bool``; return True to stop early.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown landmark method {method!r}; choose one of {', '.join(METHODS)}")
+    Bc = B.to(dtype)
+    M = Bc.shape[0]
+    rank = max(0, min(int(rank), M))
+    if threshold is None:
+        threshold = (1e-12 if dtype == torch.float64 else 1e-6) * 0.5
+    d = _kernel_diag(Bc)
+    F = Bc.new_zeros(M, rank)
+    chosen = torch.zeros(M, dtype=torch.bool, device=Bc.device)
+    index: list[torch.Tensor] = []
+    k = 0
+    stalls = 0
+    while k < rank:
+        dpos = torch.where(chosen, torch.zeros_like(d), d.clamp_min(0.0))
+        dmax = float(dpos.max()) if M else 0.0
+        if dmax <= threshold:
+            break
+        nb = min(max(1, int(block)), rank - k)
+        if method == "greedy":
+            cand = torch.topk(dpos, nb).indices
+        else:
+            cand = torch.multinomial(dpos, nb, replacement=True, generator=generator).unique()
+        cand = cand[dpos[cand] > threshold]
+        if cand.numel() == 0:
+            stalls += 1
+            if stalls > 8:
+                break
+            continue
+        G = kernel(Bc, Bc[cand])
+        if k:
+            G -= F[:, :k] @ F[cand, :k].T
+        order, Ls = _small_pivoted_cholesky(G[cand], threshold)
+        if not order:
+            stalls += 1
+            if stalls > 8:
+                break
+            continue
+        stalls = 0
+        order_t = torch.tensor(order, device=Bc.device)
+        # new factor columns: G[:, order] L_s⁻ᵀ, i.e. solve L_s X = G[:, order]ᵀ
+        Fn = torch.linalg.solve_triangular(Ls, G[:, order_t].T, upper=False).T
+        a = Fn.shape[1]
+        F[:, k:k + a] = Fn
+        piv = cand[order_t]
+        index.append(piv)
+        chosen[piv] = True
+        d = d - (Fn * Fn).sum(1)
+        d[chosen] = 0.0
+        k += a
+        if on_block is not None and on_block(Fn):
+            break
+    idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=Bc.device)
+    return Landmarks(idx, F[:, :k], d.clamp_min(0.0))
+
+
+# ------------------------------------------------------------ compression
+@dataclass
+class CompressionReport:
+    """What one compression of one layer did.
+
+    ``eps``: ``‖h − Ph‖_H`` (absolute); ``rel_eps = eps / norm`` with ``norm = ‖h‖_H``; the
+    layer's output moves by at most ``|g|·eps/√2`` per input ``g`` (``eps/√2`` under
+    layernorm). ``velocity_eps`` / ``velocity_norm``: the same for the momentum velocity.
+    """
+    layer: str
+    rows_before: int
+    rows_after: int
+    landmarks: int
+    eps: float
+    norm: float
+    rel_eps: float
+    velocity_eps: float | None
+    velocity_norm: float | None
+    method: str
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _project(F: torch.Tensor, L: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, Fᵀ Z)`` with ``W = L⁻ᵀ Fᵀ Z = K_UU⁻¹ K_UB Z``."""
+    FtZ = F.T @ Z
+    W = torch.linalg.solve_triangular(L.T, FtZ, upper=True)
+    return W, FtZ
+
+
+def _row_scale(W: torch.Tensor) -> torch.Tensor:
+    """A positive scale per row (its largest entry), so that stored A rows are O(1) (float16)."""
+    s = W.abs().amax(1)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmarks: int | None = None,
+                  tol: float | None = None, velocity: torch.Tensor | None = None,
+                  method: str = "rpcholesky", block: int = 64, generator: torch.Generator | None = None,
+                  dtype: torch.dtype = torch.float64, name: str = "layer"):
+    """Project the rows ``(A, c, B)`` onto ``K`` landmark rows.
+
+    Args:
+        A (M × r_out), c (M), B (M × r): the rows; any float dtypes.
+        landmarks: number of landmarks ``K`` (at most M).
+        tol: instead (or in addition), stop adding landmarks once ``ε ≤ tol·‖h‖_H``.
+        velocity: the momentum buffer (M) of the coefficients, or None. When given, the
+            velocity ``Σ buf_i A_i k(·, B_i)`` is projected with the same map and each
+            landmark gets a second row carrying it (``c = 0``, ``buf = scale``).
+        method, block, generator: see :func:`pivoted_cholesky`.
+        dtype: computation dtype (float64 default; float32 halves the O(M·K) memory).
+
+    Returns ``(A_new, c_new, B_new, velocity_new, report)``: ``A_new``/``B_new`` in the dtypes of
+    ``A``/``B``, ``c_new`` and ``velocity_new`` in the dtype of ``c`` (``velocity_new`` None
+    when ``velocity`` is None).
+    """
+    t0 = time.perf_counter()
+    M = B.shape[0]
+    if landmarks is None and tol is None:
+        raise ValueError("compress_rows needs landmarks=K or tol=relative error (or both)")
+    K = M if landmarks is None else int(landmarks)
+    if K < 1:
+        raise ValueError(f"landmarks must be >= 1, got {K}")
+    if A.shape[0] != M or c.shape[0] != M:
+        raise ValueError(f"A, c and B must have the same number of rows, got {A.shape[0]}, {c.shape[0]}, {M}")
+    Bc = B.to(dtype)
+    w = c.to(dtype)[:, None] * A.to(dtype)
+    Z = w
+    if velocity is not None:
+        if velocity.shape[0] != M:
+            raise ValueError(f"velocity has {velocity.shape[0]} entries for {M} rows")
+        v = velocity.to(dtype)[:, None] * A.to(dtype)
+        Z = torch.cat([w, v], 1)
+    p = A.shape[1]
+    G = rkhs_gram(Bc, Z)
+    norm2 = float(G[:p, :p].trace())
+    vnorm2 = float(G[p:, p:].trace()) if velocity is not None else None
+
+    captured = [0.0]
+
+    def stop(Fn):
+        captured[0] += float((Fn.T @ w).pow(2).sum())
+        return tol is not None and norm2 - captured[0] <= tol * tol * norm2
+
+    lm = pivoted_cholesky(Bc, K, method=method, block=block, generator=generator, dtype=dtype, on_block=stop)
+    L = lm.L
+    W, FtZ = _project(lm.factor, L, Z)
+    eps2 = norm2 - float(FtZ[:, :p].pow(2).sum())
+    eps = math.sqrt(max(eps2, 0.0))
+    U = B[lm.index]
+    sw = _row_scale(W[:, :p])
+    A_parts, c_parts, B_parts, v_parts = [W[:, :p] / sw[:, None]], [sw], [U], [torch.zeros_like(sw)]
+    veps = None
+    if velocity is not None:
+        veps = math.sqrt(max(vnorm2 - float(FtZ[:, p:].pow(2).sum()), 0.0))
+        Wv = W[:, p:]
+        keep = Wv.abs().amax(1) > 0  # a zero velocity needs no row
+        sv = _row_scale(Wv[keep])
+        A_parts.append(Wv[keep] / sv[:, None])
+        c_parts.append(torch.zeros_like(sv))
+        B_parts.append(U[keep])
+        v_parts.append(sv)
+    A_new = torch.cat(A_parts).to(A.dtype)
+    c_new = torch.cat(c_parts).to(c.dtype)
+    B_new = torch.cat(B_parts).to(B.dtype)
+    v_new = torch.cat(v_parts).to(c.dtype) if velocity is not None else None
+    norm = math.sqrt(max(norm2, 0.0))
+    report = CompressionReport(
+        layer=name, rows_before=M, rows_after=A_new.shape[0], landmarks=int(lm.index.numel()),
+        eps=eps, norm=norm, rel_eps=eps / norm if norm > 0 else 0.0, velocity_eps=veps,
+        velocity_norm=None if vnorm2 is None else math.sqrt(max(vnorm2, 0.0)), method=method,
+        seconds=time.perf_counter() - t0)
+    return A_new, c_new, B_new, v_new, report
+
+
+# ------------------------------------------------------------ on layers
+def _store(layer):
+    store = getattr(layer, "rows", None)
+    if store is None or not hasattr(store, "B"):
+        raise TypeError(f"{type(layer).__name__} is not an infinite π-layer with rows; "
+                        "compress InfPiLinearReLU layers (InfMLP.hidden_layers, output_layer)")
+    return store
+
+
+def _coefficients(store) -> nn.Parameter:
+    coef = getattr(store, "coefficients", None)
+    return store.Amult if coef is None else coef
+
+
+def _set_rows(store, A, c, B):
+    if hasattr(store, "set_rows"):
+        store.set_rows(A, c, B)
+    else:
+        store.truncate(0)
+        store.append(A, B, c)
+
+
+def infinite_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every infinite π-layer with rows in ``net`` (hidden and output)."""
+    from .layers import InfPiLinearReLU
+
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, InfPiLinearReLU)]
+
+
+@torch.no_grad()
+def compress_layer(layer, rows: int | None = None, *, tol: float | None = None, optimizer=None,
+                   method: str = "rpcholesky", block: int = 64, generator: torch.Generator | None = None,
+                   dtype: torch.dtype = torch.float64, name: str | None = None) -> CompressionReport:
+    """Compress an infinite π-layer in place to at most ``rows`` rows (and/or to relative error ``tol``).
+
+    With an ``optimizer`` (InfSGD) whose state holds a momentum buffer for the layer's
+    coefficients, the velocity is projected with the same landmarks and each landmark keeps
+    two rows (so ``rows // 2`` landmarks); the buffer is replaced accordingly.
+    """
+    store = _store(layer)
+    coef = _coefficients(store)
+    M = store.num_rows
+    state = optimizer.state.get(coef) if optimizer is not None else None
+    buf = None if not state else state.get("momentum_buffer")
+    if buf is not None:
+        if buf.shape[0] < M:  # rows appended since the last step: their velocity is 0
+            buf = torch.cat([buf, buf.new_zeros(M - buf.shape[0])])
+        if not bool((buf != 0).any()):
+            buf = buf[:M]
+    K = None
+    if rows is not None:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        K = max(1, rows // 2) if buf is not None else rows
+    A_new, c_new, B_new, v_new, report = compress_rows(
+        store.A, coef.detach(), store.B, landmarks=K, tol=tol, velocity=buf, method=method, block=block,
+        generator=generator, dtype=dtype, name=name or getattr(store, "name", "layer"))
+    had_grad = coef.grad is not None
+    _set_rows(store, A_new, c_new, B_new)
+    if had_grad:
+        coef.grad = torch.zeros_like(coef)
+    if buf is not None:
+        state["momentum_buffer"] = v_new.to(device=buf.device, dtype=buf.dtype)
+    return report
+
+
+class RowBudget:
+    """Keep every infinite layer of ``net`` at most ``max_rows`` rows; call after ``optimizer.step()``.
+
+    When a layer has more than ``max_rows`` rows it is compressed to
+    ``round(keep_fraction · max_rows)`` rows (so compressions are spread out and their
+    cost amortized over the steps that refill the budget). The velocity of SGD with momentum is
+    projected with the weight (pass the ``optimizer``); weight decay needs nothing.
+
+    Example::
+
+        budget = RowBudget(net, max_rows=4000, optimizer=opt)
+        for x, y in data:
+            opt.zero_grad(); loss_fn(net(x), y).backward(); opt.step()
+            budget()                      # list of CompressionReport (usually empty)
+        budget.metrics()                  # rows per layer, compressions, accumulated ε
+
+    Args:
+        net: a network with infinite π-layers (InfMLP).
+        max_rows: the budget per layer.
+        keep_fraction: rows kept at a compression, as a fraction of ``max_rows``.
+        optimizer: the InfSGD training ``net`` (needed for exact momentum).
+        method: ``"rpcholesky"`` (default) or ``"greedy"`` landmarks; block: pivots per round.
+        seed: seed of the random pivots (saved in :meth:`state_dict`, so resumed runs repeat).
+        dtype: computation dtype of a compression.
+    """
+
+    def __init__(self, net: nn.Module, max_rows: int, keep_fraction: float = 0.5, optimizer=None,
+                 method: str = "rpcholesky", block: int = 64, seed: int = 0,
+                 dtype: torch.dtype = torch.float64):
+        if max_rows < 2:
+            raise ValueError(f"max_rows must be >= 2 (got {max_rows}); use 0/None in programs to turn "
+                             "the budget off")
+        if not 0.0 < keep_fraction < 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1), got {keep_fraction}")
+        if method not in METHODS:
+            raise ValueError(f"unknown landmark method {method!r}; choose one of {', '.join(METHODS)}")
+        self.net, self.optimizer = net, optimizer
+        self.max_rows = int(max_rows)
+        self.keep_fraction = float(keep_fraction)
+        self.method, self.block, self.dtype = method, int(block), dtype
+        self.layers = infinite_layers(net)
+        if not self.layers:
+            raise ValueError("RowBudget: the network has no infinite π-layers with rows")
+        self.generator = torch.Generator().manual_seed(int(seed))
+        names = [n for n, _ in self.layers]
+        self.compressions = {n: 0 for n in names}
+        self.eps_sum = {n: 0.0 for n in names}
+        self.rel_eps_sum = {n: 0.0 for n in names}
+        self.seconds = 0.0
+        self.history: list[dict] = []
+
+    @property
+    def keep_rows(self) -> int:
+        return max(2, int(round(self.keep_fraction * self.max_rows)))
+
+    def __call__(self) -> list[CompressionReport]:
+        reports = []
+        for name, layer in self.layers:
+            if layer.rows.num_rows <= self.max_rows:
+                continue
+            rep = compress_layer(layer, self.keep_rows, optimizer=self.optimizer, method=self.method,
+                                 block=self.block, generator=self.generator, dtype=self.dtype, name=name)
+            self.compressions[name] += 1
+            self.eps_sum[name] += rep.eps
+            self.rel_eps_sum[name] += rep.rel_eps
+            self.seconds += rep.seconds
+            self.history.append(rep.as_dict())
+            reports.append(rep)
+        return reports
+
+    step = __call__
+
+    def rows(self) -> dict[str, int]:
+        return {n: layer.rows.num_rows for n, layer in self.layers}
+
+    def metrics(self) -> dict:
+        """Rows per layer, compressions done, accumulated ε (absolute and relative) per layer."""
+        return {"rows": self.rows(), "compressions": dict(self.compressions),
+                "eps_sum": dict(self.eps_sum), "rel_eps_sum": dict(self.rel_eps_sum),
+                "compress_seconds": self.seconds}
+
+    def state_dict(self) -> dict:
+        return {"max_rows": self.max_rows, "keep_fraction": self.keep_fraction, "method": self.method,
+                "block": self.block, "generator": self.generator.get_state(),
+                "compressions": dict(self.compressions), "eps_sum": dict(self.eps_sum),
+                "rel_eps_sum": dict(self.rel_eps_sum), "seconds": self.seconds,
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: dict):
+        self.max_rows = int(state["max_rows"])
+        self.keep_fraction = float(state["keep_fraction"])
+        self.method, self.block = state["method"], int(state["block"])
+        self.generator.set_state(state["generator"])
+        self.compressions.update(state["compressions"])
+        self.eps_sum.update(state["eps_sum"])
+        self.rel_eps_sum.update(state["rel_eps_sum"])
+        self.seconds = float(state["seconds"])
+        self.history = list(state["history"])
