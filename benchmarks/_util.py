@@ -179,13 +179,18 @@ def random_rows(M: int, r: int, r_out: int, generator: torch.Generator, dtype=to
 def load_random_rows(net, M: int, seed: int = 0, dtype=None):
     """Give every infinite layer of ``net`` ``M`` random rows through ``load_state_dict``
     (which resizes the row stores), as if it had been trained for a long time."""
+    from ._naive import pi_layers, pi_rows
+
     gen = torch.Generator().manual_seed(seed)
     state = net.state_dict()
-    for i, layer in enumerate(net.layers[1:], start=1):
-        st_dtype = dtype or layer.A.dtype
+    names = {id(m): name for name, m in net.named_modules()}
+    for layer in pi_layers(net):
+        A0, _, _ = pi_rows(layer)
+        st_dtype = dtype or A0.dtype
         A, c, B = random_rows(M, layer.r, layer.r_out, gen, dtype=st_dtype)
-        prefix = f"layers.{i}.rows."
-        state[prefix + "A"], state[prefix + "Amult"], state[prefix + "B"] = A, c, B
+        prefix = names[id(layer.rows)] + "."
+        coef_key = prefix + ("coefficients" if prefix + "coefficients" in state else "Amult")
+        state[prefix + "A"], state[coef_key], state[prefix + "B"] = A, c, B
     net.load_state_dict(state)
     return net
 
