@@ -325,3 +325,27 @@ def test_omniglot_task_sampler_zip(zip_root):
     sx, sy, qx, qy = next(iter(sampler))
     assert sx.shape == (2, 3, 784) and qx.shape == (2, 15, 784)
     assert int(qy.max()) == 2
+
+
+def test_character_folder_without_pngs_is_refused(tmp_path):
+    """Issue 14, item 9: a character folder without drawings was dropped silently, which shifted
+    the character order and turned ``--split-sizes auto`` away from the standard split. Now
+    the reader refuses, naming the folder (and says how to proceed)."""
+    root = write_synthetic_omniglot(tmp_path, 1, 3, 2, size=20)
+    empty = sorted((root / "images_evaluation").glob("*/character02"))[0]
+    for p in empty.glob("*.png"):
+        p.unlink()
+    with pytest.raises(OmniglotCorruptError) as info:
+        load_omniglot(root, memory_cache=False)
+    message = str(info.value)
+    assert str(empty) in message and "no PNG" in message and "\n" not in message
+
+
+def test_zip_character_folder_without_pngs_is_refused(tmp_path):
+    root = write_synthetic_omniglot(tmp_path, 1, 2, 2, size=20, as_zip=True)
+    with zipfile.ZipFile(root / "images_background.zip", "a") as zf:
+        alphabet = sorted(n.split("/")[1] for n in zf.namelist() if n.endswith(".png"))[0]
+        zf.writestr(f"images_background/{alphabet}/character99/", b"")
+        zf.writestr(f"images_background/{alphabet}/character98/notes.txt", b"no drawings here")
+    with pytest.raises(OmniglotCorruptError, match="character98/ holds no PNG drawings .2 such"):
+        load_omniglot(root, memory_cache=False)

@@ -147,6 +147,7 @@ class _DirSource:
         """Map (alphabet, character) -> sorted drawing paths; plus fingerprint lines."""
         chars: dict[tuple[str, str], list[str]] = {}
         lines: list[str] = []
+        self.empty_characters = []  # character folders without a single PNG
         for alpha in sorted(_visible_dirs(self.path)):
             for char in sorted(_visible_dirs(self.path / alpha)):
                 folder = self.path / alpha / char
@@ -155,6 +156,7 @@ class _DirSource:
                     if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(".png")
                 )
                 if not pngs:
+                    self.empty_characters.append(str(folder))
                     continue
                 chars[(alpha, char)] = [str(folder / f) for f in pngs]
                 for f in pngs:
@@ -194,11 +196,16 @@ class _ZipSource:
         assert self._zf is not None
         chars: dict[tuple[str, str], list[str]] = {}
         lines: list[str] = []
+        seen: dict[tuple[str, str], str] = {}  # every character folder, with or without PNGs
         for info in sorted(self._zf.infolist(), key=lambda i: i.filename):
-            if info.is_dir():
-                continue
             parts = [p for p in info.filename.split("/") if p]
             if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+                continue
+            prefixed = parts[0] == self.set_name
+            folder = parts[:3] if prefixed else parts[:2]
+            if len(folder) == (3 if prefixed else 2) and (info.is_dir() or len(parts) > len(folder)):
+                seen.setdefault(tuple(folder[-2:]), "/".join(folder))
+            if info.is_dir():
                 continue
             if not parts[-1].lower().endswith(".png"):
                 continue
@@ -212,6 +219,8 @@ class _ZipSource:
             lines.append(f"{self.set_name}/{alpha}/{char}/{parts[-1]}\t{info.file_size}\t{info.CRC}")
         for members in chars.values():
             members.sort()
+        self.empty_characters = [f"{self.path}:{name}/" for key, name in sorted(seen.items())
+                                 if key not in chars]
         return chars, lines
 
     def read(self, member: str) -> bytes:
@@ -403,8 +412,9 @@ def load_omniglot(
     Raises:
         OmniglotNotFoundError: root or one of the sets is missing, or a set
             holds no ``<alphabet>/<character>/*.png`` files.
-        OmniglotCorruptError: a zip archive or PNG file cannot be read; the
-            message names the file.
+        OmniglotCorruptError: a zip archive or PNG file cannot be read, or a
+            character folder holds no PNG (it would drop the character and change
+            the standard split); the message names the file or folder.
     """
     if resample not in _RESAMPLE:
         raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
@@ -422,6 +432,16 @@ def load_omniglot(
                 raise OmniglotNotFoundError(
                     f"No drawings found in {s.location}: expected PNG files at "
                     f"<alphabet>/<character>/*.png inside it. " + _LAYOUT_HELP.format(root=root))
+            if s.empty_characters:
+                # refusing, rather than dropping the character, keeps the character order and
+                # the standard (1028, 172, 423) split of --split-sizes auto from changing silently
+                raise OmniglotCorruptError(
+                    f"Omniglot character folder {s.empty_characters[0]} holds no PNG drawings"
+                    + (f" ({len(s.empty_characters)} such folders)"
+                       if len(s.empty_characters) > 1 else "")
+                    + ": the data looks incompletely extracted. Re-extract the official zips, or "
+                      "delete the empty folders to use the remaining characters (the split then "
+                      "differs from the standard one).")
             listings.append((s, chars, lines))
         digest = hashlib.sha1()
         for _, _, lines in listings:
