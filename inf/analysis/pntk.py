@@ -68,9 +68,10 @@ from torch import nn
 from ..tensors import FinPiParameter, owner_of
 
 __all__ = [
-    "Features", "pntk_features", "empirical_ntk", "pntk", "ntk_from_features", "kernel_diagonal",
-    "topk_similar", "save_topk_grid", "KernelSurrogate", "surrogate_agreement", "resolve_lr_mults",
-    "trainable_parameters", "make_projector", "KINDS",
+    "Features", "pntk_features", "load_features", "empirical_ntk", "pntk", "ntk_from_features",
+    "ntk_over_checkpoints", "kernel_diagonal", "cosine_normalize", "projection_layout", "topk_similar",
+    "save_topk_grid", "KernelSurrogate", "surrogate_agreement", "misclassification_overlap", "resolve_lr_mults",
+    "trainable_parameters", "make_projector", "KINDS", "PROJ_TYPES",
 ]
 
 KINDS = ("full", "trace", "pseudo")
@@ -225,9 +226,12 @@ def _fast_jl_available() -> bool:
     return importlib.util.find_spec("fast_jl") is not None
 
 
+PROJ_TYPES = ("sparse", "rademacher", "normal")
+
+
 def _check_proj_type(proj_type: str):
-    if proj_type not in ("rademacher", "normal"):
-        raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
 
 
 def _projector_plan(grad_dim: int, proj_dim: int, device, dtype, memory_bytes: int) -> tuple[str, int]:
@@ -240,22 +244,31 @@ def _projector_plan(grad_dim: int, proj_dim: int, device, dtype, memory_bytes: i
     return "basic", int(max(1, min(proj_dim, memory_bytes // max(1, grad_dim * itemsize))))
 
 
-def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "rademacher",
-                   device="cpu", dtype=torch.float32, memory_bytes: int = 64 * 2**20):
-    """A TRAK projector from ``grad_dim`` to ``proj_dim`` (unscaled: entries ±1 or N(0, 1)).
+def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "sparse",
+                   device="cpu", dtype=torch.float32, memory_bytes: int = 64 * 2**20, nnz: int = 1):
+    """A projector from ``grad_dim`` to ``proj_dim`` in TRAK's convention (``project``
+    returns ``√K`` times a unit-scaled sketch). Returns ``(projector, description)``.
 
+    ``proj_type="sparse"``: :class:`inf.analysis.projectors.SparseJLProjector` (CountSketch
+    with ``nnz`` non-zeros per column; no P × K matrix, any device). Otherwise TRAK's
     ``CudaProjector`` when the device is CUDA, ``fast_jl`` is installed, the dtype is
-    float16/float32 and ``proj_dim`` is a multiple of 512 (its kernels' requirement);
-    otherwise ``BasicProjector``, whose random matrix is generated in column blocks that
-    fit in ``memory_bytes`` (one block: generated once and kept). Returns
-    ``(projector, description)``.
+    float16/float32 and ``proj_dim`` is a multiple of 512 (its kernels' requirement), else
+    ``BasicProjector``, whose random matrix is generated in column blocks that fit in
+    ``memory_bytes`` (one block: generated once and kept). Each block of BasicProjector
+    has its own seed, so a different ``memory_bytes`` gives a *different* random matrix
+    (other numbers, equally valid): the block size is part of the projection's layout.
     """
+    _check_proj_type(proj_type)
+    if proj_type == "sparse":
+        from .projectors import SparseJLProjector
+
+        proj = SparseJLProjector(grad_dim, proj_dim, seed, device=device, nnz=nnz, dtype=dtype)
+        return proj, f"sparse(nnz={nnz})"
     try:
         from trak.projectors import BasicProjector, CudaProjector, ProjectionType
     except ImportError as e:  # pragma: no cover - exercised only without the dependency
-        raise ImportError("the projected NTK needs the 'traker' package (TRAK's projectors): "
-                          "pip install --no-deps traker") from e
-    _check_proj_type(proj_type)
+        raise ImportError(f"proj_type={proj_type!r} needs the 'traker' package (TRAK's projectors): "
+                          "pip install --no-deps traker, or use proj_type='sparse'") from e
     kind, block = _projector_plan(grad_dim, proj_dim, device, dtype, memory_bytes)
     if kind == "cuda":
         proj = CudaProjector(grad_dim, proj_dim, seed, ProjectionType(proj_type), torch.device(device),
@@ -427,7 +440,8 @@ def _settings(model, X, params, gmap, blocks, proj_dim, proj_type, seed, outputs
 
 
 def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str | os.PathLike | None = None,
-                  proj_type: str = "rademacher", seed: int = 0, outputs: str = "all", pi_project: bool = True,
+                  proj_type: str = "sparse", seed: int = 0, outputs: str = "all", pi_project: bool = True,
+                  proj_nnz: int = 1,
                   lr_mults=None, base_lr: float | None = None, chunk_size: int | None = None,
                   block_numel: int = 2**22, memory_bytes: int = 256 * 2**20, proj_memory: int = 512 * 2**20,
                   max_chunks: int | None = None,
@@ -441,7 +455,12 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
         proj_dim: K, the projection dimension; None keeps the exact Jacobian (K = P).
         path: a folder for the memory-mapped features (``features.npy``, ``done.npy``,
             ``meta.json``); a second call with the same arguments fills what is missing.
-        proj_type: ``"rademacher"`` or ``"normal"`` entries of ``R`` (then scaled by K^-½).
+        proj_type: ``"sparse"`` (default: a CountSketch, :class:`inf.analysis.projectors.SparseJLProjector`,
+            O(P) work per example and no P × K matrix), or TRAK's dense projections with
+            ``"rademacher"`` or ``"normal"`` entries (then scaled by K^-½).
+        seed: fixes the random projection. Kernels need both feature sets made with the
+            same projection: :func:`ntk_from_features` refuses to combine others.
+        proj_nnz: non-zeros per column of the sparse projection (``proj_type="sparse"``).
         outputs: ``"all"`` (O rows per example: full, trace and pseudo kernels) or
             ``"sum"`` (one row, ``∇(Σ_k f_k)/√O``: the pseudo-NTK only).
         pi_project: use ``Qᵀ G`` for finite π-weights (module docstring).
@@ -449,9 +468,13 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
         chunk_size: examples per chunk (default from ``memory_bytes``).
         block_numel: parameters per Jacobian block (a larger single tensor is its own block).
         memory_bytes: budget for one chunk × block of per-example Jacobians.
-        proj_memory: budget for the random matrices (P × K numbers in all). Within it
-            they are generated once and kept; beyond it each projector regenerates its
-            matrix in column blocks for every chunk (slower, same result).
+        proj_memory: budget for the dense random matrices (P × K numbers in all). Within
+            it they are generated once and kept; beyond it each projector regenerates its
+            matrix in column blocks for every chunk. TRAK seeds each column block
+            separately, so a different ``proj_memory`` (hence block size) gives a
+            *different* random matrix — another unbiased estimate, not the same numbers
+            (about 6% apart at K = 64) — and features made with different block sizes are
+            not combined. The sparse projection does not depend on it.
         max_chunks: compute at most this many missing chunks in this call (then return;
             ``Features.complete`` tells whether everything is there).
         overwrite: discard an existing file computed from something else.
@@ -481,12 +504,17 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
     itemsize = torch.empty((), dtype=pdtype).element_size()
 
     _check_proj_type(proj_type)
-    # one projector per block, with its own seed (their stack is one P × K matrix); the
-    # memory budget is shared in proportion to the block sizes
+    # dense: one TRAK projector per block, with its own seed (their stack is one P × K
+    # matrix), the memory budget shared in proportion to the block sizes; sparse: one
+    # projector over all P coordinates, each block at its offset
     dims = [sum(gmap.dims[n] for n in names) for names in blocks]
     budgets = [max(1, int(proj_memory * d / P)) for d in dims]
     kinds = []
-    if proj_dim is not None:
+    if proj_dim is not None and proj_type == "sparse":
+        from .projectors import SparseJLProjector
+
+        kinds = [SparseJLProjector(P, K, seed, nnz=proj_nnz).layout()]
+    elif proj_dim is not None:
         for d, budget in zip(dims, budgets):
             kind, block = _projector_plan(d, K, device, pdtype, budget)
             kinds.append(kind if kind == "cuda" else f"basic(block={block})")
@@ -510,7 +538,9 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
         todo = todo[:max(0, int(max_chunks))]
     if todo:
         projectors = []
-        if proj_dim is not None:
+        if proj_dim is not None and proj_type == "sparse":
+            projectors = [make_projector(P, K, seed, "sparse", device, pdtype, nnz=proj_nnz)[0]]
+        elif proj_dim is not None:
             projectors = [make_projector(d, K, seed + 10_000_019 * b, proj_type, device, pdtype, budget)[0]
                           for b, (d, budget) in enumerate(zip(dims, budgets))]
         bar = _progress(todo, progress, "pNTK features")
@@ -532,10 +562,14 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
 
 
 def _project_chunk(model, params, gmap, blocks, projectors, x, outputs, n_out, K, state) -> torch.Tensor:
+    from .projectors import SparseJLProjector
+
     B = x.shape[0]
     O = 1 if outputs == "sum" else n_out
+    sparse = len(projectors) == 1 and isinstance(projectors[0], SparseJLProjector)
     pieces = []
     out = None
+    offset = 0
     for b, names in enumerate(blocks):
         jac = _per_example_jacobian(model, names, params, gmap, x, outputs, n_out, state)
         flat = torch.cat([gmap.flatten(n, jac[n]) for n in names], dim=2).detach()  # (B, O, P_b)
@@ -543,11 +577,15 @@ def _project_chunk(model, params, gmap, blocks, projectors, x, outputs, n_out, K
         if not projectors:
             pieces.append(flat)
             continue
+        if sparse:  # unit-scaled sketch, accumulated block by block at the block's offset
+            out = projectors[0].sketch_block(flat.reshape(B * O, -1), offset, out)
+            offset += flat.shape[2]
+            continue
         sketch = projectors[b].project(flat.reshape(B * O, -1).contiguous(), model_id=0)
         out = sketch if out is None else out + sketch
     if not projectors:
         return torch.cat(pieces, dim=2)
-    return out.reshape(B, O, K) / math.sqrt(K)
+    return out.reshape(B, O, K) if sparse else out.reshape(B, O, K) / math.sqrt(K)
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -614,12 +652,47 @@ def _check_compatible_inputs(X, Y):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _features_array(F) -> tuple[Any, str | None]:
+# what fixes the random projection (and the meaning of a feature coordinate): features whose
+# layouts differ are sketches with different matrices, and their inner products are noise
+_LAYOUT_KEYS = ("seed", "proj_type", "proj_dim", "K", "model_id", "projectors", "blocks", "params", "lr_mults",
+                "n_outputs")
+
+
+def projection_layout(meta: dict) -> dict:
+    """The settings of a feature set that fix its random projection (see :func:`ntk_from_features`)."""
+    lay = {k: meta[k] for k in _LAYOUT_KEYS if k in meta and k != "blocks"}
+    if meta.get("proj_type") in ("rademacher", "normal"):
+        lay["blocks"] = meta.get("blocks")  # one TRAK projector (and seed) per block
+    return json.loads(json.dumps(lay))
+
+
+def load_features(path: str | os.PathLike) -> Features:
+    """Stored features (a folder written by :func:`pntk_features` with ``path=``), read-only,
+    without the model or the data they were computed from."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} holds no stored features (no meta.json): give the folder that "
+                                "pntk_features(..., path=...) wrote")
+    stored = json.loads(meta_file.read_text())
+    if "settings" not in stored or "chunk_size" not in stored:
+        raise ValueError(f"{meta_file} is not a feature description written by pntk_features")
+    array = np.load(path / "features.npy", mmap_mode="r")
+    done = np.load(path / "done.npy", mmap_mode="r")
+    meta = stored["settings"]
+    if array.shape != (meta["N"], meta["O"], meta["K"]):
+        raise ValueError(f"{path}: features.npy has shape {array.shape}, meta.json says "
+                         f"{(meta['N'], meta['O'], meta['K'])}; the folder is corrupt")
+    return Features(array, meta, done, path, int(stored["chunk_size"]))
+
+
+def _features_array(F) -> tuple[Any, str | None, dict | None]:
+    """``(array N × O × K, outputs or None, meta or None)`` of features, an array or a tensor."""
     if isinstance(F, Features):
         if not F.complete:
             raise ValueError(f"the features are incomplete ({F.missing_chunks} chunks missing): call "
                              "pntk_features again with the same arguments to finish them")
-        return F.array, F.outputs
+        return F.array, F.outputs, F.meta
     if isinstance(F, torch.Tensor):
         F = F.detach().cpu().numpy()
     F = np.asarray(F) if not isinstance(F, np.ndarray) else F
@@ -627,15 +700,28 @@ def _features_array(F) -> tuple[Any, str | None]:
         F = F[:, None, :]
     if F.ndim != 3:
         raise ValueError(f"features must be N × O × K (or N × K), got shape {F.shape}")
-    return F, None
+    return F, None, None
 
 
-def _check_pair(A, B, oa, ob):
+def _check_pair(A, B, oa, ob, ma=None, mb=None):
     if A.shape[1:] != B.shape[1:]:
         raise ValueError(f"features of the two data sets do not match: {A.shape[1:]} vs {B.shape[1:]} "
                          "(O × K); compute both with the same model, proj_dim, seed and outputs")
     if oa is not None and ob is not None and oa != ob:
         raise ValueError(f"features computed with outputs={oa!r} and outputs={ob!r} cannot be combined")
+    if ma is not None and mb is not None and ma is not mb:
+        la, lb = projection_layout(ma), projection_layout(mb)
+        diff = [k for k in _LAYOUT_KEYS if la.get(k) != lb.get(k)]
+        if diff:
+            shown = ", ".join(f"{k} {_short(la.get(k))} vs {_short(lb.get(k))}" for k in diff[:2])
+            raise ValueError(f"cannot combine features made with different random projections ({shown}): their "
+                             "inner products estimate no kernel; compute both with the same proj_type, seed, "
+                             "proj_dim, proj_memory and model architecture")
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _reduce(block: torch.Tensor, kind: str, outputs: str | None) -> torch.Tensor:
@@ -651,26 +737,66 @@ def _reduce(block: torch.Tensor, kind: str, outputs: str | None) -> torch.Tensor
     return block.reshape(block.shape[0], -1)
 
 
-def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048,
-                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _pseudo_factor(kind: str, pseudo_scale: str, meta: dict | None, O: int) -> float:
+    """C for the pseudo-NTK without its 1/C, else 1."""
+    if pseudo_scale not in ("mean", "sum"):
+        raise ValueError(f"pseudo_scale must be 'mean' (1/C, Mohamadi et al.) or 'sum' (no 1/C), got {pseudo_scale!r}")
+    if kind != "pseudo" or pseudo_scale == "mean":
+        return 1.0
+    C = meta.get("n_outputs") if meta is not None else (O if O > 1 else None)
+    if not C:
+        raise ValueError("pseudo_scale='sum' needs the number of outputs C: pass Features that record it, or "
+                         "per-output features, not a bare N × K array")
+    return float(C)
+
+
+LARGE_KERNEL = 2**24  # entries beyond which kernels default to float32 (4096 × 4096 in float64: 128 MiB)
+
+
+def _kernel_dtype(dtype, numel: int) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float64 if numel <= LARGE_KERNEL else torch.float32
+
+
+def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048, dtype: torch.dtype | None = None,
+                      normalize: bool = False, pseudo_scale: str = "mean") -> torch.Tensor:
     """The kernel between two feature sets (N × O × K and M × O × K), blockwise.
 
     ``kind``: ``"full"`` (N, M, O, O), ``"trace"`` (N, M) or ``"pseudo"`` (N, M); see the
     module docstring. Accepts :class:`Features`, arrays or tensors; memmaps are read one
-    block of rows at a time. Computed in ``dtype`` (float64 by default).
+    block of rows at a time.
+
+    Args:
+        normalize: the cosine kernel ``k(x, x') / √(k(x, x) k(x', x'))`` (trace and pseudo),
+            the form the projection-NTK paper uses before every kernel method.
+        pseudo_scale: ``"mean"`` — the pseudo-NTK with its 1/C (Mohamadi et al.), or
+            ``"sum"`` — ``⟨∇Σ_c f_c, ∇Σ_c f_c⟩`` without it (the fork's pNTK task); C times
+            larger, the same after ``normalize``.
+        dtype: float64 when the result has at most :data:`LARGE_KERNEL` entries, else
+            float32 (a 50k × 50k float64 kernel is 20 GB).
+
+    Feature sets made with different random projections (seed, projector, K, block layout,
+    parameter layout, learning-rate multipliers; TRAK checkpoint ids whose projector
+    depends on them) are refused: their inner products estimate nothing.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    A, oa = _features_array(FA)
-    B, ob = (A, oa) if FB is None else _features_array(FB)
-    _check_pair(A, B, oa, ob)
+    if normalize and kind == "full":
+        raise ValueError("normalize=True (cosine kernel) is defined for kind 'trace' or 'pseudo'")
+    A, oa, ma = _features_array(FA)
+    B, ob, mb = (A, oa, ma) if FB is None else _features_array(FB)
+    _check_pair(A, B, oa, ob, ma, mb)
     outputs = oa or ob
     N, M, O = A.shape[0], B.shape[0], A.shape[1]
+    factor = _pseudo_factor(kind, pseudo_scale, ma or mb, O)
     if kind == "full":
         if outputs == "sum":
             raise ValueError("the 'full' kernel needs per-output features (outputs='all')")
+        dtype = _kernel_dtype(dtype, N * M * O * O)
         out = torch.empty(N, M, O, O, dtype=dtype)
     else:
+        dtype = _kernel_dtype(dtype, N * M)
         out = torch.empty(N, M, dtype=dtype)
     for i in range(0, N, block_size):
         a = torch.from_numpy(np.asarray(A[i:i + block_size])).to(dtype)
@@ -680,19 +806,55 @@ def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048,
                 out[i:i + a.shape[0], j:j + b.shape[0]] = torch.einsum("nak,mbk->nmab", a, b)
             else:
                 out[i:i + a.shape[0], j:j + b.shape[0]] = _reduce(a, kind, outputs) @ _reduce(b, kind, outputs).T
+    if normalize:
+        da = kernel_diagonal(FA, kind, dtype=dtype)
+        db = da if FB is None else kernel_diagonal(FB, kind, dtype=dtype)
+        out /= torch.sqrt(da[:, None].clamp_min(1e-300) * db[None, :].clamp_min(1e-300))
+    elif factor != 1.0:
+        out *= factor
     return out
 
 
-def kernel_diagonal(F, kind: str = "trace", block_size: int = 4096, dtype=torch.float64) -> torch.Tensor:
+def kernel_diagonal(F, kind: str = "trace", block_size: int = 4096, dtype=torch.float64,
+                    pseudo_scale: str = "mean") -> torch.Tensor:
     """``k(x, x)`` for every example of a feature set (``kind`` trace or pseudo)."""
     if kind not in ("trace", "pseudo"):
         raise ValueError(f"kernel_diagonal supports kind 'trace' or 'pseudo', got {kind!r}")
-    A, oa = _features_array(F)
+    A, oa, ma = _features_array(F)
+    factor = _pseudo_factor(kind, pseudo_scale, ma, A.shape[1])
     parts = []
     for i in range(0, A.shape[0], block_size):
         r = _reduce(torch.from_numpy(np.asarray(A[i:i + block_size])).to(dtype), kind, oa)
         parts.append((r * r).sum(1))
-    return torch.cat(parts)
+    d = torch.cat(parts)
+    return d * factor if factor != 1.0 else d
+
+
+def cosine_normalize(kernel: torch.Tensor, diag_rows: torch.Tensor, diag_cols: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """``k(x, x') / √(k(x, x) k(x', x'))`` of a precomputed kernel, given its diagonals."""
+    diag_cols = diag_rows if diag_cols is None else diag_cols
+    k = torch.as_tensor(kernel)
+    dr = torch.as_tensor(diag_rows, dtype=k.dtype)
+    dc = torch.as_tensor(diag_cols, dtype=k.dtype)
+    if k.ndim != 2 or dr.shape != (k.shape[0],) or dc.shape != (k.shape[1],):
+        raise ValueError(f"kernel {tuple(k.shape)} and diagonals {tuple(dr.shape)}, {tuple(dc.shape)} do not match")
+    return k / torch.sqrt(dr[:, None].clamp_min(1e-300) * dc[None, :].clamp_min(1e-300))
+
+
+def ntk_over_checkpoints(FAs: Sequence, FBs: Sequence | None = None, kind: str = "trace", **kw) -> torch.Tensor:
+    """The mean over checkpoints of the kernels of matching feature sets (``FAs[i]`` with
+    ``FBs[i]``, each pair made at one checkpoint); keywords as :func:`ntk_from_features`
+    (with ``normalize`` each checkpoint's kernel is normalised before averaging)."""
+    FAs = list(FAs)
+    FBs = [None] * len(FAs) if FBs is None else list(FBs)
+    if not FAs or len(FAs) != len(FBs):
+        raise ValueError(f"need one feature set per checkpoint on each side, got {len(FAs)} and {len(FBs)}")
+    total = None
+    for FA, FB in zip(FAs, FBs):
+        k = ntk_from_features(FA, FB, kind=kind, **kw)
+        total = k if total is None else total.add_(k)
+    return total / len(FAs)
 
 
 def topk_similar(F_test, F_train=None, k: int = 8, kind: str = "trace", normalize: bool = True,
@@ -723,9 +885,9 @@ def topk_similar(F_test, F_train=None, k: int = 8, kind: str = "trace", normaliz
         return torch.topk(sim, k, dim=1)
     if F_train is None:
         raise ValueError("topk_similar needs training features (or a kernel)")
-    A, oa = _features_array(F_test)
-    B, ob = _features_array(F_train)
-    _check_pair(A, B, oa, ob)
+    A, oa, ma = _features_array(F_test)
+    B, ob, mb = _features_array(F_train)
+    _check_pair(A, B, oa, ob, ma, mb)
     if k > B.shape[0]:
         raise ValueError(f"k={k} exceeds the number of training examples {B.shape[0]}")
     dtrain = kernel_diagonal(F_train, kind) if normalize else None
@@ -811,14 +973,27 @@ class KernelSurrogate:
     ``method="ridge"``: kernel ridge regression on centred one-hot targets,
     ``α = (K + reg·mean(diag K)·I)⁻¹ Y``; probabilities are the softmax of ``k(x, X) α / T``
     with the temperature ``T`` fitted by maximum likelihood on the training set.
+    ``method="svm"``: the kernel SVM of the projection-NTK paper (kSVM; scikit-learn's
+    ``SVC(kernel="precomputed", probability=True)``, ``C = 1/reg``, Platt-scaled probabilities).
+    ``method="glm"``: its kernel GLM (kGLM): a linear model on the kernel rows with the
+    logistic loss, L2 penalty ``alpha = reg`` and balanced class weights, fitted by SGD
+    (scikit-learn's ``SGDClassifier(loss="log_loss")``, fixed ``random_state``).
+
+    ``reg=None`` takes each method's default: 1e-3 (logistic, ridge), 1 (svm: C = 1, the
+    fork's setting), 1e-4 (glm, the fork's alpha). The paper fits these on the cosine-
+    normalised kernel (``ntk_from_features(..., normalize=True)``).
     """
 
-    def __init__(self, method: str = "logistic", reg: float = 1e-3, max_iter: int = 2000):
-        if method not in ("logistic", "ridge"):
-            raise ValueError(f"method must be 'logistic' or 'ridge', got {method!r}")
-        if reg <= 0:
+    METHODS = ("logistic", "ridge", "svm", "glm")
+    DEFAULT_REG = {"logistic": 1e-3, "ridge": 1e-3, "svm": 1.0, "glm": 1e-4}
+
+    def __init__(self, method: str = "logistic", reg: float | None = None, max_iter: int = 2000, seed: int = 0):
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        reg = self.DEFAULT_REG[method] if reg is None else reg
+        if not reg > 0:
             raise ValueError(f"reg must be positive, got {reg}")
-        self.method, self.reg, self.max_iter = method, float(reg), max_iter
+        self.method, self.reg, self.max_iter, self.seed = method, float(reg), max_iter, seed
 
     def fit(self, K_train: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> "KernelSurrogate":
         K = torch.as_tensor(K_train, dtype=torch.float64)
@@ -833,6 +1008,17 @@ class KernelSurrogate:
             from sklearn.linear_model import LogisticRegression
 
             self.model = LogisticRegression(C=1.0 / self.reg, max_iter=self.max_iter)
+            self.model.fit((K / self.scale).numpy(), y.numpy())
+        elif self.method == "svm":
+            from sklearn.svm import SVC
+
+            self.model = SVC(kernel="precomputed", C=1.0 / self.reg, probability=True, random_state=self.seed)
+            self.model.fit((K / self.scale).numpy(), y.numpy())
+        elif self.method == "glm":
+            from sklearn.linear_model import SGDClassifier
+
+            self.model = SGDClassifier(loss="log_loss", penalty="l2", alpha=self.reg, class_weight="balanced",
+                                       max_iter=self.max_iter, random_state=self.seed)
             self.model.fit((K / self.scale).numpy(), y.numpy())
         else:
             Y = torch.nn.functional.one_hot(y, self.num_classes).double() - 1.0 / self.num_classes
@@ -855,22 +1041,56 @@ class KernelSurrogate:
     def predict_proba(self, K_test: torch.Tensor) -> torch.Tensor:
         """Class probabilities from the test × train kernel."""
         K = torch.as_tensor(K_test, dtype=torch.float64)
-        if self.method == "logistic":
-            p = self.model.predict_proba((K / self.scale).numpy())
-            full = np.zeros((p.shape[0], self.num_classes))
-            full[:, self.model.classes_] = p
-            return torch.from_numpy(full)
-        return torch.softmax(K @ self.alpha / self.temperature, dim=1)
+        if self.method == "ridge":
+            return torch.softmax(K @ self.alpha / self.temperature, dim=1)
+        p = self.model.predict_proba((K / self.scale).numpy())
+        full = np.zeros((p.shape[0], self.num_classes))
+        full[:, self.model.classes_] = p
+        return torch.from_numpy(full)
+
+    def predict(self, K_test: torch.Tensor) -> torch.Tensor:
+        """Predicted classes (for the SVM its own decision, which can differ from the
+        argmax of its Platt probabilities)."""
+        if self.method == "svm":
+            K = torch.as_tensor(K_test, dtype=torch.float64)
+            return torch.from_numpy(self.model.predict((K / self.scale).numpy())).long()
+        return self.predict_proba(K_test).argmax(1)
 
 
-def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor, labels: torch.Tensor) -> dict:
+def misclassification_overlap(net_pred, surrogate_pred, labels) -> dict:
+    """How much the test errors of two classifiers coincide.
+
+    ``overlap``: |both wrong| / |either wrong| (the projection-NTK paper's Γ̂; 1 when the
+    errors are the same examples, NaN when neither errs). ``p_value``: the probability of
+    at least that many common errors if the surrogate's errors were a random subset of the
+    test set of their size (hypergeometric; the fork approximates it by a binomial).
+    """
+    from scipy.stats import hypergeom
+
+    y = torch.as_tensor(labels).long()
+    wa = torch.as_tensor(net_pred).long() != y
+    wb = torch.as_tensor(surrogate_pred).long() != y
+    both, either = int((wa & wb).sum()), int((wa | wb).sum())
+    N, W, V = len(y), int(wa.sum()), int(wb.sum())
+    return {
+        "net_errors": W, "surrogate_errors": V, "common_errors": both,
+        "overlap": both / either if either else float("nan"),
+        "p_value": float(hypergeom.sf(both - 1, N, W, V)) if W and V else float("nan"),
+    }
+
+
+def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor, labels: torch.Tensor,
+                        surrogate_pred: torch.Tensor | None = None) -> dict:
     """How well a kernel surrogate matches the network on test data.
 
-    Returns test accuracies of both, the fraction of equal predictions, and Spearman rank
-    correlations between the network's softmax probabilities and the surrogate's: over
-    all (example, class) pairs, averaged per example, and of the true-class probability.
+    Returns test accuracies of both, the fraction of equal predictions, Spearman and
+    Kendall-τ rank correlations between the network's softmax probabilities and the
+    surrogate's — over all (example, class) pairs, averaged per example, and of the
+    true-class probability — and the overlap of their misclassified examples
+    (:func:`misclassification_overlap`). ``surrogate_pred``: the surrogate's own class
+    decisions when they are not the argmax of its probabilities (kSVM).
     """
-    from scipy.stats import spearmanr
+    from scipy.stats import kendalltau, spearmanr
 
     p_net = torch.softmax(torch.as_tensor(net_logits, dtype=torch.float64), dim=1)
     p_sur = torch.as_tensor(surrogate_proba, dtype=torch.float64)
@@ -879,16 +1099,29 @@ def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor,
         raise ValueError(f"shapes do not match: network {tuple(p_net.shape)}, surrogate {tuple(p_sur.shape)}, "
                          f"labels {tuple(y.shape)}")
     idx = torch.arange(len(y))
+    pred_net = p_net.argmax(1)
+    pred_sur = p_sur.argmax(1) if surrogate_pred is None else torch.as_tensor(surrogate_pred).long()
 
-    def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
-        return float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
-    per_example = [c for c in (rank_corr(a, b) for a, b in zip(p_net.numpy(), p_sur.numpy())) if not np.isnan(c)]
+    def corr(fn, a: np.ndarray, b: np.ndarray) -> float:
+        return float(fn(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
+
+    def per_example(fn) -> float:
+        vals = [c for c in (corr(fn, a, b) for a, b in zip(p_net.numpy(), p_sur.numpy())) if not np.isnan(c)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    overlap = misclassification_overlap(pred_net, pred_sur, y)
     return {
         "n_test": int(len(y)),
-        "net_accuracy": float((p_net.argmax(1) == y).double().mean()),
-        "surrogate_accuracy": float((p_sur.argmax(1) == y).double().mean()),
-        "prediction_agreement": float((p_net.argmax(1) == p_sur.argmax(1)).double().mean()),
-        "spearman_all": rank_corr(p_net.reshape(-1).numpy(), p_sur.reshape(-1).numpy()),
-        "spearman_per_example": float(np.mean(per_example)) if per_example else float("nan"),
-        "spearman_true_class": rank_corr(p_net[idx, y].numpy(), p_sur[idx, y].numpy()),
+        "net_accuracy": float((pred_net == y).double().mean()),
+        "surrogate_accuracy": float((pred_sur == y).double().mean()),
+        "prediction_agreement": float((pred_net == pred_sur).double().mean()),
+        "spearman_all": corr(spearmanr, p_net.reshape(-1).numpy(), p_sur.reshape(-1).numpy()),
+        "spearman_per_example": per_example(spearmanr),
+        "spearman_true_class": corr(spearmanr, p_net[idx, y].numpy(), p_sur[idx, y].numpy()),
+        "kendall_all": corr(kendalltau, p_net.reshape(-1).numpy(), p_sur.reshape(-1).numpy()),
+        "kendall_per_example": per_example(kendalltau),
+        "kendall_true_class": corr(kendalltau, p_net[idx, y].numpy(), p_sur[idx, y].numpy()),
+        "misclassified_overlap": overlap["overlap"],
+        "misclassified_overlap_p": overlap["p_value"],
+        "common_errors": overlap["common_errors"],
     }
