@@ -11,6 +11,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,9 +85,11 @@ def tiny(cifar, *extra):
 @pytest.fixture(scope="module")
 def trained_inf(cifar, tmp_path_factory):
     """An infinite π-net trained for 2 epochs by the paper's line, with a checkpoint."""
-    out = tmp_path_factory.mktemp("inf_run")
-    doc = cifar10mlp.main(paper_line(PAPER_INF_LINE, out, *tiny(cifar, "--epochs", 2,
-                                                                "--save-model")))
+    save_dir = tmp_path_factory.mktemp("inf_run")
+    doc = cifar10mlp.main(paper_line(PAPER_INF_LINE, save_dir, *tiny(cifar, "--epochs", 2,
+                                                                     "--save-model")))
+    out = Path(doc["run_dir"])  # the run's own folder inside --save-dir
+    assert out.parent == save_dir and out.name.startswith("cifar10mlp_infinite_r8_L2_s0_")
     return out, doc
 
 
@@ -129,7 +132,7 @@ def test_cifar10mlp_modes(cifar, tmp_path, extra):
     row = doc["epochs"][0]
     assert torch.isfinite(torch.tensor([row["train_loss"], row["test_loss"]])).all()
     assert (row["rows"] is None) == ("--width 32" in extra)
-    assert (tmp_path / "curves.png").exists()
+    assert (Path(doc["run_dir"]) / "curves.png").exists()
 
 
 def test_accum_steps_equal_one_bigger_batch(cifar):
@@ -152,17 +155,20 @@ def test_resume_reproduces_uninterrupted_run(cifar, tmp_path, width):
                   "--lr-drop-ratio", 0.5, "--gclip", 0.5, "--data-augment", "--save-model",
                   "--depth", 2)
     whole = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "whole")])
-    split = tmp_path / "split"
-    cifar10mlp.main(common + ["--save-dir", str(split), "--stop-after-epochs", "1"])
+    first = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"),
+                                      "--stop-after-epochs", "1"])
+    split = Path(first["run_dir"])
     assert load_checkpoint(split / "checkpoint.pt")["epoch"] == 1
-    resumed = cifar10mlp.main(common + ["--save-dir", str(split), "--model-path",
+    resumed = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--model-path",
                                         str(split / "checkpoint.pt")])
+    assert resumed["run_dir"] == str(split)  # the same run folder, continued
     assert metrics_of(resumed) == metrics_of(whole)
     assert [r["lr"] for r in whole["epochs"]] == [0.5, 0.5, 0.25]
-    final_a = load_checkpoint(tmp_path / "whole")["model"]
-    final_b = load_checkpoint(tmp_path / "split")["model"]
+    final_a = load_checkpoint(whole["run_dir"])["model"]
+    final_b = load_checkpoint(split)["model"]
     assert final_a.keys() == final_b.keys()
-    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert all(torch.equal(final_a[k], final_b[k]) if torch.is_tensor(final_a[k])
+               else final_a[k] == final_b[k] for k in final_a)
 
 
 def test_evaluate_only_uses_checkpoint_architecture(cifar, trained_inf, tmp_path):
@@ -173,7 +179,7 @@ def test_evaluate_only_uses_checkpoint_architecture(cifar, trained_inf, tmp_path
                               "--save-dir", str(tmp_path)])
     assert result["evaluation"]["test_acc"] == doc["epochs"][-1]["test_acc"]
     assert result["evaluation"]["test_loss"] == pytest.approx(doc["epochs"][-1]["test_loss"])
-    assert (tmp_path / "evaluation.json").exists()
+    assert (Path(result["run_dir"]) / "evaluation.json").exists()
 
 
 def test_resume_refuses_a_different_network(cifar, trained_inf):
@@ -221,15 +227,31 @@ def test_mup_tract_input_matches_tract_on_linear():
 
 # --------------------------------------------------------------------------- cifar10test
 
-def test_nngp_and_ntk_lines(cifar, tmp_path):
+def test_nngp_and_ntk_lines(cifar, tmp_path, capsys):
+    """The paper's NNGP and NTK lines, both with the same --save-dir, write to different run
+    folders (the NTK run used to replace the NNGP result file); results go to stdout only."""
+    folders = {}
     for line, mode in ((NNGP_LINE, "nngp"), (NTK_LINE, "ntk")):
         argv = paper_line(line, tmp_path, "--data", cifar, "--no-progress")
+        capsys.readouterr()
         doc = cifar10test.main(argv)
+        out, err = capsys.readouterr()
         (result,) = doc["results"]
         assert result["mode"] == mode and 0.0 <= result["test_acc"] <= 1.0
         # the synthetic classes are templates plus noise: a kernel regression finds them
         assert result["test_acc"] > 0.5
-        assert json.loads((tmp_path / "kernel_results.json").read_text())["results"][0]["mode"] == mode
+        assert f"{mode.upper()} (depth 2" in out and "test accuracy" not in err
+        folders[mode] = Path(doc["run_dir"])
+        assert folders[mode].parent == tmp_path
+    assert folders["nngp"] != folders["ntk"]
+    for mode, folder in folders.items():
+        saved = json.loads((folder / "kernel_results.json").read_text())
+        assert saved["results"][0]["mode"] == mode
+    # the same line again: the stored result is printed, not recomputed
+    again = cifar10test.main(paper_line(NNGP_LINE, tmp_path, "--data", cifar, "--no-progress"))
+    assert "already holds" in capsys.readouterr().out
+    assert again["results"][0]["test_acc"] == json.loads(
+        (folders["nngp"] / "kernel_results.json").read_text())["results"][0]["test_acc"]
 
 
 def test_feature_kernel_of_trained_nets(cifar, trained_inf, tmp_path):
@@ -241,9 +263,8 @@ def test_feature_kernel_of_trained_nets(cifar, trained_inf, tmp_path):
     sampled = cifar10test.main(base + ["--load-model-path", str(out), "--width", "64",
                                        "--normalize-features"])
     assert sampled["results"][0]["kind"] == "finite"
-    fin_dir = tmp_path / "fin"
-    cifar10mlp.main(tiny(cifar, "--width", 32, "--epochs", 1, "--save-model", "--save-dir",
-                         fin_dir))
+    fin_dir = Path(cifar10mlp.main(tiny(cifar, "--width", 32, "--epochs", 1, "--save-model",
+                                        "--save-dir", tmp_path / "fin"))["run_dir"])
     fin_doc = cifar10test.main(base + ["--load-model-path", str(fin_dir / "checkpoint.pt"),
                                        "--gp", "--krr-method", "cg"])
     assert [r["mode"] for r in fin_doc["results"]] == ["nngp", "feature_kernel"]
@@ -296,15 +317,16 @@ def test_transfer_line_with_milestones(cifar, imagenet, tmp_path):
                       "--transfer-milestones", "0,2", "--train-size", 64, "--keep-epoch-models")
     doc = transfer_imagenet.main(argv)
     rows = doc["epochs"]
+    run = Path(doc["run_dir"])
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[0]["transfer_acc"] is not None and rows[1].get("transfer_acc") is None
     assert 0.0 <= rows[2]["transfer_acc"] <= 1.0 and rows[2]["rows"] == "136/136/136"
-    assert load_checkpoint(tmp_path / "checkpoint_epoch1.pt")["epoch"] == 1
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert load_checkpoint(run / "checkpoint_epoch1.pt")["epoch"] == 1
+    ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["shape"] == {"d_in": 3072, "d_out": 1000} and ckpt["program"] == "transfer_imagenet"
     # the saved pretrained net can be tested later by cifar10test, like the original's
     test_doc = cifar10test.main(["--data", str(cifar), "--test-kernel", "--no-progress",
-                                 "--load-model-path", str(tmp_path / "checkpoint.pt")])
+                                 "--load-model-path", str(run / "checkpoint.pt")])
     assert test_doc["results"][0]["test_acc"] == pytest.approx(rows[2]["transfer_acc"])
     assert "net_test_acc" not in test_doc["results"][0]  # a 1000-class head: no CIFAR accuracy
 
@@ -351,11 +373,13 @@ def test_missing_imagenet_and_bad_checkpoint(tmp_path, cifar, imagenet):
 def test_cuda_without_gpu_is_a_clear_error(cifar, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         cifar10mlp.main(tiny(cifar, "--cuda"))
-    # the command-line entry point turns it into one line on stderr and exit status 1
-    monkeypatch.setattr(sys, "argv", ["cifar10mlp", "--data", str(cifar), "--cuda"])
+    # the command-line entry point turns it into one line on stderr and exit status 2
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cifar10mlp._cli()
-    assert "error: --cuda" in str(exit_info.value)
+        cifar10mlp._cli(["--data", str(cifar), "--cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --cuda" in err and "drop --cuda" in err
 
 
 def test_option_errors(cifar):

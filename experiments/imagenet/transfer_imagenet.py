@@ -2,7 +2,7 @@
 
 Transfer is measured without fine-tuning, as in the paper: at each epoch of
 ``--transfer-milestones`` the feature kernel of the net's last hidden layer (``s s' F00(ĝ·ĝ')``
-for an infinite net, ``φ(h)·φ(h')`` for a finite one; see experiments.common) is used for
+for an infinite net, ``φ(h)·φ(h')`` for a finite one; see experiments.feature_kernels) is used for
 kernel ridge regression from the CIFAR-10 training images to the test images, and the test
 accuracy is recorded as ``transfer_acc`` in the metrics.
 
@@ -21,14 +21,13 @@ program used 250 fixed classes), ``--imagenet-class-file`` on an explicit list. 
 layer has one unit per pretraining class.
 
 ``--human`` prints plain-text progress lines instead of progress bars (the original option
-printed "human-friendly" lines); everything else is as in experiments.cifar10.cifar10mlp.
+printed "human-friendly" lines); everything else is as in experiments.cifar10.cifar10mlp (the run's files go to its own folder
+``--save-dir/transfer_imagenet_<kind>_..._<hash of the options>``).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,27 +35,30 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from experiments.common import (IMAGENET_MEAN, IMAGENET_STD, ConfigError, ImageSet,
-                                add_krr_args, add_model_args, add_optim_args, add_run_args,
-                                adopt_architecture, apply_precision, build_model, check_args,
-                                device_from_args, feature_kernel_accuracy, fit, IntListAction,
-                                load_checkpoint, load_cifar10_set, model_kind, seed_everything,
-                                setup_logging)
-from experiments.data.cifar import DatasetError
+from experiments import cli
+from experiments.cli import ConfigError
+from experiments.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_cifar10_set
 from experiments.data.imagenet32 import NUM_CLASSES, ImageNet32
+from experiments.feature_kernels import feature_kernel_accuracy
+from experiments.models import build_model
+from experiments.options import (IntListAction, add_krr_args, add_model_args, add_optim_args,
+                                 add_run_args, check_args, device_from_args, model_kind,
+                                 model_spec, seed_everything, setup_logging)
+from experiments.runs import load_checkpoint
+from experiments.training import adopt_architecture, apply_precision, fit
 
 __all__ = ["build_parser", "main", "select_classes"]
 
 log = logging.getLogger("experiments")
 PROGRAM = "transfer_imagenet"
+PROG = "python -m experiments.imagenet.transfer_imagenet"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.imagenet.transfer_imagenet",
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Pretrain on ImageNet 32x32 and measure transfer to CIFAR-10 by "
-                    "feature-kernel ridge regression at chosen epochs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "feature-kernel ridge regression at chosen epochs.")
     d = p.add_argument_group("data")
     d.add_argument("--imagenet-data", default="./data/imagenet32",
                    help="folder with train_data_batch_1..10[.npz] and val_data[.npz]")
@@ -99,19 +101,22 @@ def select_classes(args) -> list[int] | None:
         try:
             text = path.read_text()
         except OSError as err:
-            raise ConfigError(f"--imagenet-class-file {path}: {err}") from err
+            raise ConfigError(f"--imagenet-class-file {path}: {err.strerror or err} — check "
+                              f"the path") from None
         try:
             classes = [int(tok) for tok in re.split(r"[\s,\[\]]+", text) if tok]
         except ValueError as err:
-            raise ConfigError(f"--imagenet-class-file {path} must list integers ({err})") from err
+            raise ConfigError(f"--imagenet-class-file {path} must list integers ({err}) — "
+                              f"write class indices separated by spaces or commas") from None
         if not classes or len(set(classes)) != len(classes) or \
                 not all(0 <= c < NUM_CLASSES for c in classes):
             raise ConfigError(f"--imagenet-class-file {path} must list distinct class indices "
-                              f"in 0..{NUM_CLASSES - 1}")
+                              f"— use indices in 0..{NUM_CLASSES - 1}, each once")
         return classes
     k = args.imagenet_classes
     if not 1 <= k <= NUM_CLASSES:
-        raise ConfigError(f"--imagenet-classes must be in 1..{NUM_CLASSES}, got {k}")
+        raise ConfigError(f"--imagenet-classes {k} — give a number of classes in "
+                          f"1..{NUM_CLASSES}")
     if k == NUM_CLASSES:
         return None
     perm = torch.randperm(NUM_CLASSES, generator=torch.Generator().manual_seed(1000))
@@ -130,13 +135,14 @@ def _load_imagenet(args, classes, train: bool) -> ImageSet:
     num_classes = NUM_CLASSES if classes is None else len(classes)
     if len(labels) == 0:
         raise ConfigError(f"no ImageNet32 {'training' if train else 'validation'} images of the "
-                          f"chosen classes in {args.imagenet_data}")
+                          f"chosen classes in {args.imagenet_data} — check --imagenet-data and "
+                          f"the class options")
     return ImageSet(images, labels, IMAGENET_MEAN, IMAGENET_STD, num_classes,
                     f"ImageNet32 {'train' if train else 'val'}")
 
 
 def main(argv=None) -> dict:
-    """Run the program; returns the metrics document (see experiments.common.fit)."""
+    """Run the program; returns the metrics document (see experiments.training.fit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -147,13 +153,13 @@ def main(argv=None) -> dict:
 
 def _run(args, parser) -> dict:
     device = device_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args.threads)
     milestones = [] if args.no_transfer else (
         [args.epochs] if args.transfer_milestones is None else sorted(set(args.transfer_milestones)))
     if any(not 0 <= m <= args.epochs for m in milestones):
         parser.error(f"--transfer-milestones must lie in 0..--epochs ({args.epochs})")
-    ckpt = load_checkpoint(args.model_path) if args.model_path else None
+    ckpt = (load_checkpoint(args.model_path, flag="--model-path", program=PROGRAM)
+            if args.model_path else None)
     if ckpt is not None and args.evaluate_only:
         adopt_architecture(args, ckpt)
     classes = select_classes(args)
@@ -161,14 +167,15 @@ def _run(args, parser) -> dict:
     train = None if args.evaluate_only else _load_imagenet(args, classes, True)
     test = _load_imagenet(args, classes, False)
     if ckpt is not None and ckpt["shape"] != {"d_in": test.dim, "d_out": num_classes}:
-        raise ConfigError(f"{args.model_path} holds a net with {ckpt['shape']} inputs/outputs; "
-                          f"this run has {test.dim} inputs and {num_classes} classes")
+        raise ConfigError(f"--model-path {args.model_path} holds a net with {ckpt['shape']} "
+                          f"inputs/outputs; this run has {test.dim} inputs and {num_classes} "
+                          f"classes — use the class options it was trained with")
     cifar_train = cifar_test = None
     if milestones or args.evaluate_only:
         cifar_train = load_cifar10_set(args.cifar_data, True, args.train_size).to(device)
         cifar_test = load_cifar10_set(args.cifar_data, False, args.test_size).to(device)
     seed_everything(args.seed)
-    net = build_model(args, test.dim, num_classes, device)
+    net = build_model(model_spec(args, test.dim, num_classes), device)
     precision = apply_precision(net, args, device)
     kind = model_kind(args)
     progress = not (args.no_progress or args.human)
@@ -188,11 +195,8 @@ def _run(args, parser) -> dict:
                hook_epochs=milestones)
 
 
-def _cli() -> None:
-    try:
-        main()
-    except (DatasetError, ConfigError) as err:
-        sys.exit(f"error: {err}")
+def _cli(argv=None) -> None:
+    cli.run_main(main, PROG, argv)
 
 
 if __name__ == "__main__":
