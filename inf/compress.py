@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 __all__ = ["CompressionReport", "Landmarks", "kernel", "rkhs_gram", "pivoted_cholesky", "compress_rows",
-           "compress_layer", "infinite_layers", "RowBudget", "METHODS"]
+           "compress_layer", "nested_compressions", "infinite_layers", "RowBudget", "METHODS"]
 
 METHODS = ("rpcholesky", "greedy")
 _TWO_PI = 2.0 * math.pi
@@ -296,15 +296,24 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
         return tol is not None and norm2 - captured[0] <= tol * tol * norm2
 
     lm = pivoted_cholesky(Bc, K, method=method, block=block, generator=generator, dtype=dtype, on_block=stop)
-    L = lm.L
-    W, FtZ = _project(lm.factor, L, Z)
+    return _assemble(A, c, B, lm, lm.index.numel(), Z, p, norm2, vnorm2, method, name, t0)
+
+
+def _assemble(A, c, B, lm: Landmarks, K: int, Z, p: int, norm2: float, vnorm2: float | None, method: str,
+              name: str, t0: float):
+    """New rows from the first ``K`` landmarks of ``lm`` (nested: a prefix of a pivoted
+    Cholesky factorization is the factorization of its pivots)."""
+    F = lm.factor[:, :K]
+    idx = lm.index[:K]
+    L = F[idx]
+    W, FtZ = _project(F, L, Z)
     eps2 = norm2 - float(FtZ[:, :p].pow(2).sum())
     eps = math.sqrt(max(eps2, 0.0))
-    U = B[lm.index]
+    U = B[idx]
     sw = _row_scale(W[:, :p])
     A_parts, c_parts, B_parts, v_parts = [W[:, :p] / sw[:, None]], [sw], [U], [torch.zeros_like(sw)]
     veps = None
-    if velocity is not None:
+    if vnorm2 is not None:
         veps = math.sqrt(max(vnorm2 - float(FtZ[:, p:].pow(2).sum()), 0.0))
         Wv = W[:, p:]
         keep = Wv.abs().amax(1) > 0  # a zero velocity needs no row
@@ -316,14 +325,38 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
     A_new = torch.cat(A_parts).to(A.dtype)
     c_new = torch.cat(c_parts).to(c.dtype)
     B_new = torch.cat(B_parts).to(B.dtype)
-    v_new = torch.cat(v_parts).to(c.dtype) if velocity is not None else None
+    v_new = torch.cat(v_parts).to(c.dtype) if vnorm2 is not None else None
     norm = math.sqrt(max(norm2, 0.0))
     report = CompressionReport(
-        layer=name, rows_before=M, rows_after=A_new.shape[0], landmarks=int(lm.index.numel()),
+        layer=name, rows_before=B.shape[0], rows_after=A_new.shape[0], landmarks=int(idx.numel()),
         eps=eps, norm=norm, rel_eps=eps / norm if norm > 0 else 0.0, velocity_eps=veps,
         velocity_norm=None if vnorm2 is None else math.sqrt(max(vnorm2, 0.0)), method=method,
         seconds=time.perf_counter() - t0)
     return A_new, c_new, B_new, v_new, report
+
+
+@torch.no_grad()
+def nested_compressions(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, sizes, *,
+                        method: str = "rpcholesky", block: int = 64, generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float64, name: str = "layer"):
+    """Compressions of the rows ``(A, c, B)`` to each number of landmarks in ``sizes`` from one
+    factorization (the landmarks of a smaller size are a prefix of those of a larger one).
+
+    Returns a list of ``(A_new, c_new, B_new, report)``, one per size (in the order given);
+    ``report.seconds`` is the time of the shared factorization plus that size's projection.
+    """
+    t0 = time.perf_counter()
+    Bc = B.to(dtype)
+    Z = c.to(dtype)[:, None] * A.to(dtype)
+    norm2 = float(rkhs_gram(Bc, Z).trace())
+    sizes = [max(1, min(int(k), B.shape[0])) for k in sizes]
+    lm = pivoted_cholesky(Bc, max(sizes), method=method, block=block, generator=generator, dtype=dtype)
+    out = []
+    for k in sizes:
+        k = min(k, lm.index.numel())
+        A_new, c_new, B_new, _, rep = _assemble(A, c, B, lm, k, Z, A.shape[1], norm2, None, method, name, t0)
+        out.append((A_new, c_new, B_new, rep))
+    return out
 
 
 # ------------------------------------------------------------ on layers

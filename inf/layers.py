@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import auto_chunk_rows, inf_pi_linear_relu, pi_features
-from .tensors import FinPiParameter, RowStore, _register_owner
+from .functional import BlockPolicy, auto_chunk_rows, inf_pi_linear_relu, pi_features
+from .parameters import FinPiParameter, attach_owner, orthonormal_basis, owner_of, project_onto_span_, projected_norm
+from .rows import RowStore
 
 __all__ = ["InfPiInputLinearReLU", "InfPiLinearReLU", "FinPiInputLinearReLU", "FinPiLinearReLU",
-           "orthonormal_basis"]
+           "orthonormal_basis", "set_gradient_projection", "project_gradient_"]
 
 # default memory budget for the batch × rows intermediates of one infinite layer
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -102,13 +103,16 @@ class InfPiLinearReLU(nn.Module):
         layernorm: use ``s = 1`` and normalise the input (spec §3).
         chunk_rows: rows per chunk; ``None`` picks it from ``chunk_bytes``.
         chunk_bytes: memory budget of the batch × rows intermediates.
+        policy: a :class:`~inf.functional.BlockPolicy` for this layer (None: the current one).
     """
 
     def __init__(self, r: int, r_out: int | None = None, bias_alpha: float = 1.0,
                  output_layer: bool = False, layernorm: bool = False, chunk_rows: int | None = None,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, device=None, dtype=None):
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, policy: BlockPolicy | None = None,
+                 device=None, dtype=None):
         super().__init__()
         r_out = r if r_out is None else r_out
+        self.policy = policy
         self.r, self.r_out = r, r_out
         self.bias_alpha = float(bias_alpha)
         self.output_layer = output_layer
@@ -122,14 +126,13 @@ class InfPiLinearReLU(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
-    # the original library's names
     @property
     def A(self):
         return self.rows.A
 
     @property
-    def Amult(self):
-        return self.rows.Amult
+    def coefficients(self):
+        return self.rows.coefficients
 
     @property
     def B(self):
@@ -147,12 +150,11 @@ class InfPiLinearReLU(nn.Module):
     def reset_parameters(self):
         """``r`` initial rows: ``B`` unit Gaussian rows, ``A`` Gaussian with variance
         ``1/r_out`` (zero for the output layer), coefficients 1, bias 0."""
-        self.rows.truncate(0)
         A = torch.randn(self.r, self.r_out, device=self.A.device, dtype=torch.float64)
         A = A * (0.0 if self.output_layer else self.r_out ** -0.5)
         B = F.normalize(torch.randn(self.r, self.r, device=self.B.device, dtype=torch.float64), dim=1)
-        self.rows.append(A.to(self.A.dtype), B.to(self.B.dtype), 1.0)
-        self.rows.clear_pending()
+        self.rows.set_rows(A, torch.ones(self.r, dtype=torch.float64), B)
+        self.rows.discard()
         if self.bias is not None:
             self.bias.zero_()
 
@@ -168,9 +170,8 @@ class InfPiLinearReLU(nn.Module):
         self.rows.check()
         lead = g.shape[:-1]
         g2 = g.reshape(-1, self.r)
-        store = self.rows if self.Amult.requires_grad else None
-        out = inf_pi_linear_relu(g2, self.A, self.Amult, self.B, store, self.layernorm,
-                                 self._chunk_rows(g2.shape[0], g2.dtype))
+        out = inf_pi_linear_relu(g2, self.A, self.coefficients, self.B, self.rows.recording(), self.layernorm,
+                                 self._chunk_rows(g2.shape[0], g2.dtype), self.policy)
         if self.bias is not None:
             out = out + (self.bias_alpha * self.bias).to(out.dtype)
         out = out.reshape(*lead, self.r_out)
@@ -191,17 +192,21 @@ class InfPiLinearReLU(nn.Module):
                 f"bias_alpha={self.bias_alpha}, layernorm={self.layernorm}")
 
 
-def orthonormal_basis(omega: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis ``Q`` (n × k) of ``span(Ω)``; ``k = rank(Ω)``, so ``Q Qᵀ`` is the
-    projection ``Ω (ΩᵀΩ)⁺ Ωᵀ`` (the identity when ``n ≤ r``)."""
-    Q, R = torch.linalg.qr(omega.double())
-    diag = R.diagonal().abs()
-    keep = diag > diag.max() * max(omega.shape) * torch.finfo(torch.float64).eps
-    return Q[:, keep].to(omega.dtype)
+def _project_accumulated_grad(param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of finite π-parameters: project ``.grad`` onto span(Ω), once
+    per backward, so optimizers (InfSGD or torch's SGD) and clipping see the projected gradient."""
+    layer = owner_of(param)
+    if layer is not None and param.grad is not None and layer.projects(param):
+        project_onto_span_(param.grad, layer.omega_basis)
 
 
 class _FinPiLayer(nn.Module):
-    """Shared parts of finite π-layers: Ω, its basis, and the gradient projection."""
+    """Shared parts of finite π-layers: Ω, its basis, and the gradient projection.
+
+    The gradients of the layer's :class:`~inf.parameters.FinPiParameter` s are projected
+    onto ``span(Ω)`` (docs/math.md §6) by a hook right after backward accumulates them.
+    ``set_gradient_projection(layer, False)`` turns that off (the μP comparison).
+    """
 
     projected = True
 
@@ -210,45 +215,77 @@ class _FinPiLayer(nn.Module):
         self.register_buffer("omega", omega.to(device=device, dtype=dtype))
         self.register_buffer("omega_basis", orthonormal_basis(omega).to(device=device, dtype=dtype))
 
-    def _register_pi_params(self):
-        for p in (self.weight, self.bias):
+    def _attach_pi_params(self):
+        handles = getattr(self, "_projection_hooks", {})
+        for handle in handles.values():
+            handle.remove()
+        self._projection_hooks = {}
+        if not hasattr(self, "unprojected"):
+            self.unprojected: set[str] = set()
+        for name in ("weight", "bias"):
+            p = self._parameters.get(name)
             if isinstance(p, FinPiParameter):
-                _register_owner(p, self)
+                attach_owner(p, self)
+                self._projection_hooks[name] = p.register_post_accumulate_grad_hook(_project_accumulated_grad)
+
+    def projects(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s gradient is projected (a FinPiParameter of this layer, not switched off)."""
+        return any(p is param for n, p in self._parameters.items()
+                   if isinstance(p, FinPiParameter) and n not in self.unprojected)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_projection_hooks", None)
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._register_pi_params()
+        self._attach_pi_params()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._register_pi_params()
+        self._attach_pi_params()
         return self
 
     @torch.no_grad()
     def project_(self, grad: torch.Tensor) -> torch.Tensor:
-        """Project ``grad`` (n × ·, or n) onto ``span(Ω)`` on its output side, in place:
-        ``G ← Q (Qᵀ G)``. Extra memory is the k × cols matrix ``Qᵀ G`` (O(n·r) for an
-        n × n gradient): the product is written straight into ``grad`` when it is a
-        contiguous float32/float64 tensor."""
-        Q = self.omega_basis
-        cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        Qc = Q.to(cdt)
-        G = grad.to(cdt)
-        G2 = G.reshape(G.shape[0], -1)
-        coords = Qc.T @ G2  # k × cols
-        if G2.is_contiguous() and G2.data_ptr() == grad.data_ptr() and G2.dtype == grad.dtype:
-            torch.mm(Qc, coords, out=G2)  # G2 is a view of grad: no n × cols temporary
-        else:
-            grad.copy_((Qc @ coords).reshape(grad.shape))
-        return grad
+        """Project ``grad`` (n × ·, or n) onto ``span(Ω)`` on its output side, in place
+        (:func:`inf.parameters.project_onto_span_`)."""
+        return project_onto_span_(grad, self.omega_basis)
 
     @torch.no_grad()
     def projected_norm(self, grad: torch.Tensor) -> torch.Tensor:
         """``|Q Qᵀ G|_F = |Qᵀ G|_F`` without forming the projection."""
-        Q = self.omega_basis
-        cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        G = grad.to(cdt)
-        return torch.linalg.vector_norm(Q.to(cdt).T @ (G if G.dim() == 1 else G.reshape(G.shape[0], -1)))
+        return projected_norm(grad, self.omega_basis)
+
+
+def set_gradient_projection(module: nn.Module, enabled: bool, params=None) -> None:
+    """Switch the gradient projection of finite π-layers in ``module`` on or off
+    (``params``: only these parameters). Off turns a finite π-net into the paper's
+    "no Gproj" variant."""
+    wanted = None if params is None else {id(p) for p in params}
+    for layer in module.modules() if isinstance(module, nn.Module) else module:
+        if not isinstance(layer, _FinPiLayer):
+            continue
+        for name, p in layer._parameters.items():
+            if isinstance(p, FinPiParameter) and (wanted is None or id(p) in wanted):
+                if enabled:
+                    layer.unprojected.discard(name)
+                else:
+                    layer.unprojected.add(name)
+
+
+@torch.no_grad()
+def project_gradient_(param: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Project ``grad`` (default ``param.grad``) onto its layer's span(Ω), in place, if ``param``
+    is a finite π-parameter whose layer projects it; returns the gradient. For gradients that
+    backward did not accumulate (``torch.autograd.grad`` in MAML inner loops, per-example
+    gradients of projected NTKs): accumulated ``.grad`` s are projected already."""
+    grad = param.grad if grad is None else grad
+    layer = owner_of(param) if isinstance(param, FinPiParameter) else None
+    if grad is not None and isinstance(layer, _FinPiLayer) and layer.projects(param):
+        project_onto_span_(grad, layer.omega_basis)
+    return grad
 
 
 class FinPiInputLinearReLU(_FinPiLayer):
@@ -273,7 +310,7 @@ class FinPiInputLinearReLU(_FinPiLayer):
         else:
             self.register_parameter("bias", None)
         self._init_omega(n_out, r, device, dtype, generator)
-        self._register_pi_params()
+        self._attach_pi_params()
         self.reset_parameters(inf_layer)
 
     @torch.no_grad()
@@ -341,7 +378,7 @@ class FinPiLinearReLU(_FinPiLayer):
         self.register_buffer("input_omega", prev_omega.to(device=device, dtype=dtype))
         if not output_layer:
             self._init_omega(n_out, r, device, dtype, generator)
-        self._register_pi_params()
+        self._attach_pi_params()
         self.reset_parameters(inf_layer)
 
     @torch.no_grad()
@@ -354,7 +391,7 @@ class FinPiLinearReLU(_FinPiLayer):
         if inf_layer.r != self.r or inf_layer.r_out != r_out:
             raise ValueError(f"cannot sample this layer (r={self.r}, r_out={r_out}) from an infinite layer "
                              f"with r={inf_layer.r}, r_out={inf_layer.r_out}")
-        cA = (inf_layer.Amult.double()[:, None] * inf_layer.A.double())       # M × r_out
+        cA = (inf_layer.coefficients.double()[:, None] * inf_layer.A.double())       # M × r_out
         features = torch.relu(self.input_omega.double() @ inf_layer.B.double().T)  # n_in × M
         if self.output_layer:
             self.weight.copy_(self.n_in ** -0.5 * cA.T @ features.T)

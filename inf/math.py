@@ -25,8 +25,8 @@ import math
 import torch
 
 __all__ = [
-    "F00", "F11", "F02", "F00_F11_F02", "relu_kernel", "relu_kernel_deriv",
-    "VReLUmatrix", "VStepmatrix", "F00ReLUsqrt", "F11ReLUsqrt", "F02ReLUsqrt", "J1",
+    "F00", "F11", "F02", "F00_F11_F02", "kernels_2pi_", "relu_kernel", "relu_kernel_deriv",
+    "VReLUmatrix", "VStepmatrix",
 ]
 
 TWO_PI = 2.0 * math.pi
@@ -38,47 +38,62 @@ def _clamp(q: torch.Tensor) -> torch.Tensor:
     return q.clamp(-1.0, 1.0)
 
 
-def _f11(q: torch.Tensor) -> torch.Tensor:
-    return (math.pi - torch.arccos(q)) / TWO_PI
+def kernels_2pi_(q: torch.Tensor, f11_out: torch.Tensor | None = None,
+                 f02_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2π F11(q), 2π F02(q))`` from one ``arccos`` and one ``sin`` per entry; clamps ``q`` in place.
 
-
-def _f02(q: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt((1.0 - q * q).clamp_min(0.0)) / TWO_PI
+    With ``θ = arccos(q)``: ``2π F11 = π − θ`` and ``2π F02 = sin θ``. ``sin θ``
+    equals ``sqrt(1 − q²)`` but keeps full relative precision near ``q = ±1``,
+    where ``1 − q²`` cancels; every kernel value of the library goes through here,
+    so there is one precision near ``q = ±1``. The common factor ``1/2π`` is left
+    to the caller (the infinite layer applies it once to its output). ``*_out`` may
+    be strided views of preallocated buffers. No autograd.
+    """
+    q.clamp_(-1.0, 1.0)
+    theta = torch.arccos(q) if f11_out is None else torch.arccos(q, out=f11_out)
+    f02 = torch.sin(theta) if f02_out is None else torch.sin(theta, out=f02_out)
+    f11 = torch.sub(theta.new_full((), math.pi), theta, out=theta)
+    return f11, f02
 
 
 def F00_F11_F02(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All three kernel functions from one ``arccos`` and one ``sqrt`` (no autograd)."""
-    q = _clamp(q)
-    f11 = _f11(q)
-    f02 = _f02(q)
-    return f02 + q * f11, f11, f02
+    """All three kernel functions from one ``arccos`` and one ``sin`` (no autograd)."""
+    with torch.no_grad():
+        f11, f02 = kernels_2pi_(q.detach().clone())
+        f11.div_(TWO_PI)
+        f02.div_(TWO_PI)
+        return f02 + q.detach().clamp(-1.0, 1.0) * f11, f11, f02
 
 
 class _F11(torch.autograd.Function):
+    """F11 with derivative ``1 / (2π sqrt(1-q²))``, capped at ``q = ±1``; twice differentiable."""
+
     @staticmethod
     def forward(ctx, q):
-        q = _clamp(q)
         ctx.save_for_backward(q)
-        return _f11(q)
+        return F00_F11_F02(q)[1]
 
     @staticmethod
     def backward(ctx, grad):
         (q,) = ctx.saved_tensors
-        return grad / (TWO_PI * torch.sqrt((1.0 - q * q).clamp_min(EPS_SQRT)))
+        qc = _clamp(q)
+        return grad / (TWO_PI * torch.sqrt((1.0 - qc * qc).clamp_min(EPS_SQRT)))
 
 
 class _F00(torch.autograd.Function):
+    """F00 with derivative F11, itself differentiable: double backward (second-order
+    methods, ``gradgradcheck``) includes the curvature ``F11' = 1 / (2π sqrt(1-q²))``."""
+
     @staticmethod
     def forward(ctx, q):
-        q = _clamp(q)
+        # the input itself is saved (not a clamped copy), so that backward's F11(q)
+        # stays connected to q's graph when backward is differentiated again
         ctx.save_for_backward(q)
-        f00, _, _ = F00_F11_F02(q)
-        return f00
+        return F00_F11_F02(q)[0]
 
     @staticmethod
     def backward(ctx, grad):
         (q,) = ctx.saved_tensors
-        # dF00/dq = F11, itself differentiable (for second-order methods)
         return grad * _F11.apply(q)
 
 
@@ -92,15 +107,28 @@ def F11(q: torch.Tensor) -> torch.Tensor:
     return _F11.apply(q)
 
 
+class _F02(torch.autograd.Function):
+    """F02 with derivative ``-q / (2π sqrt(1-q²))``, capped near ``q = ±1``."""
+
+    @staticmethod
+    def forward(ctx, q):
+        ctx.save_for_backward(q)
+        return F00_F11_F02(q)[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (q,) = ctx.saved_tensors
+        qc = _clamp(q)
+        return -grad * qc / (TWO_PI * torch.sqrt((1.0 - qc * qc).clamp_min(EPS_SQRT)))
+
+
 def F02(q: torch.Tensor) -> torch.Tensor:
     """``E[φ(z1) φ''(z2)]`` for unit variances and correlation ``q``.
 
-    Differentiable except at ``q = ±1``, where its derivative is unbounded;
-    the gradient there is taken as 0 (the one-sided limit of ``-q/sqrt(1-q²)``
-    times a zero-measure set) by construction of the clamp.
+    Its derivative ``-q / (2π sqrt(1-q²))`` is unbounded at ``q = ±1``; the
+    square root's argument is floored at ``EPS_SQRT`` there.
     """
-    q = _clamp(q)
-    return torch.sqrt((1.0 - q * q).clamp_min(EPS_SQRT)) / TWO_PI * (q.abs() < 1)
+    return _F02.apply(q)
 
 
 def _norms_and_correlation(X: torch.Tensor, Y: torch.Tensor | None, eps: float):
@@ -141,24 +169,3 @@ def VStepmatrix(cov: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
     """``E[φ'(x) φ'(x)ᵀ]`` for ``x ~ N(0, cov)``: the V-transform of the ReLU derivative."""
     _, c = _cov_to_correlation(cov, eps)
     return F11(c)
-
-
-# Names of the original π-limit library, for users porting code.
-def F00ReLUsqrt(c, vsqrt=1.0, v2sqrt=1.0):
-    """``E[φ(z1) φ(z2)]`` for standard deviations ``vsqrt``, ``v2sqrt`` and correlation ``c``."""
-    return F00(c) * vsqrt * v2sqrt
-
-
-def F11ReLUsqrt(c, vsqrt=None, v2sqrt=None):
-    """``E[φ'(z1) φ'(z2)]``; independent of the variances."""
-    return F11(c)
-
-
-def F02ReLUsqrt(c, vsqrt=1.0, v2sqrt=1.0):
-    """``E[φ(z1) φ''(z2)] = sqrt(v (1-c²) / v2) / (2π)`` for standard deviations ``vsqrt``, ``v2sqrt``."""
-    return F02(c) * vsqrt / v2sqrt
-
-
-def J1(c):
-    """The arc-cosine kernel of degree 1 normalised to ``J1(1) = 1``: ``2 F00(c)``."""
-    return 2.0 * F00(c)

@@ -1,6 +1,6 @@
 """π-MLPs: the infinite network, finite networks sampled from it, and a μP baseline.
 
-Forward of all three (spec §3, §6)::
+Forward of all three (docs/math.md §3, §6)::
 
     h_0 = α_1 (input layer)(x)
     h_l = (hidden layer l)(h_{l-1})          l = 1..L
@@ -16,7 +16,7 @@ from torch import nn
 
 from .layers import (DEFAULT_CHUNK_BYTES, FinPiLinearReLU, InfPiInputLinearReLU, InfPiLinearReLU,
                      _check_finite, _check_input)
-from .utils import resolve_device
+from .device import resolve_device
 
 __all__ = ["InfMLP", "FinPiMLPSample", "MuMLP", "PiMLP"]
 
@@ -70,6 +70,33 @@ class PiMLP(nn.Module):
         out = self.readout(h)
         return (out, h) if return_hidden else out
 
+    def architecture(self) -> dict:
+        """What a state dict must match to load into this net (saved with it as extra state)."""
+        return {}
+
+    def get_extra_state(self):
+        return {"architecture": self.architecture()}
+
+    def set_extra_state(self, state):
+        saved = (state or {}).get("architecture", {}) if isinstance(state, dict) else {}
+        mine = self.architecture()
+        for key in sorted(set(saved) | set(mine)):
+            if key in saved and key in mine and saved[key] != mine[key]:
+                raise ValueError(f"the checkpoint was saved from a {type(self).__name__} with {key}={saved[key]!r}, "
+                                 f"this one has {key}={mine[key]!r}: build the net with the checkpoint's settings")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        had = key in state_dict
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        except ValueError as err:
+            error_msgs.append(str(err))
+        if not had and key in missing_keys:
+            missing_keys.remove(key)  # checkpoints of pilimit 0.1 carry no architecture
+
     def param_roles(self) -> dict[str, str]:
         """``{parameter name: role}`` with roles ``first``, ``first_bias`` (input layer),
         ``hidden``, ``bias`` (hidden layers), ``last``, ``last_bias`` (output layer).
@@ -96,11 +123,11 @@ class InfMLP(PiMLP):
 
     Args:
         d_in, d_out: input and output sizes. r: rank. L: number of hidden π-layers.
-        first_layer_alpha, last_layer_alpha: α_1 and α_L (spec §1).
+        first_layer_alpha, last_layer_alpha: α_1 and α_L (docs/math.md §1).
         bias_alpha: β of the input and hidden layers (0: no biases).
         last_bias_alpha: β of the output layer (default: ``bias_alpha``).
-        layernorm: the layernorm variant (spec §3).
-        tract_lambda: if set, the input layer trains with TrAct (spec §7).
+        layernorm: the layernorm variant (docs/math.md §3).
+        tract_lambda: if set, the input layer trains with TrAct (docs/math.md §7).
         chunk_rows / chunk_bytes: row chunking of the infinite layers.
         device, dtype: where and in what precision to build it (float64 for reference checks).
     """
@@ -142,10 +169,11 @@ class InfMLP(PiMLP):
     def rows_per_layer(self) -> list[int]:
         return [m.rows.num_rows for m in self.pi_layers]
 
-    def zero_grad(self, set_to_none: bool = True):
-        super().zero_grad(set_to_none)
-        for m in self.pi_layers:
-            m.rows.clear_pending()
+    def architecture(self) -> dict:
+        return dict(kind="infinite", d_in=self.d_in, d_out=self.d_out, r=self.r, L=self.L,
+                    first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
+                    bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
+                    layernorm=bool(self.layernorm))
 
     def sample(self, n: int, generator=None) -> "FinPiMLPSample":
         return FinPiMLPSample(self, n, generator=generator)
@@ -157,7 +185,7 @@ class InfMLP(PiMLP):
 
 
 class FinPiMLPSample(PiMLP):
-    """A finite π-net of width ``n`` sampled from an infinite π-MLP (spec §6).
+    """A finite π-net of width ``n`` sampled from an infinite π-MLP (docs/math.md §6).
 
     Works for a freshly initialized and for a trained ``infnet`` alike; the
     outputs agree with ``infnet``'s up to O(n^-½). If the infinite input layer
@@ -173,19 +201,25 @@ class FinPiMLPSample(PiMLP):
         self.d_in, self.d_out, self.r, self.L = infnet.d_in, infnet.d_out, infnet.r, infnet.L
         self.first_layer_alpha = infnet.first_layer_alpha
         self.last_layer_alpha = infnet.last_layer_alpha
+        self.bias_alpha, self.last_bias_alpha = infnet.bias_alpha, infnet.last_bias_alpha
         self.layernorm = infnet.layernorm
-        inf_layers = list(infnet.layers)
-        first = inf_layers[0].sample(infnet.d_in, n, generator=generator)
+        first = infnet.input_layer.sample(infnet.d_in, n, generator=generator)
         layers = [first]
         prev_omega = first.omega
-        for layer in inf_layers[1:-1]:
+        for layer in infnet.hidden_layers:
             fin = layer.sample(n, n, prev_omega=prev_omega, generator=generator)
             layers.append(fin)
             prev_omega = fin.omega
-        layers.append(inf_layers[-1].sample(n, infnet.d_out, prev_omega=prev_omega, generator=generator))
+        layers.append(infnet.output_layer.sample(n, infnet.d_out, prev_omega=prev_omega, generator=generator))
         self.layers = nn.ModuleList(layers)
         if dtype is not None:
             self.to(dtype)
+
+    def architecture(self) -> dict:
+        return dict(kind="finite", n=self.n, d_in=self.d_in, d_out=self.d_out, r=self.r, L=self.L,
+                    first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
+                    bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
+                    layernorm=bool(self.layernorm))
 
     def extra_repr(self):
         return f"n={self.n}, r={self.r}, L={self.L}, " + super().extra_repr()
@@ -240,6 +274,7 @@ class MuMLP(PiMLP):
         self.layernorm = layernorm
         self.readout_zero_init = readout_zero_init
         last_bias_alpha = bias_alpha if last_bias_alpha is None else last_bias_alpha
+        self.bias_alpha, self.last_bias_alpha = float(bias_alpha), float(last_bias_alpha)
         kw = dict(device=device, dtype=dtype)
         layers = [_Linear(d_in, width, bias_alpha, False, layernorm, **kw)]
         layers += [_Linear(width, width, bias_alpha, True, layernorm, **kw) for _ in range(L)]
@@ -251,6 +286,12 @@ class MuMLP(PiMLP):
             from .tract import TrAct
             self.layers[0] = TrAct(self.layers[0], lambda_=tract_lambda)
             self.tract_lambda = float(tract_lambda)
+
+    def architecture(self) -> dict:
+        return dict(kind="mup", n=self.n, d_in=self.d_in, d_out=self.d_out, L=self.L,
+                    first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
+                    bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
+                    layernorm=bool(self.layernorm))
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):

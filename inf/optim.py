@@ -1,27 +1,59 @@
-"""InfSGD: SGD that trains infinite π-layers by appending rows (spec §5).
+"""InfSGD: SGD that trains infinite π-layers by appending rows (docs/math.md §5).
 
 A drop-in for ``torch.optim.SGD`` (same hyperparameters, per-group values,
 ``state_dict``, every ``torch.optim.lr_scheduler``). Per parameter kind:
 
-* the coefficients ``Amult`` of an infinite layer: the pending gradient rows
-  ``(δ·s, ĝ)`` are appended with coefficient 0, then torch's SGD rule is
-  applied to the coefficient vector with gradient 1 on the new rows (times the
-  clipping scale) and 0 elsewhere. Weight decay adds ``λc`` on all rows;
-  the momentum buffer grows with ``c`` (zero-padded). This is the exact
+* the coefficients of an infinite layer: the layer's :class:`~inf.rows.RowStore`
+  hands over its pending gradient rows ``(δ·s, ĝ)`` (:meth:`~inf.rows.RowStore.consume`),
+  appends them with coefficient 0 (:meth:`~inf.rows.RowStore.append_update`), then
+  torch's SGD rule is applied to the coefficient vector with gradient 1 on the new
+  rows (times the clipping scale) and 0 elsewhere. Weight decay adds ``λc`` on all
+  rows; the momentum buffer grows with ``c`` (zero-padded). This is the exact
   infinite-width limit of projected SGD with momentum and weight decay.
 * ``A`` and ``B`` of an infinite layer: change only through the append above.
-* :class:`~inf.tensors.FinPiParameter` (finite π-weights): the gradient is
-  projected onto ``span(Ω)`` (unless the group sets ``project=False``), then SGD.
+* finite π-weights (:class:`~inf.parameters.FinPiParameter`): their layer has already
+  projected the gradient onto ``span(Ω)`` when backward accumulated it; plain SGD.
 * anything else: plain SGD.
+
+A step is all or nothing: every gradient (rows included) is checked first, and a
+non-finite one raises :class:`FloatingPointError` before anything changes, so the
+model and the optimizer state are exactly as before the call.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.optim import Optimizer
 
-from .tensors import FinPiParameter, InfPiParameter, RowStore, owner_of
+from .layers import set_gradient_projection
+from .parameters import InfPiParameter, owner_of
+from .rows import RowStore, rows_of
 
-__all__ = ["InfSGD", "PiSGD"]
+__all__ = ["InfSGD"]
+
+_HYPER = ("lr", "momentum", "dampening", "weight_decay")
+
+
+def _check_hyperparameters(group: dict, where: str = "") -> None:
+    for key in _HYPER:
+        value = group.get(key, 0.0)
+        if isinstance(value, torch.Tensor):
+            value = float(value)
+        if not math.isfinite(value) or value < 0.0:
+            raise ValueError(f"InfSGD{where}: {key} must be a finite number >= 0, got {value}")
+    if group.get("nesterov") and (group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
+        raise ValueError("InfSGD: Nesterov momentum requires a momentum and zero dampening")
+
+
+def _layout(p: torch.Tensor) -> list:
+    """What a parameter must look like for a saved optimizer state to fit it (rows may differ)."""
+    store = rows_of(p)
+    if store is not None:
+        return ["coefficients", store.r, store.r_out]
+    if isinstance(p, InfPiParameter):
+        return ["rows", *p.shape[1:]]
+    return ["tensor", *p.shape]
 
 
 class InfSGD(Optimizer):
@@ -29,24 +61,28 @@ class InfSGD(Optimizer):
 
     Args:
         params: iterable of parameters or param groups (``net.parameters()`` works).
-        lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``.
-        project: project finite π-weights' gradients (default True; per group).
+        lr, momentum, dampening, weight_decay, nesterov: as in ``torch.optim.SGD``;
+            every value must be finite and non-negative.
+        project: whether finite π-weights train with projected gradients (default
+            True). ``False`` switches their layers' projection off
+            (:func:`inf.layers.set_gradient_projection`), per group.
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, project: bool = True):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, project=project)
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group, f" (param group {len(self.param_groups) - 1})")
+        if not group["project"]:
+            set_gradient_projection(_layers_of(group["params"]), False, group["params"])
+
+    # ------------------------------------------------------------------ step
     @staticmethod
     def _sgd_update(p, d_p, state, group):
         """torch's SGD rule on one tensor; ``d_p`` already includes everything but weight decay."""
@@ -65,33 +101,47 @@ class InfSGD(Optimizer):
             d_p = d_p.add(buf, alpha=mu) if group["nesterov"] else buf
         p.add_(d_p, alpha=-group["lr"])
 
-    @torch.no_grad()
-    def _step_rows(self, p, store: RowStore, group) -> bool:
-        """Append a layer's pending rows and update its coefficients; True if it had a gradient."""
-        rows = store.pending()
-        if p.grad is None:
-            # zero_grad() ran after backward: the pending rows were discarded with it
-            store.clear_pending()
-            return False
-        if rows is None:
-            return False
-        A_new, B_new = rows
-        if not (torch.isfinite(A_new).all() and torch.isfinite(B_new).all()):
-            store.clear_pending()
-            raise FloatingPointError(
-                f"{store.name}: the gradient contains NaN or inf; refusing to append its rows. "
-                "Lower the learning rate, clip gradients (inf.utils.clip_grad_norm_) or check the loss.")
-        first = store.append(A_new, B_new, 0.0)
-        scale = store.pending_scale
-        store.clear_pending()
+    def _step_rows(self, p, store: RowStore, group) -> None:
+        """Append a layer's pending rows and update its coefficients."""
+        rows = store.consume()
+        new = store.append_update(rows)
         if not group["weight_decay"] and not group["momentum"]:
-            p[first:] = -group["lr"] * scale  # only the new rows change: O(rows added)
+            p[new] = -group["lr"] * rows.scale  # only the new rows change: O(rows added)
         else:
             grad = torch.zeros_like(p)
-            grad[first:] = scale
+            grad[new] = rows.scale
             self._sgd_update(p, grad, self.state[p], group)
-        p.grad = None
-        return True
+
+    def _gather(self):
+        """``[(group, param, store or None)]`` for everything that has a gradient; raises before
+        any change if a hyperparameter or a gradient is not finite."""
+        work, bad = [], []
+        for gi, group in enumerate(self.param_groups):
+            _check_hyperparameters(group, f" (param group {gi})")
+            for pi, p in enumerate(group["params"]):
+                store = rows_of(p)
+                if store is not None:
+                    rows = store.pending() if store.has_gradient else None
+                    if rows is None:
+                        continue
+                    if not (math.isfinite(rows.scale) and bool(torch.isfinite(rows.A).all())
+                            and bool(torch.isfinite(rows.B).all())):
+                        bad.append(f"{store.name} (its gradient rows)")
+                    work.append((group, p, store))
+                elif isinstance(p, InfPiParameter) or p.grad is None:
+                    continue
+                else:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("InfSGD does not support sparse gradients")
+                    if not bool(torch.isfinite(p.grad).all()):
+                        bad.append(f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})")
+                    work.append((group, p, None))
+        if bad:
+            raise FloatingPointError(
+                "InfSGD.step: the gradient of " + ", ".join(bad) + " contains NaN or inf; nothing was "
+                "changed. Lower the learning rate, clip gradients (inf.clip.clip_grad_norm_) or check the "
+                "loss, then call zero_grad() and continue.")
+        return work
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -99,41 +149,51 @@ class InfSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stepped = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if isinstance(p, InfPiParameter):
-                    store = owner_of(p)
-                    if store is not None and p is store.Amult:
-                        stepped |= self._step_rows(p, store, group)
-                    continue
-                if p.grad is None:
-                    continue
-                stepped = True
-                if p.grad.is_sparse:
-                    raise RuntimeError("InfSGD does not support sparse gradients")
-                d_p = p.grad
-                if isinstance(p, FinPiParameter) and group["project"]:
-                    layer = owner_of(p)
-                    if layer is None:
-                        raise RuntimeError("a FinPiParameter is not attached to a finite π-layer; "
-                                           "create it through FinPiInputLinearReLU/FinPiLinearReLU")
-                    d_p = layer.project_(d_p)
-                self._sgd_update(p, d_p, self.state[p], group)
-        if not stepped and closure is None:
+        work = self._gather()
+        if not work and closure is None:
             raise RuntimeError("InfSGD.step() found no gradient: call loss.backward() before step() "
                                "(and zero_grad() after it, not before)")
+        for group, p, store in work:
+            if store is not None:
+                self._step_rows(p, store, group)
+            else:
+                self._sgd_update(p, p.grad, self.state[p], group)
         return loss
 
-    def zero_grad(self, set_to_none: bool = True):
-        super().zero_grad(set_to_none)
+    # ------------------------------------------------------------ save / load
+    def state_dict(self):
+        state = super().state_dict()
+        state["pi_layout"] = [[_layout(p) for p in g["params"]] for g in self.param_groups]
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("pi_layout", None)
+        if saved is not None:
+            current = [[_layout(p) for p in g["params"]] for g in self.param_groups]
+            if len(saved) != len(current):
+                raise ValueError(f"optimizer state has {len(saved)} param groups, this optimizer {len(current)}: "
+                                 "it was saved for another network or another param-group layout")
+            for gi, (s_group, c_group) in enumerate(zip(saved, current)):
+                if len(s_group) != len(c_group):
+                    raise ValueError(f"optimizer state: param group {gi} has {len(s_group)} parameters, "
+                                     f"this optimizer's has {len(c_group)}: it was saved for another network")
+                for pi, (s, c) in enumerate(zip(s_group, c_group)):
+                    if list(s) != list(c):
+                        raise ValueError(f"optimizer state: parameter {pi} of param group {gi} was {s}, "
+                                         f"here it is {c}: the state was saved for another network")
+        super().load_state_dict(state_dict)
         for group in self.param_groups:
-            for p in group["params"]:
-                if isinstance(p, InfPiParameter):
-                    store = owner_of(p)
-                    if store is not None and p is store.Amult:
-                        store.clear_pending()
+            group.setdefault("project", True)
+            _check_hyperparameters(group)
 
 
-# The original library's name.
-PiSGD = InfSGD
+def _layers_of(params):
+    """The finite π-layers owning ``params`` (for switching their projection)."""
+    seen, layers = set(), []
+    for p in params:
+        owner = owner_of(p)
+        if owner is not None and not isinstance(owner, RowStore) and id(owner) not in seen:
+            seen.add(id(owner))
+            layers.append(owner)
+    return layers

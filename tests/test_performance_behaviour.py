@@ -35,17 +35,20 @@ F64 = torch.float64
 
 @contextlib.contextmanager
 def blocking(rows=None, batch=None, max_threads=None, save=None):
-    """Temporarily set the module switches of inf.functional."""
-    names = ("CPU_BLOCK_ROWS", "CPU_BLOCK_BATCH", "CPU_BLOCK_MAX_THREADS", "SAVE_KERNELS")
-    old = {n: getattr(functional, n) for n in names}
-    try:
-        for n, v in zip(names, (rows, batch, max_threads, save)):
-            if v is not None:
-                setattr(functional, n, v)
+    """Temporarily change the BlockPolicy. ``max_threads=NEVER`` turns the CPU blocks off;
+    ``ALWAYS`` keeps the given blocks (the policy no longer depends on the thread count)."""
+    changes = {}
+    if max_threads == NEVER:
+        changes.update(cpu_block_rows=None, cpu_block_batch=None)
+    else:
+        if rows is not None:
+            changes["cpu_block_rows"] = rows
+        if batch is not None:
+            changes["cpu_block_batch"] = batch
+    if save is not None:
+        changes["save_kernels"] = save
+    with functional.block_policy(**changes):
         yield
-    finally:
-        for n, v in old.items():
-            setattr(functional, n, v)
 
 
 # settings: (label, chunk_rows, switches); max_threads 10**6 forces the CPU blocks, 0 disables them
@@ -165,15 +168,10 @@ def test_low_precision_rows_converted_block_by_block():
     A16, B16 = A.to(torch.bfloat16), B.to(torch.bfloat16)
     ref = inf_pi_linear_relu(g, A16.float(), c, B16.float())  # the same rounded rows in float32
     (ref_grad,) = torch.autograd.grad(ref.sum(), g)
-    old = functional.CONVERT_BLOCK_ROWS
-    try:
-        functional.CONVERT_BLOCK_ROWS = 64
-        with blocking(max_threads=NEVER):
-            assert functional.block_rows(500, None, "cpu", converts=True) == 64
-            out = inf_pi_linear_relu(g, A16, c, B16)
-            (grad,) = torch.autograd.grad(out.sum(), g)
-    finally:
-        functional.CONVERT_BLOCK_ROWS = old
+    with functional.block_policy(convert_block_rows=64), blocking(max_threads=NEVER):
+        assert functional.block_rows(500, None, "cpu", converts=True) == 64
+        out = inf_pi_linear_relu(g, A16, c, B16)
+        (grad,) = torch.autograd.grad(out.sum(), g)
     assert out.dtype == torch.float32
     assert (out - ref).norm() <= 1e-5 * ref.norm()
     assert (grad - ref_grad).norm() <= 1e-5 * ref_grad.norm()
@@ -181,17 +179,30 @@ def test_low_precision_rows_converted_block_by_block():
 
 def test_cpu_block_policy():
     with blocking(rows=1024, batch=512, max_threads=ALWAYS):
-        assert functional.block_rows(50_000, None, "cpu", batch=8) == 1024
+        assert functional.block_rows(50_000, None, "cpu") == 1024
         assert functional.block_batch(8, "cpu") is None
-        assert functional.block_rows(50_000, 300, "cpu", batch=8) == 300  # the budget is smaller
-        assert functional.block_rows(800, None, "cpu", batch=8) is None  # fits one block
-        assert functional.block_rows(50_000, None, "meta", batch=8) is None  # not on other devices
-    with blocking(rows=1024, batch=512, max_threads=NEVER):  # more threads than the small-batch limit
-        assert functional.block_rows(50_000, None, "cpu", batch=8) is None
-        assert functional.block_batch(8, "cpu") is None
-        assert functional.block_rows(50_000, None, "cpu", batch=10_000) == 1024  # large batches block
-        assert functional.block_batch(10_000, "cpu") == 512
-        assert functional.block_rows(50_000, 700, "cpu", batch=10_000) == 700
+        assert functional.block_rows(50_000, 300, "cpu") == 300  # the budget is smaller
+        assert functional.block_rows(800, None, "cpu") is None  # fits one block
+        assert functional.block_rows(50_000, None, "meta") is None  # not on other devices
+        assert functional.block_batch(10_000, "cpu") == 512  # large batches block
+        assert functional.block_rows(50_000, 700, "cpu") == 700
+    with blocking(max_threads=NEVER):
+        assert functional.block_rows(50_000, None, "cpu") is None
+        assert functional.block_batch(10_000, "cpu") is None
+
+
+def test_block_policy_does_not_depend_on_thread_count():
+    """The summation order (and so every number) is the same at any torch thread count."""
+    before = torch.get_num_threads()
+    try:
+        seen = set()
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            seen.add((functional.block_rows(50_000, None, "cpu"), functional.block_batch(8, "cpu"),
+                      functional.block_batch(10_000, "cpu")))
+        assert len(seen) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- growth

@@ -4,12 +4,13 @@ The few-shot setting of the π-limit paper: N-way K-shot classification where
 the inner loop adapts the network's **readout** (output layer) only, and the
 outer loop (meta-optimizer :class:`inf.optim.InfSGD`) trains the rest.
 
-Three model kinds, all with the forward of :class:`inf.networks.PiMLP`
-(``out = α_L · readout(h)``, ``h`` the preactivation entering the readout):
+Three model kinds (the vocabulary of :mod:`experiments.models`), all with the forward of
+:class:`inf.networks.PiMLP` (``out = α_L · readout(h)``, ``h`` the preactivation entering the
+readout):
 
-* ``"inf"``: :class:`inf.networks.InfMLP`, the infinite-width π-net;
-* ``"fin"``: :class:`inf.networks.FinPiMLPSample`, a finite π-net of width n;
-* ``"mu"``:  :class:`inf.networks.MuMLP`, the μP baseline (Gaussian init).
+* ``"infinite"``: :class:`inf.networks.InfMLP`, the infinite-width π-net;
+* ``"finite"``: :class:`inf.networks.FinPiMLPSample`, a finite π-net of width n;
+* ``"mup"``:  :class:`inf.networks.MuMLP`, the μP baseline (Gaussian init).
 
 Inner step in infinite width (readout only)
 -------------------------------------------
@@ -65,9 +66,12 @@ from torch.func import functional_call
 
 from inf.functional import pi_features
 from inf.math import F00
-from inf.networks import FinPiMLPSample, InfMLP, MuMLP
+from experiments.cli import ConfigError
+from experiments.models import KINDS, ModelSpec, kind_of, set_rows_dtype
+from experiments.models import build_model as build_from_spec
+from inf.networks import InfMLP
 from inf.optim import InfSGD
-from inf.tensors import FinPiParameter, owner_of
+from inf.parameters import FinPiParameter, owner_of, project_onto_span
 from inf.utils import clip_grad_norm_, pi_param_groups
 
 __all__ = [
@@ -77,28 +81,18 @@ __all__ = [
     "mean_and_ci95",
 ]
 
-MODEL_KINDS = ("inf", "fin", "mu")
+MODEL_KINDS = KINDS  # "infinite", "finite", "mup" (the old "inf", "fin", "mu" are aliases)
 
 
 # --------------------------------------------------------------------------- models
 
 def model_kind(net: nn.Module) -> str:
-    """``"inf"``, ``"fin"`` or ``"mu"`` for the three supported networks."""
-    if isinstance(net, InfMLP):
-        return "inf"
-    if isinstance(net, FinPiMLPSample):
-        return "fin"
-    if isinstance(net, MuMLP):
-        return "mu"
-    raise TypeError(f"MAML supports InfMLP, FinPiMLPSample and MuMLP, got {type(net).__name__}")
-
-
-def set_rows_dtype(net: InfMLP, dtype: torch.dtype) -> InfMLP:
-    """Store the rows (A, B) of every infinite layer in ``dtype``; the coefficients stay
-    float32 and everything else (input layer, biases, computation) is left as it is."""
-    for layer in net.layers[1:]:
-        layer.rows.to(dtype)
-    return net
+    """``"infinite"``, ``"finite"`` or ``"mup"`` for the three supported networks."""
+    try:
+        return kind_of(net)
+    except TypeError:
+        raise TypeError(f"MAML supports InfMLP, FinPiMLPSample and MuMLP, got "
+                        f"{type(net).__name__}") from None
 
 
 def build_model(kind: str, d_in: int, d_out: int, *, width: int | None = None, r: int = 100,
@@ -106,41 +100,30 @@ def build_model(kind: str, d_in: int, d_out: int, *, width: int | None = None, r
                 bias_alpha: float = 1.0, last_bias_alpha: float = 0.0, layernorm: bool = False,
                 readout_zero_init: bool = True, dtype: torch.dtype = torch.float32,
                 rows_dtype: torch.dtype | None = None, device=None, seed: int = 0) -> nn.Module:
-    """Build one of the three networks, seeded by ``seed``.
+    """Build one of the three networks, seeded by ``seed`` (:func:`experiments.models.build_model`
+    with MAML's defaults: no readout bias, ``r = 100``).
 
-    ``"fin"`` samples a width-``width`` π-net from a freshly initialized rank-``r``
-    infinite net (built in float64, then cast to ``dtype``). ``rows_dtype`` (only
-    ``"inf"``) stores the infinite layers' rows in another precision (e.g. float16).
-    π-nets always start with a zero readout (spec §3); ``readout_zero_init`` matters
-    for ``"mu"`` only.
+    ``kind``: ``"infinite"``, ``"finite"`` or ``"mup"`` (or the aliases ``"inf"``, ``"fin"``,
+    ``"mu"``). ``"finite"`` samples a width-``width`` π-net from a freshly initialized rank-``r``
+    infinite net (built in float64, then cast to ``dtype``). ``rows_dtype`` (infinite only)
+    stores the infinite layers' rows in another precision (e.g. float16). π-nets always start
+    with a zero readout; ``readout_zero_init`` matters for ``"mup"`` only.
     """
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
-    if kind != "inf" and (width is None or width < 1):
-        raise ValueError(f"a finite network ({kind!r}) needs a positive width, got {width}")
-    gen = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))  # InfMLP draws its initial rows from the global generator
-    common = dict(first_layer_alpha=first_layer_alpha, last_layer_alpha=last_layer_alpha,
-                  bias_alpha=bias_alpha, last_bias_alpha=last_bias_alpha, layernorm=layernorm)
-    if kind == "mu":
-        return MuMLP(d_in, d_out, width, L=depth, readout_zero_init=readout_zero_init,
-                     device=device, dtype=dtype, generator=gen, **common)
-    inf_dtype = torch.float64 if kind == "fin" else dtype
-    net = InfMLP(d_in, d_out, r, L=depth, device=device, dtype=inf_dtype, **common)
-    if kind == "fin":
-        return FinPiMLPSample(net, width, generator=gen, dtype=dtype)
-    if rows_dtype is not None and rows_dtype != dtype:
-        set_rows_dtype(net, rows_dtype)
-    return net
+    try:
+        spec = ModelSpec(kind=kind, d_in=d_in, d_out=d_out, r=r, width=width, depth=depth,
+                         first_layer_alpha=first_layer_alpha, last_layer_alpha=last_layer_alpha,
+                         bias_alpha=bias_alpha, last_bias_alpha=last_bias_alpha,
+                         layernorm=layernorm, readout_zero_init=readout_zero_init, seed=seed,
+                         dtype=dtype, rows_dtype=rows_dtype)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return build_from_spec(spec, device)
 
 
 def body_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The preactivation ``h`` entering the readout (what ``net(x, return_hidden=True)``
-    returns second), without evaluating the readout."""
-    h = net.first_layer_alpha * net.layers[0](x)
-    for layer in net.layers[1:-1]:
-        h = layer(h)
-    return h
+    """The preactivation ``h`` entering the readout (``net.features(x)``), without evaluating
+    the readout."""
+    return net.features(x)
 
 
 def _readout_bias_alpha(layer) -> float:
@@ -148,7 +131,7 @@ def _readout_bias_alpha(layer) -> float:
 
 
 def _input_dtype(net: nn.Module) -> torch.dtype:
-    first = net.layers[0]
+    first = net.input_layer
     first = getattr(first, "module", first)  # a TrAct wrapper keeps the layer in .module
     for p in first.parameters():
         return p.dtype
@@ -193,7 +176,7 @@ def inf_readout_adapt(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, hq: torch
     own backward (if its coefficients require grad); second order also flows
     through the support errors and the support features; first order detaches both.
     """
-    layer = net.layers[-1]
+    layer = net.output_layer
     aL = net.last_layer_alpha
     beta = _readout_bias_alpha(layer)
     ns = hs.shape[0]
@@ -236,7 +219,7 @@ class _RowsAdapted:
         self.rows_added = rows_added
 
     def logits(self, hq: torch.Tensor) -> torch.Tensor:
-        layer = self.net.layers[-1]
+        layer = self.net.output_layer
         z = layer(hq)
         if self.bias_delta is not None:
             z = z + _readout_bias_alpha(layer) * self.bias_delta.to(z.dtype)
@@ -249,19 +232,19 @@ def inf_readout_rows_adapted(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, st
     """Inner loop of an infinite net by appending rows to its readout (spec §5).
 
     Each step appends one row per support example (``A = δ·s``, ``B = ĝ``,
-    coefficient ``-step_size``) to ``net.layers[-1].rows``; the readout bias
+    coefficient ``-step_size``) to ``net.output_layer.rows``; the readout bias
     change is kept aside and added to the outputs. Yields an object whose
     ``.logits(hq)`` answers queries with the rows present (backward through
     it works while inside the block). On exit the rows are removed with
-    ``RowStore.truncate``: the base model never keeps them. First order only:
+    ``RowStore.temporary_rows``: the base model never keeps them. First order only:
     the support errors and features are constants.
     """
-    layer = net.layers[-1]
+    layer = net.output_layer
     store = layer.rows
     aL = net.last_layer_alpha
     beta = _readout_bias_alpha(layer)
-    M = store.num_rows
-    try:
+    with store.temporary_rows():
+        M = store.num_rows
         with torch.no_grad():
             hs = hs.detach()
             s, ghat = pi_features(hs, layer.layernorm)
@@ -281,21 +264,9 @@ def inf_readout_rows_adapted(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, st
                 if bias_delta is not None:
                     bias_delta -= step_size * beta * delta.sum(0)
         yield _RowsAdapted(net, bias_delta, logits_before, inner_losses, store.num_rows - M)
-    finally:
-        store.truncate(M)
-        coef = store.Amult
-        if coef.grad is not None and coef.grad.shape != coef.shape:
-            # backward inside the block left a marker gradient sized for the extra rows
-            coef.grad = torch.zeros_like(coef)
 
 
 # --------------------------------------------------------------------------- finite inner loop
-
-def _project_on_omega(layer, g: torch.Tensor) -> torch.Tensor:
-    """``Q Qᵀ g`` on the output side, differentiable (Q: orthonormal basis of span(Ω))."""
-    Q = layer.omega_basis.to(g.dtype)
-    return Q @ (Q.T @ g)
-
 
 def finite_inner_loop(fwd, base: dict, inputs: torch.Tensor, targets: torch.Tensor, step_size: float,
                       num_steps: int = 1, *, create_graph: bool = False, differentiable: bool = True,
@@ -332,7 +303,7 @@ def finite_inner_loop(fwd, base: dict, inputs: torch.Tensor, targets: torch.Tens
                 continue
             owner = owner_of(base[k]) if isinstance(base[k], FinPiParameter) else None
             if gproj_inner and owner is not None and owner.projected:
-                g = _project_on_omega(owner, g)
+                g = project_onto_span(g, owner.omega_basis)  # differentiable (second order)
             if differentiable:
                 new[k] = p - step_size * g
             else:
@@ -409,7 +380,7 @@ class MetaLearner:
         self.kind = model_kind(net)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if self.kind == "inf" and not adapt_readout_only:
+        if self.kind == "infinite" and not adapt_readout_only:
             raise NotImplementedError(
                 "MAML of an infinite π-net adapts the readout only: pass --adapt-readout-only "
                 "(adapting the body layers in the inner loop is implemented for finite nets)")
@@ -441,11 +412,11 @@ class MetaLearner:
         With ``train`` the outer loss times ``loss_scale`` is backpropagated
         (gradients accumulate into the net: ``.grad`` and pending rows).
         """
-        if train and self.kind == "inf" and self.first_order and self.rows_path:
+        if train and self.kind == "infinite" and self.first_order and self.rows_path:
             return self._inf_rows_train_task(xs, ys, xq, yq, loss_scale, keep_logits)
         xs, xq = self._prepare(xs), self._prepare(xq)
         ys, yq = ys.to(self.device), yq.to(self.device)
-        if self.kind == "inf":
+        if self.kind == "infinite":
             logits, before, inner = self._inf_task(xs, ys, xq, train)
         else:
             logits, before, inner = self._finite_task(xs, ys, xq, train)
@@ -482,7 +453,7 @@ class MetaLearner:
         net = self.net
         second = train and not self.first_order
         if self.adapt_readout_only:
-            module = net.layers[-1]
+            module = net.output_layer
             alpha = net.last_layer_alpha
             if second or not train:
                 with torch.set_grad_enabled(train):
@@ -550,7 +521,7 @@ class MetaLearner:
 
     def _clip(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.kind == "fin" and not self.gproj_outer:
+        if self.kind == "finite" and not self.gproj_outer:
             # the raw (unprojected) gradient is what the step uses: clip its norm
             with_grad = [p for p in params if p.grad is not None]
             if not with_grad:

@@ -528,9 +528,11 @@ class TrajectoryRecorder:
         out = torch.cat(outs).detach().double().cpu()
         return out[:, None] if out.ndim == 1 else out.reshape(len(out), -1)
 
-    def record(self, net: nn.Module, step: int, kernel=None):
-        """Store ``f_t`` on the training set (no gradients, no pending rows) and, every
-        ``kernel_every``-th call, the tangent kernel (``kernel`` if given, else ``kernel_fn``)."""
+    def record(self, net: nn.Module, step: int, kernel=None, snapshot: bool | None = None):
+        """Store ``f_t`` on the recorded inputs (no gradients, no pending rows) and, every
+        ``kernel_every``-th call, the tangent kernel (``kernel`` if given, else ``kernel_fn``);
+        with ``snapshot`` (default: the recorder's ``snapshots``) also a copy of the
+        parameters, for :meth:`compute_gradients`."""
         out = self._outputs(net)
         if out.shape[1] != self.targets.shape[1]:
             raise ValueError(f"the network has {out.shape[1]} outputs but the targets {self.targets.shape[1]}")
@@ -539,12 +541,12 @@ class TrajectoryRecorder:
         want_kernel = kernel is not None or (self.kernel_fn is not None and len(self.steps) % self.kernel_every == 0)
         self.steps.append(int(step))
         self.outputs.append(out)
-        if self.snapshots:
+        if self.snapshots if snapshot is None else snapshot:
             self.snapshot_steps.append(int(step))
             if _output_is_infinite(net):
                 self._snapshots.append(copy.deepcopy(net))
             else:
-                self._snapshots.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+                self._snapshots.append(copy.deepcopy(net.state_dict()))
         if want_kernel:
             K = kernel if kernel is not None else self.kernel_fn(net, self.X)
             self.kernel_steps.append(int(step))
@@ -662,6 +664,7 @@ def atomic_savez(path, **arrays) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -690,12 +693,14 @@ def _basis_label(rec) -> str:
 
 def plot_beta_curves(rec: TrajectoryRecorder, path, top: int = 12, title: str | None = None, dpi: int = 100) -> Path:
     """``|β_i(t)|`` of the leading basis functions against the step (left; dashed: ``|β*_i|``,
-    the targets' coefficients) and the remaining fraction ``|β_i(t) − β*_i| / |β*_i|``
+    the targets' coefficients — with the paper's basis the final ``s_i``) and the remaining
+    fraction ``|β_i(t) − β*_i| / |β*_i|``
     (right): incremental learning shows as the curves finishing in the order of i.
     1400 px wide at the default dpi; every curve is in the legend."""
     plt = _plt()
     B = rec.betas()
-    star = rec.beta_star()
+    paper = rec.basis is not None
+    star = rec.basis.s[:, None] if paper else rec.beta_star()
     m = min(top, B.shape[1])
     x = _xsteps(rec.steps)
     cmap = plt.cm.tab20 if m > 10 else plt.cm.tab10
@@ -710,8 +715,9 @@ def plot_beta_curves(rec: TrajectoryRecorder, path, top: int = 12, title: str | 
         a.set_xscale("log")
         a.set_xlabel("step + 1")
         a.grid(alpha=0.3)
-    a1.set_ylabel(r"$|\beta_i(t)|$  (dashed: $|\beta^*_i|$ of the targets)")
-    a2.set_ylabel(r"$|\beta_i(t)-\beta^*_i| \,/\, |\beta^*_i|$")
+    ref = r"s_i" if paper else r"\beta^*_i"
+    a1.set_ylabel(r"$|\beta_i(t)|$  (dashed: " + (r"final $s_i$)" if paper else r"$|\beta^*_i|$ of the targets)"))
+    a2.set_ylabel(rf"$|\beta_i(t)-{ref}| \,/\, |{ref}|$")
     a2.set_ylim(0, 1.5)
     fig.legend(*a1.get_legend_handles_labels(), loc="center right", title="basis function",
                ncol=1 if m <= 12 else 2, frameon=False)
@@ -783,6 +789,7 @@ def _save(fig, path, dpi) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

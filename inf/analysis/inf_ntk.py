@@ -68,7 +68,7 @@ def _check_net(net) -> list:
 
 
 def _layer_forward(layer: InfPiLinearReLU, g: torch.Tensor) -> torch.Tensor:
-    out = inf_pi_linear_relu(g, layer.A, layer.Amult.detach(), layer.B, store=None, layernorm=layer.layernorm,
+    out = inf_pi_linear_relu(g, layer.A, layer.coefficients.detach(), layer.B, recording=None, layernorm=layer.layernorm,
                              chunk_rows=layer._chunk_rows(g.shape[0], g.dtype))
     if layer.bias is not None:
         out = out + (layer.bias_alpha * layer.bias.detach()).to(out.dtype)
