@@ -1,18 +1,27 @@
-"""Train a model and decompose its training trajectory on a kernel eigenbasis.
+"""Train a model and decompose its training trajectory on a basis of functions.
 
     python -m experiments.analysis.trajectory                      # infinite π-net on digits
     python -m experiments.analysis.trajectory --model mu --width 256
-    python -m experiments.analysis.trajectory --model cnn --basis ntk-init
+    python -m experiments.analysis.trajectory --model cnn --basis after   # a kernel eigenbasis
     python -m experiments.analysis.trajectory --model fin --data cifar10 --data-root DIR --n-train 512
 
 The model (``inf``, ``fin``, ``mu`` or ``cnn``; flags as in ``experiments.analysis.pntk``)
 is trained with SGD (InfSGD) on ``--n-train`` class-balanced training examples. At about
 ``--records`` log-spaced steps the outputs on the training set are recorded, and at
-``--kernel-records`` of them the tangent kernel on the training set too (exact for the
-infinite π-net, the projected NTK with ``--proj-dim`` otherwise). After training, the
-basis ``φ_i`` is the eigenbasis of ``--basis``: ``after`` (the conjugate kernel of the
-final network's last hidden layer, the "after kernel"), ``ntk-init`` or ``ntk-final``
-(the first or last recorded tangent kernel). See ``inf.analysis.decomposition``.
+``--kernel-records`` of them the gradients of the coefficients too. After training, the
+basis is ``--basis``:
+
+* ``paper`` (default): the basis of Ma, Guo & Fattahi (2022) — built from the final network's
+  penultimate features on the held-out (test) set, on which the outputs are then recorded;
+  β_i is a scalar and ``‖∇β_i‖``, ``cos(∇β_i, ∇β_j)`` come from exact parameter gradients
+  (autograd; the exact tangent kernel for the infinite π-net), or with ``--grad-proj-dim K``
+  from a projected NTK with a fresh sketch at each recorded step;
+* a kernel eigenbasis on the training set: ``after`` (the conjugate kernel of the final
+  network's last hidden layer, the "after kernel"), ``ntk-init`` or ``ntk-final`` (the
+  first or last recorded tangent kernel: exact for the infinite π-net, the projected NTK
+  with ``--proj-dim`` otherwise). ``kernel`` is ``after``.
+
+See ``inf.analysis.decomposition`` and docs/analysis.md.
 
 Outputs in ``--out`` (default ``runs/analysis/trajectory_<data>_<model>``):
 ``beta_curves.png`` (``|β_i(t)|`` and the unlearned fraction of the leading basis
@@ -34,6 +43,7 @@ import torch
 
 from inf.analysis import (TrajectoryRecorder, after_kernel, eigenbasis, plot_beta_curves, plot_beta_vs_gradnorm,
                           plot_independence, tangent_kernel)
+from inf.analysis.decomposition import network_basis
 
 from .common import (accuracy, add_data_args, add_model_args, add_train_args, build_model, load_data,
                      log_spaced_steps, model_config, model_inputs, predict, save_checkpoint, train)
@@ -48,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_args(p, n_train=256, n_test=None)
     add_train_args(p, steps=600, lr=0.2, batch_size=32, loss="mse")
     a = p.add_argument_group("analysis")
-    a.add_argument("--basis", choices=("after", "ntk-init", "ntk-final"), default="after")
+    a.add_argument("--basis", choices=("paper", "kernel", "after", "ntk-init", "ntk-final"), default="paper",
+                   help="paper: the basis-function paper's basis on the held-out set; otherwise a kernel eigenbasis")
+    a.add_argument("--grad-proj-dim", dest="grad_proj_dim", type=int, default=0,
+                   help="paper basis: K of a projected NTK for the gradients (0: exact gradients)")
     a.add_argument("--records", type=int, default=30, help="recorded steps (log-spaced)")
     a.add_argument("--kernel-records", dest="kernel_records", type=int, default=6,
                    help="how many of them also record the tangent kernel")
@@ -67,8 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def learned_at(rec: TrajectoryRecorder, top: int, fraction: float = 0.5) -> list[int | None]:
     """For each leading basis function, the first recorded step at which
-    ``|β_i − β*_i| < fraction · |β*_i|`` (None if never)."""
-    B, star = rec.betas(), rec.beta_star()
+    ``|β_i − β*_i| < fraction · |β*_i|`` (None if never); with the paper's basis the
+    reference β*_i is the final coefficient s_i."""
+    B = rec.betas()
+    star = rec.basis.s[:, None] if rec.basis is not None else rec.beta_star()
     steps = []
     for i in range(min(top, B.shape[1])):
         frac = (B[:, i] - star[i]).norm(dim=1) / star[i].norm().clamp_min(1e-300)
@@ -90,32 +105,54 @@ def main(argv=None) -> dict:
 
     record_at = log_spaced_steps(args.steps, args.records)
     every = max(1, math.ceil(len(record_at) / args.kernel_records))
+    paper = args.basis == "paper"
+    if args.basis == "kernel":
+        args.basis = "after"
     kernel_fn = partial(tangent_kernel, proj_dim=args.proj_dim or None, seed=args.seed)
-    rec = TrajectoryRecorder(None, xtr, data.y_train, num_classes=data.num_classes, kernel_fn=kernel_fn,
-                             kernel_every=every)
+    if paper:
+        xho = model_inputs(cfg, data.x_test)
+        rec = TrajectoryRecorder(None, xho, data.y_test, num_classes=data.num_classes)
+        snap_at = set(record_at[::every]) | {record_at[-1]}
+    else:
+        rec = TrajectoryRecorder(None, xtr, data.y_train, num_classes=data.num_classes, kernel_fn=kernel_fn,
+                                 kernel_every=every)
     wanted = set(record_at)
 
     def callback(step):
         if step in wanted:
-            rec.record(net, step)
+            if paper:
+                rec.record(net, step, snapshot=step in snap_at)
+            else:
+                rec.record(net, step)
 
     t = time.time()
     losses = train(net, cfg, data.x_train, data.y_train, args.steps, args.lr, args.batch_size, args.loss,
                    seed=args.seed, callback=callback, progress=args.progress)
-    if rec.kernel_steps[-1] != rec.steps[-1]:
+    if not paper and rec.kernel_steps[-1] != rec.steps[-1]:
         rec.kernel_steps.append(rec.steps[-1])  # the final kernel is always recorded
         rec.kernels.append(kernel_fn(net, xtr).double())
     log.info("trained %s for %d steps in %.0fs (final loss %.4f)", cfg["model"], args.steps, time.time() - t,
              losses[-1])
     save_checkpoint(out / "model.pt", net, cfg, {"losses": losses})
 
-    if args.basis == "after":
-        K = after_kernel(net, xtr)
+    if paper:
+        rec.set_function_basis(network_basis(net, rec.X))
+        t = time.time()
+        rec.compute_gradients(net, top=20, proj_dim=args.grad_proj_dim or None, seed=args.seed,
+                              progress=args.progress)
+        log.info("gradients of β_i (%s) at %d steps in %.0f s",
+                 f"projected NTK, K = {args.grad_proj_dim}, fresh sketches" if args.grad_proj_dim else "exact",
+                 len(rec.gradient_steps), time.time() - t)
+        eigvals, phi = rec.basis.s, rec.phi
+        label = f"paper's (final network, {len(rec.X)} held-out examples)"
     else:
-        K = rec.kernels[0 if args.basis == "ntk-init" else -1]
-    eigvals, phi = eigenbasis(K)
-    rec.set_basis(eigvals, phi)
-    label = {"after": "after kernel", "ntk-init": "NTK at init", "ntk-final": "final NTK"}[args.basis]
+        if args.basis == "after":
+            K = after_kernel(net, xtr)
+        else:
+            K = rec.kernels[0 if args.basis == "ntk-init" else -1]
+        eigvals, phi = eigenbasis(K)
+        rec.set_basis(eigvals, phi)
+        label = {"after": "after kernel", "ntk-init": "NTK at init", "ntk-final": "final NTK"}[args.basis]
     title = f"{cfg['model']} on {args.data} (n={len(data.y_train)}), basis: {label}"
     plot_beta_curves(rec, out / "beta_curves.png", top=args.top, title=title)
     plot_beta_vs_gradnorm(rec, out / "beta_vs_gradnorm.png", title=title)
@@ -131,11 +168,15 @@ def main(argv=None) -> dict:
         "test_accuracy": accuracy(predict(net, cfg, data.x_test), data.y_test),
         "eigenvalues": eigvals[:args.top].tolist(),
         "learned_at_step": learned_at(rec, args.top),
-        "kernel_steps": rec.kernel_steps,
+        "kernel_steps": rec.grad_steps,
+        "beta_at_init": rec.betas()[0, :args.top].norm(dim=1).tolist(),
+        "beta_final": rec.betas()[-1, :args.top].norm(dim=1).tolist(),
         "independence": indep,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("train accuracy %.3f, test accuracy %.3f", summary["train_accuracy"], summary["test_accuracy"])
+    log.info("|β_i| at initialisation %s, final %s", [round(v, 4) for v in summary["beta_at_init"]],
+             [round(v, 4) for v in summary["beta_final"]])
     log.info("step at which β_i is half learned, i = 1..%d: %s", args.top, summary["learned_at_step"])
     log.info("gradient independence (top 10) over training: %s",
              ", ".join(f"{v:.2f}" for v in indep.get("10", [])))
