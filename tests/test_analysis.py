@@ -425,7 +425,7 @@ def test_programs_smoke(tmp_path):
                            *common])
     assert rep2["model"]["model"] == "mu" and rep2["net_accuracy"] == rep["net_accuracy"]
     # a bare state dict with the model described by the flags
-    sd = torch.load(tmp_path / "mu" / "model.pt", weights_only=False)["model"]
+    sd = torch.load(tmp_path / "mu" / "model.pt", weights_only=True)["model"]
     torch.save(sd, tmp_path / "bare.pt")
     rep3 = pntk_prog.main(["--checkpoint", str(tmp_path / "bare.pt"), "--model", "mu", "--width", "32",
                            "--proj-dim", "32", "--topk", "3", "--n-show", "3", "--out", str(tmp_path / "bare"),

@@ -11,12 +11,21 @@ convolutional net, :class:`SmallCNN`).
 
 Checkpoints are dicts ``{"model": state_dict, "config": {...}}`` where the config holds
 everything :func:`build_model` needs; a bare state dict is accepted too, with the model
-described by the command-line flags.
+described by the command-line flags. They are written atomically and read with
+``torch.load(weights_only=True)``: a file that holds Python objects (which unpickling would
+run) is refused with one line, never executed.
+
+User errors (a missing ``--data-root`` or ``--checkpoint`` file, a checkpoint that is not a
+plain state dict or does not fit the model) raise :class:`experiments.cli.ConfigError`, which
+the programs' ``run_main`` entry prints as one line. ``--threads N`` (added with the data
+options) sets torch's CPU threads as soon as the command line is parsed.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.cli import ConfigError, apply_threads, positive_int
 from inf.networks import InfMLP, MuMLP
 from inf.optim import InfSGD
 
@@ -83,7 +93,10 @@ def load_data(name: str = "digits", root: str | None = None, n_train: int | None
         from experiments.data.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, normalize
 
         if root is None:
-            raise ValueError("--data cifar10 needs --data-root (the CIFAR-10 folder or archive)")
+            raise ConfigError("--data cifar10 needs --data-root — give --data-root DIR, the CIFAR-10 folder "
+                              "(cifar-10-batches-py) or its .tar.gz archive")
+        if not Path(root).exists():
+            raise ConfigError(f"--data-root {root} does not exist — give the CIFAR-10 folder or its archive")
         tr_img, y_tr = load_cifar10(root, train=True)
         te_img, y_te = load_cifar10(root, train=False)
         try:
@@ -178,7 +191,17 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "mu"):
     g.add_argument("--seed", type=int, default=0)
 
 
+class _ThreadsAction(argparse.Action):
+    """``--threads N``: applied (``torch.set_num_threads``) when the command line is parsed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        apply_threads(values)
+
+
 def add_data_args(p: argparse.ArgumentParser, n_train: int | None, n_test: int | None):
+    p.add_argument("--threads", type=positive_int, default=None, action=_ThreadsAction, metavar="N",
+                   help="torch CPU threads (default: torch's choice); set when the command line is parsed")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("digits", "cifar10"), default="digits")
     g.add_argument("--data-root", dest="data_root", default=None, help="CIFAR-10 folder or archive")
@@ -240,32 +263,63 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def save_checkpoint(path, net: nn.Module, cfg: dict, extra: dict | None = None) -> Path:
+    """``{"model": state_dict, "config": cfg, **extra}``, written atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": net.state_dict(), "config": cfg, **(extra or {})}, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save({"model": net.state_dict(), "config": cfg, **(extra or {})}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
+
+
+def read_checkpoint(path, flag: str = "--checkpoint"):
+    """``torch.load(path, weights_only=True)`` with one-line errors: a missing file, a file
+    that is not a torch checkpoint, or one holding Python objects (refused, never run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path} does not exist — give a checkpoint written by a previous run "
+                          "(OUT/model.pt) or a saved state dict")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{flag} {path} holds Python objects that loading would execute; refused — load only "
+                          "checkpoints you trust, re-saved as plain tensors: torch.save(model.state_dict(), FILE)"
+                          ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{flag} {path} is not a readable torch checkpoint ({first[:120]}) — give the model.pt "
+                          "a previous run wrote") from None
 
 
 def load_checkpoint(path, cli_cfg: dict) -> tuple[nn.Module, dict]:
     """A model from a checkpoint: ``{"model": …, "config"/"args": …}`` or a bare state dict
-    (then the model is the one the command-line flags describe)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    (then the model is the one the command-line flags describe). Read with
+    ``weights_only=True`` (:func:`read_checkpoint`)."""
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
         saved = ckpt.get("config") or ckpt.get("args") or {}
-        if isinstance(saved, argparse.Namespace):
-            saved = vars(saved)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--checkpoint {path}: its config is a {type(saved).__name__}, not a dict — re-save it "
+                              "with save_checkpoint or as a bare state dict")
         cfg = {**cli_cfg, **{k: v for k, v in saved.items() if k in MODEL_KEYS}}
         state = ckpt["model"]
     elif isinstance(ckpt, dict):
         cfg, state = dict(cli_cfg), ckpt
     else:
-        raise ValueError(f"{path}: expected a state dict or a dict with 'model', got {type(ckpt).__name__}")
+        raise ConfigError(f"--checkpoint {path}: expected a state dict or a dict with 'model', got "
+                          f"{type(ckpt).__name__} — give a checkpoint written by save_checkpoint or a state dict")
     net = build_model(cfg)
     try:
         net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not fit the model {cfg['model']} described by "
-                         f"{'the checkpoint' if 'model' in ckpt else 'the command line'}: {e}") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        source = "the checkpoint's config" if "model" in ckpt else "the command-line flags (--model, --width, …)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--checkpoint {path} does not fit the model {cfg['model']} described by {source}: "
+                          f"{first[:200]}") from None
     return net, cfg
 
 
