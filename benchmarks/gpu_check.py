@@ -7,7 +7,10 @@ One prepared script for one GPU (at most about 8 minutes on a current data-centr
     python -m benchmarks.gpu_check --skip-speed         # correctness only
     python -m benchmarks.gpu_check --device cpu --small # the same code on the CPU, small sizes
 
-Without CUDA (and ``--device cuda``) it prints one line and exits with status 0.
+Without CUDA (and ``--device cuda``) it prints one line and exits with status 0. On the
+CPU the layers run with ``BlockPolicy(low_precision_products=True)``: the arithmetic of
+the GPU path (half-precision rows multiplied as stored, float32 accumulation), with the
+cuBLAS product emulated on float32 copies.
 
 Part 1, correctness (each against a float64 CPU run of the same network and batches):
 
@@ -41,6 +44,7 @@ Exit status 1 if a correctness check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -52,6 +56,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from inf.functional import block_policy, current_block_policy
 from inf.networks import FinPiMLPSample, InfMLP
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_
@@ -268,19 +273,41 @@ def check_compress(rep: Report, device, small: bool, seed: int = 4):
             dict(bound_used=1.01, rel_eps_device=2 * r_ref.rel_eps + 1e-3))
 
 
-def check_distributed(rep: Report, device, small: bool):
+def check_distributed(rep: Report, device, small: bool, seed: int = 5):
+    """A net sharded by ``inf.distributed.shard_`` over a one-process group trains exactly like
+    the unsharded net on the device (the sharded code path and its collectives on this device;
+    more processes: benchmarks/distributed.py)."""
     try:
-        import inf.distributed as dist_mod
+        import torch.distributed as dist
+
+        from inf.distributed import shard_
     except ImportError as exc:
         rep.skip("sharded net", f"inf.distributed not available ({exc})")
         return
-    fn = getattr(dist_mod, "self_check", None)
-    if fn is None:
-        rep.skip("sharded net", "inf.distributed has no single-process self_check(device); "
-                 "run its own multi-process benchmark (benchmarks/distributed.py)")
+    if not dist.is_available():
+        rep.skip("sharded net", "torch.distributed is not available in this build")
         return
-    values = fn(device)
-    rep.add(f"sharded net on {device} (inf.distributed.self_check)", dict(values), {k: 1e-4 for k in values})
+    created = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    try:
+        cfg = _net_cfg(small)
+        torch.manual_seed(seed)
+        base = InfMLP(cfg["d_in"], cfg["d_out"], cfg["r"], L=cfg["L"], dtype=torch.float64)
+        plain, sharded = to_device(base, device), shard_(to_device(base, device))
+        xs, ys, x_test = _data(cfg, 3, 8, seed)
+        _train(plain, xs, ys, device, torch.float32, 3, momentum=0.9, wd=1e-4, clip=1.0)
+        _train(sharded, xs, ys, device, torch.float32, 3, momentum=0.9, wd=1e-4, clip=1.0)
+        with torch.no_grad():
+            xt = x_test.to(device, torch.float32)
+            values = dict(out_after=rel(sharded(xt), plain(xt)))
+        rep.add(f"sharded net (one-process group) on {device}, 3 steps vs the unsharded net", values,
+                dict(out_after=1e-5))
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------- part 2
@@ -439,6 +466,13 @@ def main(argv=None) -> int:
         return 0
     if device.type == "cpu":
         torch.set_num_threads(1)
+    # on the CPU, run the arithmetic of the GPU path (low-precision products, emulated)
+    policy = block_policy(low_precision_products=True) if device.type == "cpu" else contextlib.nullcontext()
+    with policy:
+        return _main(args, device)
+
+
+def _main(args, device) -> int:
     t_start = time.perf_counter()
     sizes_m = args.sizes or ([0.002, 0.008] if args.small else [0.25, 1.0, 4.0])
     Ms = [int(round(s * 1e6)) for s in sizes_m]
@@ -446,6 +480,7 @@ def main(argv=None) -> int:
     args.eval_M = min(Ms, key=lambda m: abs(m - 1_000_000))
     args.eval_batch = 256 if args.small else 4096
     result = dict(machine=machine_line(str(device)), device=str(device), torch=torch.__version__,
+                  policy=str(current_block_policy()),
                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   tolerances=TOL)
     print(f"gpu_check on {device}: {result['machine']}")

@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -62,7 +63,7 @@ from .math import kernels_2pi_
 
 __all__ = ["InfPiLinearReLUFunction", "inf_pi_linear_relu", "pi_features", "compute_dtype",
            "auto_chunk_rows", "block_rows", "block_batch", "BlockPolicy", "block_policy",
-           "current_block_policy"]
+           "current_block_policy", "mm_f32", "split_mm", "low_precision_products"]
 
 _TINY = 1e-30
 _INV_2PI = 1.0 / (2.0 * math.pi)
@@ -82,12 +83,19 @@ class BlockPolicy:
             (65536 rows × 800 columns = 200 MB).
         save_kernels: keep F11/F02 from forward for backward: None = when the memory
             budget allows the batch × M buffers, True = always, False = recompute.
+        low_precision_products: multiply float16/bfloat16 rows as they are stored, with
+            float32 accumulation and output (:func:`mm_f32`), instead of converting each
+            block of rows to float32 first; the other operand (ĝ, F·c, δ, γ·F11) is
+            split into two half-precision parts so that it keeps float32's precision
+            (:func:`split_mm`). None = on CUDA only (on the CPU, True runs the same
+            arithmetic on float32 copies of the blocks: a CPU test of the GPU path).
     """
 
     cpu_block_rows: int | None = 1024
     cpu_block_batch: int | None = 512
     convert_block_rows: int = 65536
     save_kernels: bool | None = None
+    low_precision_products: bool | None = None
 
 
 _POLICY = BlockPolicy()
@@ -177,9 +185,70 @@ def _chunks(M: int, chunk_rows: int | None):
         yield start, min(M, start + chunk_rows)
 
 
-def _rows(X: torch.Tensor, lo: int, hi: int, cdt: torch.dtype) -> torch.Tensor:
+def _rows(X: torch.Tensor, lo: int, hi: int, cdt: torch.dtype | None) -> torch.Tensor:
     block = X[lo:hi]
-    return block if block.dtype == cdt else block.to(cdt)
+    return block if cdt is None or block.dtype == cdt else block.to(cdt)
+
+
+# ------------------------------------------------------------ low-precision products
+_HALF = (torch.float16, torch.bfloat16)
+_MM_OUT_DTYPE_OK = {"cuda": True}
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for float16/bfloat16 operands of one dtype, accumulated in and returned as float32.
+
+    On CUDA this is one cuBLAS product reading the half-precision operands as they are
+    (``torch.mm(a, b, out_dtype=torch.float32)``). Elsewhere, or if that overload is
+    missing, the operands are converted to float32 first, which gives the same result
+    (products of two half-precision numbers are exact in float32).
+    """
+    if a.device.type == "cuda" and _MM_OUT_DTYPE_OK["cuda"]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            _MM_OUT_DTYPE_OK["cuda"] = False
+            warnings.warn(f"torch.mm(..., out_dtype=torch.float32) is not available here ({exc}); "
+                          "float16/bfloat16 rows are converted to float32 block by block instead",
+                          RuntimeWarning, stacklevel=2)
+    return torch.mm(a.float(), b.float())
+
+
+def split_mm(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``x @ W`` for a float32 ``x`` (batch × k) and a float16/bfloat16 ``W``, to float32 accuracy.
+
+    ``x`` is written as ``(hi + lo)·s`` with ``hi`` and ``lo`` in ``W``'s dtype (for float16
+    ``s`` is each row's largest magnitude, so that tiny gradients neither underflow nor
+    overflow); both parts go through one product with ``W`` (a 2·batch × k operand, so
+    ``W`` is read once), accumulated in float32 by :func:`mm_f32`. The result then
+    carries only the rounding of ``W``'s storage: relative error about 3e-7 (float16)
+    and 3e-6 (bfloat16) against the exact product with the stored ``W``, where rounding
+    ``x`` itself would add 2e-4 and 2e-3.
+    """
+    b = x.shape[0]
+    scale = None
+    if W.dtype == torch.float16:
+        scale = x.abs().amax(1, keepdim=True).clamp_min_(_TINY)
+        x = x / scale
+    hi = x.to(W.dtype)
+    lo = (x - hi.float()).to(W.dtype)
+    prod = mm_f32(torch.cat([hi, lo]), W)
+    out = prod[:b].add_(prod[b:])
+    return out if scale is None else out.mul_(scale)
+
+
+def low_precision_products(policy: BlockPolicy, device, A: torch.Tensor, B: torch.Tensor,
+                           cdt: torch.dtype) -> bool:
+    """Whether a layer multiplies its stored float16/bfloat16 rows directly (see :class:`BlockPolicy`)."""
+    if cdt != torch.float32 or A.dtype not in _HALF or B.dtype != A.dtype:
+        return False
+    if policy.low_precision_products is None:
+        return torch.device(device).type == "cuda"
+    return bool(policy.low_precision_products)
+
+
+def _mm(x: torch.Tensor, W: torch.Tensor, lowp: bool) -> torch.Tensor:
+    return split_mm(x, W) if lowp else x @ W
 
 
 class InfPiLinearReLUFunction(torch.autograd.Function):
@@ -202,7 +271,12 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
         if save is None:
             save = not chunk_rows or chunk_rows >= M
         keep = bool(ctx.needs_input_grad[0] and save)
-        block = block_rows(M, chunk_rows, g.device, converts=A.dtype != cdt or B.dtype != cdt, policy=policy)
+        lowp = low_precision_products(policy, g.device, A, B, cdt)
+        # blocks converted to float32 are bounded in size (on the CPU the emulated
+        # low-precision products convert too); the GPU's low-precision products convert nothing
+        converts = (A.dtype != cdt or B.dtype != cdt) and not (lowp and g.device.type != "cpu")
+        rdt = None if lowp else cdt
+        block = block_rows(M, chunk_rows, g.device, converts=converts, policy=policy)
         bblock = block_batch(batch, g.device, policy)
         blocked = (block is not None and block < M) or bblock is not None
         out = torch.zeros(batch, A.shape[1], dtype=cdt, device=g.device)
@@ -211,9 +285,9 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
             f11_saved = torch.empty(batch, M, dtype=cdt, device=g.device)
             f02_saved = torch.empty(batch, M, dtype=cdt, device=g.device)
         for lo, hi in _chunks(M, block):
-            Bc, Ac, cc = _rows(B, lo, hi, cdt), _rows(A, lo, hi, cdt), coef[lo:hi]
+            Bc, Ac, cc = _rows(B, lo, hi, rdt), _rows(A, lo, hi, rdt), coef[lo:hi]
             for blo, bhi in _chunks(batch, bblock):
-                q = ghat[blo:bhi] @ Bc.T
+                q = _mm(ghat[blo:bhi], Bc.T, lowp)
                 if keep and blocked:
                     f11, f02 = kernels_2pi_(q, f11_saved[blo:bhi, lo:hi], f02_saved[blo:bhi, lo:hi])
                 else:
@@ -223,7 +297,10 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
                 # 2π F00 = 2π F02 + q 2π F11 (spec §2), times the coefficients
                 f00 = torch.addcmul(f02, q, f11).mul_(cc)
                 del q, f11, f02
-                out[blo:bhi].addmm_(f00, Ac)
+                if lowp:
+                    out[blo:bhi] += split_mm(f00, Ac)
+                else:
+                    out[blo:bhi].addmm_(f00, Ac)
                 del f00
             del Bc, Ac
         if layernorm:
@@ -232,7 +309,7 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
             out.mul_(norm[:, None] * _INV_2PI)
         ctx.recording = recording
         ctx.layernorm = layernorm
-        ctx.block, ctx.bblock = block, bblock
+        ctx.block, ctx.bblock, ctx.lowp = block, bblock, lowp
         ctx.in_dtype = g.dtype
         # the rows are kept as detached aliases of the M rows seen here, not via
         # save_for_backward: appending temporary rows between forward and backward
@@ -252,17 +329,22 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             v = torch.zeros_like(ghat)
             radial = torch.zeros(ghat.shape[0], dtype=cdt, device=ghat.device)
+            lowp = ctx.lowp
+            rdt = None if lowp else cdt
             for lo, hi in _chunks(A.shape[0], ctx.block):
-                Ac, Bc, cc = _rows(A, lo, hi, cdt), _rows(B, lo, hi, cdt), coef[lo:hi]
+                Ac, Bc, cc = _rows(A, lo, hi, rdt), _rows(B, lo, hi, rdt), coef[lo:hi]
                 for blo, bhi in _chunks(ghat.shape[0], ctx.bblock):
-                    gamma = (delta[blo:bhi] @ Ac.T).mul_(cc)
+                    gamma = _mm(delta[blo:bhi], Ac.T, lowp).mul_(cc)
                     if f11_saved is not None:
                         f11, f02 = f11_saved[blo:bhi, lo:hi], f02_saved[blo:bhi, lo:hi]
                     else:
-                        f11, f02 = kernels_2pi_(ghat[blo:bhi] @ Bc.T)
+                        f11, f02 = kernels_2pi_(_mm(ghat[blo:bhi], Bc.T, lowp))
                     if not ctx.layernorm:
                         radial[blo:bhi] += torch.linalg.vecdot(gamma, f02)
-                    v[blo:bhi].addmm_(gamma.mul_(f11), Bc)
+                    if lowp:
+                        v[blo:bhi] += split_mm(gamma.mul_(f11), Bc)
+                    else:
+                        v[blo:bhi].addmm_(gamma.mul_(f11), Bc)
                     del gamma, f11, f02
                 del Ac, Bc
             if ctx.layernorm:

@@ -31,7 +31,8 @@ def test_cuda_storage_matches_float64_cpu(storage):
 
 
 @needs_cuda
-@pytest.mark.parametrize("check", ["check_tract", "check_finite", "check_maml", "check_compress"])
+@pytest.mark.parametrize("check", ["check_tract", "check_finite", "check_maml", "check_compress",
+                                   "check_distributed"])
 def test_cuda_features_match_float64_cpu(check):
     rep = gpu_check.Report()
     getattr(gpu_check, check)(rep, torch.device("cuda"), small=True)
