@@ -170,8 +170,13 @@ class InfPiLinearReLU(nn.Module):
         self.rows.check()
         lead = g.shape[:-1]
         g2 = g.reshape(-1, self.r)
+        sharded = getattr(self.rows, "sharded", False)  # rows split over processes (inf.distributed)
+        if sharded:
+            g2 = self.rows.shard_input(g2)  # backward: sum of the partial input gradients
         out = inf_pi_linear_relu(g2, self.A, self.coefficients, self.B, self.rows.recording(), self.layernorm,
                                  self._chunk_rows(g2.shape[0], g2.dtype), self.policy)
+        if sharded:
+            out = self.rows.shard_output(out)  # sum of the partial outputs, before the bias
         if self.bias is not None:
             out = out + (self.bias_alpha * self.bias).to(out.dtype)
         out = out.reshape(*lead, self.r_out)

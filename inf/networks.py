@@ -197,6 +197,9 @@ class FinPiMLPSample(PiMLP):
         super().__init__()
         if n < 1:
             raise ValueError(f"width n must be >= 1, got {n}")
+        from .distributed import gathered
+
+        infnet = gathered(infnet)  # rows sharded over processes: sample from all of them (collective)
         self.n = n
         self.d_in, self.d_out, self.r, self.L = infnet.d_in, infnet.d_out, infnet.r, infnet.L
         self.first_layer_alpha = infnet.first_layer_alpha
