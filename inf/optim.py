@@ -95,7 +95,7 @@ class InfSGD(Optimizer):
                 buf = d_p.detach().clone()
             else:
                 if buf.shape[0] < p.shape[0]:  # rows were appended: the buffer grows with zeros
-                    buf = torch.cat([buf, buf.new_zeros((p.shape[0] - buf.shape[0],) + tuple(buf.shape[1:]))])
+                    buf = _grow_momentum(state, buf, p.shape[0])
                 buf.mul_(mu).add_(d_p, alpha=1 - group["dampening"])
             state["momentum_buffer"] = buf
             d_p = d_p.add(buf, alpha=mu) if group["nesterov"] else buf
@@ -163,6 +163,15 @@ class InfSGD(Optimizer):
     # ------------------------------------------------------------ save / load
     def state_dict(self):
         state = super().state_dict()
+        # momentum buffers of coefficients are views of capacity buffers: save M entries only
+        packed = {}
+        for key, st in state["state"].items():
+            st = {k: v for k, v in st.items() if k != _CAPACITY}
+            buf = st.get("momentum_buffer")
+            if isinstance(buf, torch.Tensor) and buf.untyped_storage().nbytes() > buf.numel() * buf.element_size():
+                st["momentum_buffer"] = buf.clone()
+            packed[key] = st
+        state["state"] = packed
         state["pi_layout"] = [[_layout(p) for p in g["params"]] for g in self.param_groups]
         return state
 
@@ -186,6 +195,27 @@ class InfSGD(Optimizer):
         for group in self.param_groups:
             group.setdefault("project", True)
             _check_hyperparameters(group)
+
+
+_CAPACITY = "_momentum_capacity"
+
+
+def _grow_momentum(state: dict, buf: torch.Tensor, rows: int) -> torch.Tensor:
+    """``buf`` zero-padded to ``rows`` entries. The buffer is a view of a capacity buffer
+    (``state["_momentum_capacity"]``, left out of :meth:`InfSGD.state_dict`) that doubles
+    when full, like the rows (:meth:`inf.rows.RowStore.reserve`): growing writes the new
+    entries only, and copies the buffer O(log M) times in all. A buffer replaced by
+    other code (compression, loading) is adopted into a new capacity buffer."""
+    n = buf.shape[0]
+    cap = state.get(_CAPACITY)
+    if not (cap is not None and cap.shape[0] >= rows and cap.shape[1:] == buf.shape[1:]
+            and cap.dtype == buf.dtype and cap.device == buf.device and buf.storage_offset() == 0
+            and buf.is_contiguous() and buf.untyped_storage().data_ptr() == cap.untyped_storage().data_ptr()):
+        cap = buf.new_empty((max(rows, 2 * n, 16),) + tuple(buf.shape[1:]))
+        cap[:n].copy_(buf)
+        state[_CAPACITY] = cap
+    cap[n:rows].zero_()
+    return cap[:rows]
 
 
 def _layers_of(params):

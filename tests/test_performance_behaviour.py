@@ -363,3 +363,107 @@ def test_finite_projection_in_place_without_n_by_n_temporary():
     omega = layer.omega.double()
     P = omega @ torch.linalg.solve(omega.T @ omega, omega.T)
     assert torch.allclose(G.double(), P @ G0.double(), atol=1e-4)
+
+
+# ------------------------------------------------------------ issue 16: GPU path, naive reference, momentum
+@pytest.mark.parametrize("storage,tol", [(torch.float16, 2e-6), (torch.bfloat16, 2e-5)])
+@pytest.mark.parametrize("layernorm", [False, True])
+@pytest.mark.parametrize("chunk", [None, 37])
+def test_low_precision_products_match_float64_on_stored_rows(storage, tol, layernorm, chunk):
+    """The GPU path (half rows multiplied as stored, float32 accumulation; emulated on the CPU)
+    reproduces float64 arithmetic on the same rounded rows: its only error is the rows'
+    storage. The gradient δ is ~1e-7, which float16 cannot hold unscaled (2^-24 ≈ 6e-8)."""
+    gen = torch.Generator().manual_seed(5)
+    A, c, B = _rows(300, 12, 7, gen, F64)
+    c *= 1e-2
+    g = torch.randn(9, 12, dtype=F64, generator=gen)
+    B[4] = g[0] / g[0].norm()  # q = 1 for one pair
+    w = 1e-7 * torch.randn(9, 7, dtype=F64, generator=gen)
+    As, Bs = A.to(storage), B.to(storage)
+    g64 = g.clone().requires_grad_(True)
+    ref = inf_pi_linear_relu(g64, As.double(), c, Bs.double(), None, layernorm, chunk)
+    (ref_grad,) = torch.autograd.grad(ref, g64, w)
+    with functional.block_policy(low_precision_products=True, cpu_block_rows=64):
+        assert functional.low_precision_products(functional.current_block_policy(), "cpu", As, Bs, torch.float32)
+        g32 = g.float().requires_grad_(True)
+        out = inf_pi_linear_relu(g32, As, c.float(), Bs, None, layernorm, chunk)
+        (grad,) = torch.autograd.grad(out, g32, w.float())
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (grad.double() - ref_grad).abs().max() <= tol * ref_grad.abs().max()
+
+
+def test_low_precision_products_policy():
+    A, B = torch.zeros(4, 3, dtype=torch.float16), torch.zeros(4, 3, dtype=torch.float16)
+    pol = functional.BlockPolicy()
+    assert functional.low_precision_products(pol, "cuda", A, B, torch.float32)  # default: CUDA only
+    assert not functional.low_precision_products(pol, "cpu", A, B, torch.float32)
+    assert not functional.low_precision_products(pol, "cuda", A.float(), B.float(), torch.float32)
+    assert not functional.low_precision_products(pol, "cuda", A, B, F64)  # float64 inputs: exact path
+    forced = functional.BlockPolicy(low_precision_products=True)
+    assert functional.low_precision_products(forced, "cpu", A, B, torch.float32)
+
+
+@pytest.mark.parametrize("storage,tol", [(torch.float16, 1e-6), (torch.bfloat16, 1e-5)])
+def test_split_mm_keeps_float32_precision_of_the_other_operand(storage, tol):
+    gen = torch.Generator().manual_seed(6)
+    W = torch.randn(500, 40, generator=gen).to(storage)
+    for scale in (1e-9, 1.0, 1e4):  # float16 alone underflows at 1e-9
+        x = scale * torch.randn(8, 500, generator=gen)
+        ref = x.double() @ W.double()
+        got = functional.split_mm(x, W)
+        assert got.dtype == torch.float32
+        assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), scale
+
+
+def test_naive_reference_of_step_time_matches_library():
+    """benchmarks/step_time.py's baseline computes the same training as InfMLP + InfSGD."""
+    from benchmarks._naive import NaiveInfMLP, pi_layers, pi_rows
+
+    torch.manual_seed(7)
+    net = InfMLP(20, 5, 16, L=2, bias_alpha=0.5, last_layer_alpha=0.7, dtype=F64)
+    naive = NaiveInfMLP(net)
+    opt = InfSGD(net.parameters(), lr=0.3)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x, y = torch.randn(6, 20, dtype=F64, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        naive.zero_grad()
+        F.cross_entropy(naive(x), y).backward()
+        naive.step(0.3)
+    x = torch.randn(9, 20, dtype=F64, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(naive(x), net(x), rtol=1e-10, atol=1e-12)
+    for layer, t in zip(pi_layers(net), naive.layers):
+        for mine, theirs in zip(pi_rows(layer), (t["A"], t["c"], t["B"])):
+            assert torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_momentum_buffer_grows_in_place():
+    """InfSGD's momentum buffer of a coefficient vector is a length-M view of a capacity
+    buffer that doubles: O(log M) reallocations, and state_dict saves M entries only."""
+    torch.manual_seed(8)
+    net = InfMLP(10, 3, 8, L=1, dtype=F64)
+    opt = InfSGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(8)
+    coef = net.output_layer.rows.coefficients
+    storages = set()
+    for _ in range(60):
+        x, y = torch.randn(4, 10, dtype=F64, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        buf = opt.state[coef]["momentum_buffer"]
+        assert buf.shape == coef.shape
+        storages.add(buf.untyped_storage().data_ptr())
+    M = coef.shape[0]  # 8 + 60·4 = 248 rows
+    assert len(storages) <= math.ceil(math.log2(M / 16)) + 2
+    saved = opt.state_dict()["state"]
+    for st in saved.values():
+        assert "_momentum_capacity" not in st
+        b = st.get("momentum_buffer")
+        if b is not None:
+            assert b.untyped_storage().nbytes() == b.numel() * b.element_size()
+    assert "_momentum_capacity" in opt.state[coef]  # the live state keeps it
