@@ -14,26 +14,24 @@ half-width of its normal 95% confidence interval over the tasks,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from experiments.meta.train import (BEST_MODEL, CONFIG_JSON, LAST_MODEL, ConfigError, build_net,
-                                    load_splits, load_state, make_learner, replace_atomically,
-                                    split_seed, task_sampler)
-from inf.utils import resolve_device
+from experiments import cli, runs
+from experiments.cli import ConfigError
+from experiments.meta.train import (BEST_MODEL, CONFIG_JSON, LAST_MODEL, build_net, load_splits,
+                                    load_state, make_learner, split_seed, task_sampler)
 
 __all__ = ["build_parser", "main"]
 
+PROG = "python -m experiments.meta.test"
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.meta.test",
-                                description="Test-split accuracy of a MAML run (mean and 95% CI).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog=PROG,
+                           description="Test-split accuracy of a MAML run (mean and 95% CI).")
     p.add_argument("run_dir", help="run folder written by experiments.meta.train")
     p.add_argument("--folder", default=None, help="Omniglot data folder (default: the run's)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate")
@@ -44,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="tasks per batch (default: the run's)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the test tasks (default: derived from the run's seed)")
-    p.add_argument("--use-cuda", action="store_true", help="evaluate on the GPU (error if there is none)")
+    p.add_argument("--use-cuda", action="store_true",
+                   help="evaluate on the GPU (an error on a machine without one)")
+    cli.add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--output", default=None, help="result JSON (default: RUN_DIR/test_results.json)")
     return p
@@ -54,34 +54,36 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except cli.USER_ERRORS as e:
+        cli.fail(PROG, str(e))
 
 
 def _main(args) -> dict:
     run = Path(args.run_dir)
     cfg_path = run / CONFIG_JSON
     if not cfg_path.is_file():
-        raise ConfigError(f"{cfg_path} not found: pass a run folder written by experiments.meta.train "
-                          "with --output-folder")
-    cfg = json.loads(cfg_path.read_text())
+        raise ConfigError(f"{cfg_path} not found — pass a run folder written by "
+                          "experiments.meta.train with --output-folder")
     try:
-        device = resolve_device("cuda" if args.use_cuda else "cpu")
-    except RuntimeError as e:
-        raise ConfigError(f"--use-cuda: {e}") from e
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg_path} is not readable JSON ({type(e).__name__}) — pass an "
+                          f"intact run folder") from None
+    device = cli.resolve_device_flag("cuda" if args.use_cuda else "cpu", "--use-cuda")
+    cli.apply_threads(args.threads)
     folder = args.folder or cfg["folder"]
     splits, _ = load_splits(folder, cfg.get("split_sizes_resolved", cfg["split_sizes"]),
                             names=(args.split,), cache_file=cfg.get("cache_file", True))
     net = build_net(cfg, device)
     model_path = run / (BEST_MODEL if args.checkpoint == "best" else LAST_MODEL)
-    load_state(net, model_path, device)
+    load_state(net, model_path, device, flag="--checkpoint")
     learner = make_learner(net, cfg, train=False)
     num_batches = cfg["num_test_batches"] if args.num_test_batches is None else args.num_test_batches
     seed = split_seed(cfg["seed"], args.split) if args.seed is None else args.seed
     sampler = task_sampler(splits[args.split], cfg, seed, batch_size=args.batch_size)
     t0 = time.time()
-    bar = tqdm(total=num_batches, desc=f"test ({args.split})", disable=args.no_progress, leave=False)
+    bar = cli.progress_bar(total=num_batches, desc=f"test ({args.split})",
+                           enabled=not args.no_progress, leave=False)
     res = learner.evaluate((sampler.sample_batch(i) for i in range(num_batches)), bar)
     bar.close()
     doc = {"run_dir": str(run.resolve()), "model": str(model_path), "split": args.split,
@@ -90,9 +92,9 @@ def _main(args) -> dict:
     print(f"{args.split} accuracy {100 * res['accuracy']:.2f}% ± {100 * res['accuracy_ci95']:.2f}% "
           f"(95% CI over {res['num_tasks']} tasks), mean outer loss {res['mean_outer_loss']:.4f}")
     out = Path(args.output) if args.output else run / "test_results.json"
-    replace_atomically(out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    runs.write_json(out, doc)
     return doc
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

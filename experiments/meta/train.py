@@ -27,30 +27,29 @@ Evaluate a run on the test split with ``python -m experiments.meta.test RUN_DIR`
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from experiments.meta.maml import MetaLearner, build_model, make_meta_optimizer
+from experiments import cli, runs
+from experiments.cli import ConfigError
 from experiments.data.omniglot import (DEFAULT_SPLIT_SIZES, OmniglotError, OmniglotSplit,
                                        load_omniglot, proportional_split_sizes)
+from experiments.meta.maml import MetaLearner, build_model, make_meta_optimizer
 from experiments.meta.sampler import TaskSampler
-from inf.utils import resolve_device
+from experiments.models import canonical_kind
 
 __all__ = ["build_parser", "parse_args", "main", "ConfigError", "model_kind_from_args",
            "resolve_precision", "build_net", "make_learner", "load_splits", "task_sampler",
            "split_seed", "replace_atomically", "load_state"]
 
+PROG = "python -m experiments.meta.train"
+PROGRAM = "meta.train"
 CONFIG_JSON = "config.json"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -64,19 +63,16 @@ METRIC_COLUMNS = ("epoch", "train_mean_outer_loss", "train_median_outer_loss", "
 # options that only say how to run, not what is trained (left out of the run name's hash)
 OPERATIONAL = ("folder", "output_folder", "verbose", "num_workers", "use_cuda", "overwrite_existing",
                "no_progress", "run_name", "threads", "cache_file")
-
-
-class ConfigError(ValueError):
-    """The options ask for something that cannot be done (message says what)."""
+CURVE_PANELS = (("mean outer loss", ("train_mean_outer_loss", "val_mean_outer_loss")),
+                ("query accuracy", ("train_accuracy", "val_accuracy")))
 
 
 # --------------------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.meta.train",
-        description="MAML on Omniglot with infinite/finite π-nets or μP MLPs (no torchmeta).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog=PROG,
+        description="MAML on Omniglot with infinite/finite π-nets or μP MLPs (no torchmeta).")
     p.add_argument("folder", help="Omniglot data folder (images_background/ and images_evaluation/, "
                                   "as folders or the official zips)")
     p.add_argument("--dataset", default="omniglot", choices=("omniglot",),
@@ -85,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where run folders are written (nothing is saved if not given)")
     p.add_argument("--run-name", default=None,
                    help="run folder name inside --output-folder (default: model kind + options hash)")
-    p.add_argument("--load-model-path", default=None, help="state dict to start from (e.g. a model.pt)")
+    p.add_argument("--load-model-path", default=None,
+                   help="model to start from: a model.pt of a run (or a plain state dict)")
     p.add_argument("--num-ways", type=int, default=5, help="classes per task (N)")
     p.add_argument("--num-shots", type=int, default=5, help="support examples per class (K)")
     p.add_argument("--num-shots-test", type=int, default=15,
@@ -103,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the μP MLP with Gaussian init (inf.networks.MuMLP) instead of a π-net; "
                         "needs a positive --hidden-size")
     p.add_argument("--depth", type=int, default=2, help="number of hidden layers (L)")
-    p.add_argument("--infnet-r", "--infnet_r", dest="infnet_r", type=int, default=100,
+    p.add_argument("--infnet-r", "--infnet_r", dest="infnet_r", type=cli.positive_int, default=100,
                    help="rank r of the π-net (the infinite net, and the one finite π-nets are sampled from)")
     p.add_argument("--normalize", default="None", choices=("None", "LN", "BN"),
                    help="None, or LN (layernorm variant of the π-layers); BN is not supported")
@@ -118,19 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the inner loop adapts the readout only (required for the infinite net)")
     # optimization
     p.add_argument("--optimizer", default="sgd", choices=("sgd",), help="outer optimizer (InfSGD)")
-    p.add_argument("--meta-lr", type=float, default=1e-3, help="outer learning rate")
-    p.add_argument("--meta-momentum", type=float, default=0.0, help="outer momentum")
-    p.add_argument("--meta-weight-decay", type=float, default=0.0, help="outer weight decay")
+    p.add_argument("--meta-lr", type=cli.positive_float, default=1e-3, help="outer learning rate")
+    p.add_argument("--meta-momentum", type=cli.nonnegative_float, default=0.0, help="outer momentum")
+    p.add_argument("--meta-weight-decay", type=cli.nonnegative_float, default=0.0,
+                   help="outer weight decay")
     p.add_argument("--scheduler", default="None", choices=("None", "cosine", "multistep", "linear", "exp"),
                    help="outer lr schedule, stepped once per meta-batch")
     p.add_argument("--lr-drop-ratio", type=float, default=0.5,
                    help="multistep: factor at each milestone; exp: factor per epoch")
     p.add_argument("--lr-drop-milestones", default="",
                    help="multistep: comma-separated epochs (fractions allowed) at which the lr drops")
-    p.add_argument("--first-layer-lr-mult", type=float, default=1.0, help="lr multiplier of the input layer")
-    p.add_argument("--last-layer-lr-mult", type=float, default=1.0,
+    p.add_argument("--first-layer-lr-mult", type=cli.nonnegative_float, default=1.0,
+                   help="lr multiplier of the input layer")
+    p.add_argument("--last-layer-lr-mult", type=cli.nonnegative_float, default=1.0,
                    help="lr multiplier of the readout (0 freezes it in the outer loop)")
-    p.add_argument("--bias-lr-mult", type=float, default=1.0, help="lr multiplier of biases")
+    p.add_argument("--bias-lr-mult", type=cli.nonnegative_float, default=1.0,
+                   help="lr multiplier of biases")
     p.add_argument("--grad-clip", type=float, default=-1.0,
                    help="clip the outer gradient to this norm (π-aware); <= 0: no clipping")
     p.add_argument("--gclip-per-param", action="store_true", help="clip every parameter tensor separately")
@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-epochs", type=int, default=50, help="epochs of meta-training")
     p.add_argument("--num-batches", type=int, default=100, help="meta-batches per epoch")
     p.add_argument("--num-test-batches", type=int, default=100, help="meta-batches per validation")
-    p.add_argument("--step-size", type=float, default=0.1, help="inner learning rate η")
+    p.add_argument("--step-size", type=cli.nonnegative_float, default=0.1,
+                   help="inner learning rate η (0: no adaptation)")
     p.add_argument("--first-order", action="store_true", help="first-order MAML (default: second order)")
     p.add_argument("--Gproj-inner", dest="Gproj_inner", action="store_true",
                    help="finite π-nets: project inner gradients of π-weights onto span(Ω) (the readout "
@@ -152,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the main process, so it has no effect")
     p.add_argument("--verbose", action="store_true", help="print the configuration and the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--use-cuda", action="store_true", help="run on the GPU (error if there is none)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--overwrite-existing", action="store_true",
+    p.add_argument("--use-cuda", action="store_true",
+                   help="run on the GPU (an error on a machine without one)")
+    cli.add_threads_arg(p)
+    p.add_argument("--overwrite-existing", "--overwrite", dest="overwrite_existing", action="store_true",
                    help="run again even if the run folder holds a finished run")
     p.add_argument("--validate-only", action="store_true",
                    help="no training: evaluate the (loaded) model once on --test-dataset-split")
@@ -174,20 +176,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_kind_from_args(args) -> str:
+    """``"infinite"`` (negative --hidden-size), ``"finite"`` or ``"mup"`` (--mu-net)."""
     if args.mu_net:
-        return "mu"
-    return "inf" if args.hidden_size < 0 else "fin"
+        return "mup"
+    return "infinite" if args.hidden_size < 0 else "finite"
 
 
 def _check_args(args) -> None:
     kind = model_kind_from_args(args)
     if args.hidden_size == 0:
         raise ConfigError("--hidden-size 0 is not a width: use -1 (infinite) or a positive width")
-    if kind == "mu" and args.hidden_size < 0:
+    if kind == "mup" and args.hidden_size < 0:
         raise ConfigError("--mu-net needs a finite width: pass a positive --hidden-size")
     if args.normalize == "BN":
         raise ConfigError("--normalize BN is not supported for π-nets; use None or LN")
-    if kind == "inf" and not args.adapt_readout_only:
+    if kind == "infinite" and not args.adapt_readout_only:
         raise ConfigError("the infinite π-net (--hidden-size -1) adapts the readout only: add "
                           "--adapt-readout-only (full adaptation works for finite nets)")
     if args.seed < 0:
@@ -214,7 +217,7 @@ def resolve_precision(kind: str, dtype_name: str, device: torch.device):
         return torch.float64, None, None
     if dtype_name == "float32":
         return torch.float32, None, None
-    if kind == "inf":
+    if canonical_kind(kind) == "infinite":
         return torch.float32, torch.float16, (
             "--dtype float16: the infinite layers' rows (A, B) are stored in float16; "
             "coefficients, input layer, biases and all computation stay float32")
@@ -230,7 +233,8 @@ def build_net(cfg: dict, device: torch.device):
     kind = model_kind_from_args(argparse.Namespace(**cfg))
     dtype, rows_dtype, _ = resolve_precision(kind, cfg["dtype"], device)
     return build_model(
-        kind, IMAGE_SIZE * IMAGE_SIZE, cfg["num_ways"], width=cfg["hidden_size"] if kind != "inf" else None,
+        kind, IMAGE_SIZE * IMAGE_SIZE, cfg["num_ways"],
+        width=cfg["hidden_size"] if kind != "infinite" else None,
         r=cfg["infnet_r"], depth=cfg["depth"], first_layer_alpha=cfg["first_layer_alpha"],
         last_layer_alpha=cfg["last_layer_alpha"], bias_alpha=cfg["bias_alpha"],
         last_bias_alpha=cfg["last_bias_alpha"], layernorm=cfg["normalize"] == "LN",
@@ -238,17 +242,22 @@ def build_net(cfg: dict, device: torch.device):
         seed=cfg["seed"])
 
 
-def load_state(net, path, device) -> None:
-    """Load a state dict saved by this program (clear error if it does not fit)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model file {path} does not exist")
-    state = torch.load(path, map_location=device, weights_only=True)
+def load_state(net, path, device, flag: str = "--load-model-path") -> None:
+    """Load a model saved by this program (a ``model.pt`` checkpoint, or a plain state dict)
+    into ``net``: tensors and plain data only (a crafted file cannot run code); one-line
+    :class:`ConfigError` if it is missing, unreadable, unsafe or does not fit."""
+    state = runs.safe_load(path, "model", flag, map_location=device)
+    if isinstance(state, dict) and state.get("format") == runs.CHECKPOINT_FORMAT:
+        state = state.get("model")
+    if not isinstance(state, dict):
+        raise ConfigError(f"{flag} {path} holds no model state — pass a model.pt of a run")
     try:
         net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"{path} does not fit this model (check --hidden-size, --infnet_r, --depth, "
-                          f"--num-ways, --mu-net, bias alphas): {e}") from e
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{flag} {path} does not fit this model ({first}) — use the run's "
+                          f"--hidden-size, --infnet_r, --depth, --num-ways, --mu-net and bias "
+                          f"alphas") from None
 
 
 def _schedule(optimizer, cfg: dict):
@@ -324,7 +333,8 @@ def split_seed(seed: int, split: str) -> int:
     return 3 * int(seed) + {"train": 0, "val": 1, "test": 2}[split]
 
 
-def task_sampler(split: OmniglotSplit, cfg: dict, seed: int, batch_size=None, num_batches=None) -> TaskSampler:
+def task_sampler(split: OmniglotSplit, cfg: dict, seed: int, batch_size=None,
+                 num_batches=None) -> TaskSampler:
     try:
         return TaskSampler(split, num_ways=cfg["num_ways"], num_shots=cfg["num_shots"],
                            num_shots_test=cfg["num_shots_test"],
@@ -337,40 +347,32 @@ def task_sampler(split: OmniglotSplit, cfg: dict, seed: int, batch_size=None, nu
 
 # --------------------------------------------------------------------------- files
 
-def replace_atomically(path: Path, write) -> None:
-    """``write(binary file)`` into a temporary sibling, then rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# one atomic writer for every program (stale temporaries of crashed runs are removed)
+replace_atomically = runs.atomic_write
 
 
 def _write_json(path: Path, doc) -> None:
-    replace_atomically(path, lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    runs.write_json(path, doc)
 
 
 def _write_metrics(out: Path, config: dict, history: list[dict], summary: dict, finished: bool) -> None:
     _write_json(out / METRICS_JSON, {"config": config, "summary": summary, "epochs": history,
                                      "finished": finished})
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
-    replace_atomically(out / METRICS_CSV, lambda f: f.write(text.getvalue().encode()))
+    runs.write_csv(out / METRICS_CSV, [{k: row.get(k) for k in METRIC_COLUMNS} for row in history],
+                   METRIC_COLUMNS)
+    if history:
+        runs.plot_curves(history, out / "curves.png", f"MAML: {config.get('model_kind')} net",
+                         panels=CURVE_PANELS)
 
 
-def _save_model(net, path: Path) -> None:
-    replace_atomically(path, lambda f: torch.save(net.state_dict(), f))
+def _save_model(net, path: Path, epoch: int = 0, kind: str | None = None) -> None:
+    runs.save_checkpoint(path, {"program": PROGRAM, "kind": kind, "epoch": epoch,
+                                "model": net.state_dict()})
 
 
 def _run_name(cfg: dict, kind: str) -> str:
-    key = {k: v for k, v in sorted(cfg.items()) if k not in OPERATIONAL}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{kind}_{digest}"
+    """``<kind>_<hash of every option but the operational ones>``."""
+    return runs.run_name(kind, cfg, OPERATIONAL)
 
 
 def _base_lr(optimizer, default: float) -> float:
@@ -387,28 +389,20 @@ def _rows(net) -> list[int] | None:
 
 # --------------------------------------------------------------------------- main
 
-def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-
-
 def main(argv=None) -> dict:
-    """Run the program; returns the metrics document. Errors exit with status 2."""
+    """Run the program; returns the metrics document. A user error is one line on stderr and
+    exit status 2."""
     args = parse_args(argv)
     try:
         return _main(args)
-    except ConfigError as e:
-        _err(str(e))
-        raise SystemExit(2) from None
+    except cli.USER_ERRORS as e:
+        cli.fail(PROG, str(e))
 
 
 def _main(args) -> dict:
     _check_args(args)
-    try:
-        device = resolve_device("cuda" if args.use_cuda else "cpu")
-    except RuntimeError as e:
-        raise ConfigError(f"--use-cuda: {e}") from e
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = cli.resolve_device_flag("cuda" if args.use_cuda else "cpu", "--use-cuda")
+    cli.apply_threads(args.threads)
     kind = model_kind_from_args(args)
     cfg = vars(args).copy()
     _, _, notice = resolve_precision(kind, args.dtype, device)
@@ -427,7 +421,7 @@ def _main(args) -> dict:
 
     net = build_net(cfg, device)
     if args.load_model_path:
-        load_state(net, args.load_model_path, device)
+        load_state(net, args.load_model_path, device, "--load-model-path")
     learner = make_learner(net, cfg, train=not args.validate_only)
     eval_sampler = task_sampler(splits[eval_split], cfg, split_seed(args.seed, eval_split))
     train_sampler = None if args.validate_only else task_sampler(splits["train"], cfg, split_seed(args.seed, "train"))
@@ -441,9 +435,15 @@ def _main(args) -> dict:
             except (OSError, ValueError):
                 doc = {}
             if doc.get("finished"):
-                print(f"{out} already holds a finished run; skipping (pass --overwrite-existing to rerun)")
+                summary = doc.get("summary") or {}
+                shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in summary.items())
+                print(f"{out} already holds a finished run; skipping (pass --overwrite-existing to "
+                      f"rerun){': ' + shown if shown else ''}")
                 return doc
-        out.mkdir(parents=True, exist_ok=True)
+            raise runs.RunExists(f"{out} holds an unfinished run with these options — pass "
+                                 f"--overwrite-existing to start it again, or --run-name NAME")
+        out = runs.run_dir(out.parent, out.name, overwrite=True)  # created; stale temporaries removed
         cfg["run_dir"] = str(out.resolve())
         _write_json(out / CONFIG_JSON, cfg)
     if args.verbose:
@@ -457,7 +457,8 @@ def _main(args) -> dict:
     summary: dict = {}
     if args.validate_only:
         t0 = time.time()
-        bar = tqdm(total=args.num_test_batches, desc=f"validate ({eval_split})", disable=not progress, leave=False)
+        bar = cli.progress_bar(total=args.num_test_batches, desc=f"validate ({eval_split})",
+                               enabled=progress, leave=False)
         res = learner.evaluate((eval_sampler.sample_batch(i) for i in range(args.num_test_batches)), bar)
         bar.close()
         summary = {f"{eval_split}_{k}": v for k, v in res.items()}
@@ -473,8 +474,8 @@ def _main(args) -> dict:
         t0 = time.time()
         lr = _base_lr(learner.optimizer, args.meta_lr)
         losses, accs, before, gnorms = [], [], [], []
-        bar = tqdm(range(args.num_batches), desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not progress,
-                   leave=False)
+        bar = cli.progress_bar(range(args.num_batches), desc=f"epoch {epoch + 1}/{args.num_epochs}",
+                               enabled=progress, leave=False)
         for i in bar:
             res = learner.meta_step(train_sampler.sample_batch(epoch * args.num_batches + i))
             losses += [t.outer_loss for t in res["tasks"]]
@@ -484,7 +485,8 @@ def _main(args) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accs):.4f}")
         bar.close()
         t1 = time.time()
-        vbar = tqdm(total=args.num_test_batches, desc=f"validate ({eval_split})", disable=not progress, leave=False)
+        vbar = cli.progress_bar(total=args.num_test_batches, desc=f"validate ({eval_split})",
+                                enabled=progress, leave=False)
         val = learner.evaluate((eval_sampler.sample_batch(i) for i in range(args.num_test_batches)), vbar)
         vbar.close()
         t2 = time.time()
@@ -511,15 +513,15 @@ def _main(args) -> dict:
                        **{f"final_{eval_split}_accuracy": val["accuracy"]})
         if out:
             if improved:
-                _save_model(net, out / BEST_MODEL)
-            _save_model(net, out / LAST_MODEL)
+                _save_model(net, out / BEST_MODEL, epoch + 1, kind)
+            _save_model(net, out / LAST_MODEL, epoch + 1, kind)
             _write_metrics(out, cfg, history, summary, finished=epoch + 1 == args.num_epochs)
     if out and args.num_epochs == 0:
-        _save_model(net, out / BEST_MODEL)
-        _save_model(net, out / LAST_MODEL)
+        _save_model(net, out / BEST_MODEL, 0, kind)
+        _save_model(net, out / LAST_MODEL, 0, kind)
         _write_metrics(out, cfg, history, summary, True)
     return {"config": cfg, "summary": summary, "epochs": history, "finished": True}
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
