@@ -45,7 +45,7 @@ CHECKPOINT_FORMAT = "pilimit-experiment-checkpoint"
 CHECKPOINT_VERSION = 2
 # version 1 wrote ``format = "pilimit-experiment-checkpoint/1"`` (same layout), the TrAct
 # program ``format = 1``; both still load
-_LEGACY_FORMATS = {"pilimit-experiment-checkpoint/1": 1}
+_LEGACY_FORMATS = {"pilimit-experiment-checkpoint/1": 1, 1: 1}
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
@@ -228,7 +228,7 @@ def load_checkpoint(path, flag: str | None = None, program: str | None = None) -
         raise ConfigError(f"{where} is not a checkpoint of these programs — pass a "
                           f"{CHECKPOINT_NAME} they wrote")
     fmt = ckpt.get("format")
-    if fmt in _LEGACY_FORMATS:
+    if isinstance(fmt, (str, int)) and fmt in _LEGACY_FORMATS:
         ckpt = {**ckpt, "format": CHECKPOINT_FORMAT, "version": _LEGACY_FORMATS[fmt]}
     elif fmt != CHECKPOINT_FORMAT:
         raise ConfigError(f"{where} is not a checkpoint of these programs (no "

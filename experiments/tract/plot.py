@@ -9,22 +9,33 @@ in the printed summary (final and best test accuracy, mean ± std over seeds). R
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
+
+from experiments import cli
+from experiments.cli import ConfigError
 
 __all__ = ["load_run", "run_label", "compare_runs", "main"]
 
 log = logging.getLogger("experiments.tract.plot")
+PROG = "python -m experiments.tract.plot"
 
 
 def load_run(run_dir) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a train_cifar output folder?")
-    doc = json.loads(path.read_text())
+        raise ConfigError(f"{path} not found — is {run_dir} a train_cifar output folder?")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not readable JSON ({type(err).__name__}) — rerun that "
+                          f"training command to rewrite it") from None
+    if not isinstance(doc, dict) or "config" not in doc or "epochs" not in doc:
+        raise ConfigError(f"{path} is not a train_cifar metrics file — pass train_cifar --out "
+                          f"folders")
     doc["dir"] = str(run_dir)
     return doc
 
@@ -59,14 +70,15 @@ def compare_runs(run_dirs, out_png, title: str | None = None) -> dict:
         groups.setdefault(_group_key(run["config"]), []).append(run)
     colours = plt.get_cmap("tab10")
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(14, 5.2))
     for g, members in enumerate(groups.values()):
         for i, run in enumerate(members):
             epochs = [row["epoch"] for row in run["epochs"]]
             label = run_label(run["config"], with_seed=len(members) == 1)
             if len(members) > 1:
                 label += f" ({len(members)} seeds)"
-            kwargs = dict(color=colours(g % 10), lw=1.4, alpha=0.9,
+            # markers: a run of one epoch is one point
+            kwargs = dict(color=colours(g % 10), lw=1.4, alpha=0.9, marker="o", markersize=4,
                           label=label if i == 0 else None)
             ax_acc.plot(epochs, [row["test_acc"] for row in run["epochs"]], **kwargs)
             ax_loss.plot(epochs, [row["train_loss"] for row in run["epochs"]], **kwargs)
@@ -74,7 +86,7 @@ def compare_runs(run_dirs, out_png, title: str | None = None) -> dict:
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss", yscale="log")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
+    ax_acc.legend(fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -104,12 +116,13 @@ def compare_runs(run_dirs, out_png, title: str | None = None) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.tract.plot",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train_cifar --out folders")
     parser.add_argument("--out", default="tract_compare.png", help="PNG to write")
     parser.add_argument("--title", default=None)
+    cli.add_threads_arg(parser)
     args = parser.parse_args(argv)
+    cli.apply_threads(args.threads)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO)
@@ -117,4 +130,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main, PROG, sys.argv[1:])

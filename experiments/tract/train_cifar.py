@@ -27,34 +27,33 @@ running runs side by side (see ``experiments.tract.plot``).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import math
-import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from experiments import cli, runs
+from experiments.cli import ConfigError
 from experiments.data.cifar import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetError, load_cifar10,
-    load_cifar100, normalize, random_crop_flip,
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100,
+    normalize, random_crop_flip,
 )
-from experiments.common import rng_state, set_rng_state
 from experiments.tract.models import FIRST_LAYER, apply_tract, build_model
+from experiments.training import rng_state, set_rng_state
 
 __all__ = ["build_parser", "main", "ConfigError", "load_data", "default_run_dir"]
 
 log = logging.getLogger("experiments.tract.train_cifar")
 
+PROG = "python -m experiments.tract.train_cifar"
+PROGRAM = "tract.train_cifar"
 CHECKPOINT = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -65,36 +64,32 @@ RUN_DEFINING = ("dataset", "model", "width_mult", "method", "l", "n_epochs", "lr
                 "weight_decay", "batch_size", "seed", "no_data_aug", "train_subset",
                 "test_subset")
 SGD_MOMENTUM = 0.9
-
-
-class ConfigError(ValueError):
-    """The command line asks for something this machine or output folder cannot do."""
+CURVE_PANELS = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")))
 
 
 # --------------------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.tract.train_cifar",
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Train ResNet-18 / ViT on CIFAR-10/100 normally or with TrAct on the "
-                    "first layer (the TrAct paper's Figure-1 experiment).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "first layer (the TrAct paper's Figure-1 experiment).")
     p.add_argument("-m", "--method", choices=("normal", "tract"), default=None,
                    help="normal training, or TrAct on the input layer (required unless "
                         "--compare)")
     p.add_argument("--l", type=float, default=0.1,
                    help="TrAct's regularization strength lambda (used with --method tract)")
-    p.add_argument("--n_epochs", type=int, default=100, help="epochs to train")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    p.add_argument("--n_epochs", type=cli.positive_int, default=100, help="epochs to train")
+    p.add_argument("--lr", type=cli.positive_float, default=0.1, help="peak learning rate")
     p.add_argument("--optim", choices=("adam", "adam_cosine", "sgd_w_momentum_cosine"),
                    default="sgd_w_momentum_cosine",
                    help="adam: Adam at a constant lr; adam_cosine: Adam with the lr annealed "
                         "by a per-step cosine to 0; sgd_w_momentum_cosine: SGD with momentum "
                         f"{SGD_MOMENTUM} (no Nesterov) and the same cosine schedule")
-    p.add_argument("--weight_decay", type=float, default=0.0,
+    p.add_argument("--weight_decay", type=cli.nonnegative_float, default=0.0,
                    help="L2 weight decay added to the gradient, for every optimizer; the "
                         "official TrAct script uses none (0), 5e-4 is the usual CIFAR value")
-    p.add_argument("--batch_size", type=int, default=128, help="training batch size")
+    p.add_argument("--batch_size", type=cli.positive_int, default=128, help="training batch size")
     p.add_argument("--dataset", choices=("cifar10", "cifar100", "digits"), default="cifar10",
                    help="digits: scikit-learn's bundled 8x8 digits enlarged to 32x32 (for "
                         "quick runs without CIFAR)")
@@ -103,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ".tar.gz), the folder itself, or the archive")
     p.add_argument("--model", choices=sorted(FIRST_LAYER), default="resnet18",
                    help="CIFAR ResNet-18, or the 12-layer width-128 ViT with 4x4 patches")
-    p.add_argument("--width_mult", type=float, default=1.0,
+    p.add_argument("--width_mult", type=cli.positive_float, default=1.0,
                    help="multiply every layer width (ResNet channels, ViT token width) by this")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the initialization, shuffling and augmentation")
@@ -116,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:K")
     p.add_argument("--no_cudnn", action="store_true", help="disable cuDNN")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    cli.add_threads_arg(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: runs/tract/<name from the options>)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh even if --out holds a checkpoint")
-    p.add_argument("--stop_after_epochs", type=int, default=None, metavar="K",
+                   help="start afresh even if --out holds a checkpoint (without it the same "
+                        "command resumes the run, or prints the final metrics of a finished one)")
+    p.add_argument("--stop_after_epochs", type=cli.positive_int, default=None, metavar="K",
                    help="leave after K epochs of this invocation (checkpoint kept; run the "
                         "same command again to continue), e.g. for time-limited jobs")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -144,21 +139,7 @@ def default_run_dir(args: argparse.Namespace) -> Path:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {name!r} is not a torch device ({err})") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"--device {name} was requested but torch sees no CUDA GPU "
-                f"(torch {torch.__version__}, torch.cuda.is_available() is False). "
-                f"Use --device cpu, or install a CUDA build of torch on a GPU machine.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) seen")
-    return device
+    return cli.resolve_device_flag(name, "--device")
 
 
 # --------------------------------------------------------------------------- data
@@ -167,7 +148,7 @@ def _subset(images, labels, n, which: str):
     if n is None:
         return images, labels
     if not 0 < n <= len(labels):
-        raise ConfigError(f"--{which}_subset {n} must be between 1 and {len(labels)}")
+        raise ConfigError(f"--{which}_subset {n} — give a number between 1 and {len(labels)}")
     # a fixed subset, the same for every seed and method, so runs stay comparable
     keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))[:n]
     return images[keep], labels[keep]
@@ -219,7 +200,7 @@ def _train_epoch(model, optimizer, scheduler, data, generator, args, device, pro
     order = torch.randperm(len(train_y), generator=generator).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    bar = tqdm(range(steps), desc="  train", leave=False, disable=not progress)
+    bar = cli.progress_bar(range(steps), desc="  train", enabled=progress, nested=True)
     for step in bar:
         idx = order[step * batch:(step + 1) * batch]
         x, y = train_x[idx], train_y[idx]
@@ -253,17 +234,6 @@ def _evaluate(model, images, labels, mean, std, batch: int):
 
 # --------------------------------------------------------------------------- files
 
-def _replace_atomically(path: Path, write) -> None:
-    """``write(file)`` into a temporary sibling, then rename it over ``path``, so an
-    interruption leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_metrics(out: Path, config: dict, history: list[dict]) -> None:
     summary = {}
     if history:
@@ -272,13 +242,10 @@ def _write_metrics(out: Path, config: dict, history: list[dict]) -> None:
                    "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
                    "train_time_s": sum(row["train_time_s"] for row in history)}
     doc = {"config": config, "summary": summary, "epochs": history}
-    _replace_atomically(out / METRICS_JSON,
-                        lambda f: f.write(json.dumps(doc, indent=1).encode()))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    _replace_atomically(out / METRICS_CSV, lambda f: f.write(text.getvalue().encode()))
+    runs.write_json(out / METRICS_JSON, doc)
+    runs.write_csv(out / METRICS_CSV, history, METRIC_COLUMNS)
+    if history:
+        runs.plot_curves(history, out / "curves.png", f"{out.name}", panels=CURVE_PANELS)
 
 
 def _run_config(args) -> dict:
@@ -293,8 +260,8 @@ def _check_resumable(saved: dict, config: dict, out: Path) -> None:
              for k in RUN_DEFINING if saved.get(k) != config[k]]
     if diffs:
         raise ConfigError(
-            f"{out / CHECKPOINT} belongs to a different run ({'; '.join(diffs)}). Use another "
-            f"--out, or --overwrite to discard it.")
+            f"{out / CHECKPOINT} belongs to a different run ({'; '.join(diffs)}) — use another "
+            f"--out, or --overwrite to discard it")
 
 
 # --------------------------------------------------------------------------- main
@@ -312,11 +279,8 @@ def main(argv=None) -> dict:
         return compare_runs(args.compare, args.plot)
     if args.method is None:
         parser.error("--method is required (normal or tract) unless --compare is given")
-    for name in ("n_epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
     if args.method == "tract" and not (math.isfinite(args.l) and args.l > 0):
-        parser.error(f"--l must be a positive number, got {args.l}")
+        parser.error(f"--l {args.l} — give TrAct's lambda as a positive number")
     with logging_redirect_tqdm():  # log lines through tqdm.write, between the bars
         return _train(args)
 
@@ -325,8 +289,7 @@ def _train(args) -> dict:
     device = _resolve_device(args.device)
     if args.no_cudnn:
         torch.backends.cudnn.enabled = False
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args.threads)
     out = Path(args.out) if args.out else default_run_dir(args)
     progress = not args.no_progress
 
@@ -334,7 +297,7 @@ def _train(args) -> dict:
     steps_per_epoch = len(train_y) // args.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_y)} training images are fewer than one batch of "
-                          f"{args.batch_size}; lower --batch_size or raise --train_subset")
+                          f"{args.batch_size} — lower --batch_size or raise --train_subset")
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
 
@@ -351,18 +314,27 @@ def _train(args) -> dict:
 
     config = _run_config(args)
     out.mkdir(parents=True, exist_ok=True)
+    runs.clean_stale_temporaries(out)  # what a crash during a write left behind
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not args.overwrite:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = runs.load_checkpoint(ckpt_path, flag="--out")
+        if not isinstance(ckpt.get("config"), dict):
+            raise ConfigError(f"--out {ckpt_path} is not a checkpoint of this program — use "
+                              f"another --out, or --overwrite to discard it")
         _check_resumable(ckpt["config"], config, out)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], generator, device)
-        history, start_epoch = ckpt["metrics"], ckpt["epoch"]
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"], generator, device)
+            history, start_epoch = list(ckpt["metrics"]), int(ckpt["epoch"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise ConfigError(f"--out {ckpt_path} cannot be resumed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}) — pass "
+                              f"--overwrite to start afresh") from None
         log.info("resuming %s after epoch %d of %d", out, start_epoch, args.n_epochs)
     log.info("%s: %s %s on %s (%d train / %d test images, %d steps per epoch), %s, %d params",
              out, args.model, args.method, args.dataset, len(train_y), len(test_y),
@@ -372,8 +344,8 @@ def _train(args) -> dict:
     last_epoch = args.n_epochs
     if args.stop_after_epochs is not None:
         last_epoch = min(last_epoch, start_epoch + args.stop_after_epochs)
-    epochs = tqdm(range(start_epoch, last_epoch), desc=out.name, initial=start_epoch,
-                  total=args.n_epochs, disable=not progress)
+    epochs = cli.progress_bar(range(start_epoch, last_epoch), desc=out.name, initial=start_epoch,
+                              total=args.n_epochs, enabled=progress)
     for epoch in epochs:
         began = time.perf_counter()
         train_loss, train_acc = _train_epoch(model, optimizer, scheduler, data, generator,
@@ -385,28 +357,38 @@ def _train(args) -> dict:
                         "lr": optimizer.param_groups[0]["lr"],
                         "train_time_s": trained - began,
                         "eval_time_s": time.perf_counter() - trained})
-        state = {"format": 1, "config": config, "epoch": epoch + 1,
+        state = {"program": PROGRAM, "config": config, "epoch": epoch + 1,
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "rng": rng_state(generator, device), "metrics": history}
-        _replace_atomically(ckpt_path, lambda f: torch.save(state, f))
+        runs.save_checkpoint(ckpt_path, state)
         _write_metrics(out, config, history)
         epochs.set_postfix(train_acc=f"{train_acc:.3f}", test_acc=f"{test_acc:.3f}")
         log.info("epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  (%.1fs)",
                  epoch + 1, args.n_epochs, train_loss, train_acc, test_loss, test_acc,
                  trained - began)
     epochs.close()
-    if not history:
-        log.info("%s: nothing to do, all %d epochs are done", out, args.n_epochs)
+    finished_before = start_epoch >= args.n_epochs
     _write_metrics(out, config, history)
-    return json.loads((out / METRICS_JSON).read_text())
+    doc = json.loads((out / METRICS_JSON).read_text())
+    print(_result_line(doc, out, finished_before), flush=True)
+    return doc
 
 
-def _cli() -> None:
-    try:
-        main()
-    except (DatasetError, ConfigError) as err:
-        sys.exit(f"error: {err}")
+def _result_line(doc: dict, out: Path, finished_before: bool) -> str:
+    s = doc.get("summary") or {}
+    if not s:
+        return f"{out}: no epochs trained yet"
+    text = (f"{out}: {s['epochs_done']} epochs, final test accuracy "
+            f"{100 * s['final_test_acc']:.2f}% (best {100 * s['best_test_acc']:.2f}% at epoch "
+            f"{s['best_epoch']})")
+    if finished_before:
+        text += " — the run was already finished (--overwrite trains it again)"
+    return text
+
+
+def _cli(argv=None) -> None:
+    cli.run_main(main, PROG, argv)
 
 
 if __name__ == "__main__":
