@@ -27,13 +27,19 @@ __all__ = ["InfPiParameter", "FinPiParameter", "owner_of", "orthonormal_basis", 
 _OWNER = "_pi_owner"
 
 
-class _OwnedParameter(nn.Parameter):
-    """A parameter with a weak back-reference to the module that owns its update rule."""
+def _rebuild(cls, data: torch.Tensor, requires_grad: bool):
+    return cls(data, requires_grad)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop(_OWNER, None)
-        return state
+
+class _OwnedParameter(nn.Parameter):
+    """A parameter with a weak back-reference to the module that owns its update rule.
+
+    Pickling keeps the class (torch's Parameter would come back as a plain one) and
+    drops the reference; deep copies never carry it (torch copies no attributes).
+    """
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild, (type(self), self.data, self.requires_grad))
 
 
 class InfPiParameter(_OwnedParameter):
