@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from inf.networks import FinPiMLPSample, InfMLP
+from experiments import cli
+from experiments.models import ModelSpec, build_model
+from inf.networks import FinPiMLPSample
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_, pi_param_groups
+
+PROG = "python -m experiments.quickstart"
 
 
 def load_digits_vectors(test_fraction: float = 0.25, split_seed: int = 0, dtype=torch.float32):
@@ -47,25 +52,31 @@ def accuracy(net, X, y, batch_size=512):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--r", type=int, default=32, help="rank of the π-net")
-    p.add_argument("--depth", type=int, default=1, help="number of hidden π-layers")
-    p.add_argument("--width", type=int, default=1024, help="width of the finite π-net")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2.0)
-    p.add_argument("--gclip", type=float, default=1.0, help="per-parameter gradient clipping (0: off)")
+    p = cli.ArgumentParser(prog=PROG, description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--r", type=cli.positive_int, default=32, help="rank of the π-net")
+    p.add_argument("--depth", type=cli.nonnegative_int, default=1, help="number of hidden π-layers")
+    p.add_argument("--width", type=cli.positive_int, default=1024, help="width of the finite π-net")
+    p.add_argument("--epochs", type=cli.positive_int, default=3)
+    p.add_argument("--batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--lr", type=cli.positive_float, default=2.0)
+    p.add_argument("--gclip", type=cli.nonnegative_float, default=1.0,
+                   help="per-parameter gradient clipping (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="quickstart.png", help="where to save the loss/accuracy plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_threads_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    cli.apply_threads(args.threads)
     Xtr, ytr, Xte, yte = load_digits_vectors()
-    infnet = InfMLP(Xtr.shape[1], 10, args.r, L=args.depth, first_layer_alpha=1.0, last_layer_alpha=1.0,
-                    bias_alpha=0.5)
+    infnet = build_model(ModelSpec("infinite", Xtr.shape[1], 10, r=args.r, depth=args.depth,
+                                   first_layer_alpha=1.0, last_layer_alpha=1.0, bias_alpha=0.5,
+                                   seed=args.seed))
+    # sampled from this very infinite net: both start as the same function
     finnet = FinPiMLPSample(infnet, args.width)
     nets = {"infinite": infnet, f"finite n={args.width}": finnet}
     opts = {k: InfSGD(pi_param_groups(m, lr=args.lr, first_layer_lr_mult=0.5), lr=args.lr)
@@ -77,7 +88,8 @@ def main(argv=None):
     step = 0
     for epoch in range(args.epochs):
         order = torch.randperm(len(Xtr), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = cli.progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                               enabled=not args.no_progress, leave=False)
         for i in bar:
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             postfix = {}
@@ -118,12 +130,12 @@ def save_plot(history, path, steps_per_epoch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, h in history.items():
         loss = torch.tensor(h["loss"])
         k = max(1, steps_per_epoch // 4)
         smooth = loss.unfold(0, k, 1).mean(1) if len(loss) >= k else loss
-        ax1.plot(range(k - 1, k - 1 + len(smooth)), smooth, label=name)
+        ax1.plot(range(k - 1, k - 1 + len(smooth)), smooth, label=name, marker="." if len(smooth) < 50 else None)
         ax2.plot(range(1, len(h["epoch_acc"]) + 1), h["epoch_acc"], marker="o", label=name)
     ax1.set(xlabel="step", ylabel="training loss (moving average)", yscale="log")
     ax2.set(xlabel="epoch", ylabel="test accuracy")
@@ -136,4 +148,4 @@ def save_plot(history, path, steps_per_epoch):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main, PROG, sys.argv[1:])
