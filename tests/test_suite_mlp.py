@@ -219,7 +219,10 @@ def main(argv=None):
         else:
             p.add_argument(flag, type=type(default) if default is not None else float, default=default)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(max(1, args.threads))
     cfg = Config(**{k: getattr(args, k) for k in asdict(Config())})
     summary, _ = convergence(cfg, seeds=tuple(range(args.seeds)))
     print(cfg)
