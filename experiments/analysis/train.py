@@ -398,7 +398,11 @@ def train(args) -> dict:
             bar.set_postfix(loss=f"{total_loss:.3g}", test_acc=f"{acc:.3f}")
     seconds = time.time() - t0
 
-    basis = function_basis(feats, model.fc.weight.detach())
+    try:
+        basis = function_basis(feats, model.fc.weight.detach())
+    except ValueError as e:
+        raise UserError(f"no basis from the final network ({e}): dead units or a diverged run; "
+                        f"try another --seed, --init_scale or learning rate") from None
     F_out = torch.stack(outputs)  # epochs + 1 × N × C
     beta = basis.coefficients(F_out.double())
     record["beta"] = beta.tolist()

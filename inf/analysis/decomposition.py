@@ -763,9 +763,8 @@ def plot_independence(rec: TrajectoryRecorder, path, tops: tuple[int, ...] = (5,
     fig, ax = plt.subplots(figsize=(12, 6))
     m = rec.grams().shape[1]
     x = _xsteps(rec.grad_steps)
-    for top in tops:
-        if top <= m:
-            ax.plot(x, rec.independence(top).numpy(), marker="o", ms=6, lw=2, label=f"i, j ≤ {top}")
+    for top in [t for t in tops if t <= m] or [m]:
+        ax.plot(x, rec.independence(top).numpy(), marker="o", ms=6, lw=2, label=f"i, j ≤ {top}")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("step + 1")
