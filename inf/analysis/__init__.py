@@ -11,12 +11,14 @@ See docs/analysis.md. Modules:
 * :mod:`inf.analysis.traker_tasks` — pNTK / trNTK tasks for ``trak.TRAKer`` (imported on
   demand: it needs the ``traker`` package and registers the task names ``"pNTK"``, ``"trNTK"``).
 * :mod:`inf.analysis.inf_ntk` — the exact tangent kernel of an infinite π-net under InfSGD.
-* :mod:`inf.analysis.decomposition` — eigenbases (after kernel, NTK), the coefficients
-  ``β_i = φ_iᵀ f``, their gradients' norms and independence, a recorder for training loops
-  and the plots.
+* :mod:`inf.analysis.decomposition` — the basis of Ma, Guo & Fattahi (2022) from a final
+  network's features (``network_basis``; scalar coefficients β_i, exact gradients
+  ``basis_gradients``) and kernel eigenbases (after kernel, NTK; ``β_i = φ_iᵀ f``), their
+  gradients' norms and independence, a recorder for training loops and the plots.
 """
-from .decomposition import (TrajectoryRecorder, after_kernel, beta_coefficients, conjugate_kernel, eigenbasis,
-                            gradient_gram, gradient_independence, plot_beta_curves, plot_beta_vs_gradnorm,
+from .decomposition import (FunctionBasis, TrajectoryRecorder, after_kernel, basis_gradients, beta_coefficients,
+                            conjugate_kernel, eigenbasis, function_basis, gradient_gram, gradient_independence,
+                            network_basis, penultimate_features, plot_beta_curves, plot_beta_vs_gradnorm,
                             plot_independence, reconstruct, tangent_kernel)
 from .inf_ntk import inf_jacobians, inf_ntk, inf_ntk_diagonal
 from .pntk import (Features, KernelSurrogate, cosine_normalize, empirical_ntk, kernel_diagonal, load_features,
@@ -32,4 +34,5 @@ __all__ = [
     "misclassification_overlap", "SparseJLProjector", "inf_ntk", "inf_ntk_diagonal", "inf_jacobians", "eigenbasis", "conjugate_kernel", "after_kernel",
     "beta_coefficients", "reconstruct", "gradient_gram", "gradient_independence", "TrajectoryRecorder",
     "tangent_kernel", "plot_beta_curves", "plot_beta_vs_gradnorm", "plot_independence",
+    "FunctionBasis", "function_basis", "network_basis", "penultimate_features", "basis_gradients",
 ]
