@@ -172,7 +172,7 @@ def run_one(M: int, args) -> dict:
                 step()
         cands["step, recompute F11/F02"] = step_recompute
     if args.block_sweep:
-        for b in (256, 512, 2048, 4096, 0):
+        for b in args.block_sizes:
             def step_b(b=b):
                 with settings(block=b):
                     step()
@@ -197,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--compare-save", action="store_true",
                         help="also time steps that recompute F11/F02 in backward")
     parser.add_argument("--block-sweep", action="store_true", help="also time other CPU block sizes")
+    parser.add_argument("--block-sizes", type=int, nargs="*", default=[256, 1024, 4096, 16384, 0],
+                        help="CPU block rows for --block-sweep (0: no blocks)")
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     Ms = args.M or ([20000, 40000] if args.quick else [5000, 20000, 40000, 100000])
