@@ -348,9 +348,12 @@ class DistributedRowStore(RowStore):
         """Record gradient rows; with a data-parallel group, those of every process (in rank
         order), averaged over the processes as DistributedDataParallel averages gradients."""
         if self.data_size > 1:
-            group = self.data_group
-            A = torch.cat(_all_gather_rows(A.detach(), group, self.data_size)) / self.data_size
-            B = torch.cat(_all_gather_rows(B.detach(), group, self.data_size))
+            A, B = A.detach(), B.detach()
+            cdt = torch.promote_types(A.dtype, B.dtype)
+            both = torch.cat(_all_gather_rows(torch.cat([A.to(cdt), B.to(cdt)], 1), self.data_group,
+                                              self.data_size))
+            A = (both[:, :A.shape[1]] / self.data_size).to(A.dtype)
+            B = both[:, A.shape[1]:].to(B.dtype)
         super().record(A, B)
 
     # ------------------------------------------------------------ save / load
