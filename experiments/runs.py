@@ -299,8 +299,9 @@ class MetricsLog:
 
 def plot_curves(history: list[dict], path, title: str = "",
                 panels=(("loss", ("train_loss", "test_loss")),
-                        ("accuracy", ("train_acc", "test_acc", "transfer_acc")))) -> None:
-    """One panel per ``(y label, keys)`` of ``panels``, each key a curve against ``epoch``.
+                        ("accuracy", ("train_acc", "test_acc", "transfer_acc")))):
+    """One panel per ``(y label, keys)`` of ``panels``, each key a curve against ``epoch``;
+    returns the matplotlib Figure.
 
     Every curve has markers (a one-epoch run is one point), a legend entry, and the figure is
     1400 px wide.
@@ -328,3 +329,4 @@ def plot_curves(history: list[dict], path, title: str = "",
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png"))
+    return fig
