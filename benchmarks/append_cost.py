@@ -1,7 +1,7 @@
 """Cost of appending one step's rows to an infinite layer, at 10k and at 1M rows.
 
 Every SGD step appends ``b`` rows per π-layer (spec §5). A
-:class:`inf.tensors.RowStore` keeps its rows in capacity buffers that double
+:class:`inf.rows.RowStore` keeps its rows in capacity buffers that double
 when full, so an append writes ``b`` rows, and only the rare reallocation
 copies all ``M`` rows. The honest per-step figure is the amortized one: the
 mean over one whole doubling period (capacity ``C`` → ``2C``: ``C / b`` steps
@@ -27,7 +27,7 @@ import torch
 
 from inf.layers import InfPiLinearReLU
 from inf.optim import InfSGD
-from inf.tensors import RowStore
+from inf.rows import RowStore
 
 from ._util import add_common_args, apply_threads, machine_line, median, print_table
 
@@ -76,8 +76,8 @@ def time_appends(store: RowStore, batch: int, quick_steps: int | None = None):
 
 def time_optimizer_steps(M: int, r: int, batch: int, steps: int, dtype, momentum: float):
     """``InfSGD.step`` on one layer of ``M`` rows with a recorded gradient of ``batch`` rows.
-    The backward pass is replaced by what it leaves behind (pending rows and the zero-grad
-    marker), so only the optimizer is timed."""
+    The backward pass is replaced by what it leaves behind (recorded gradient rows), so
+    only the optimizer is timed."""
     layer = InfPiLinearReLU(r, r, dtype=dtype)
     store = layer.rows
     store.truncate(0)
@@ -89,8 +89,7 @@ def time_optimizer_steps(M: int, r: int, batch: int, steps: int, dtype, momentum
     B = torch.nn.functional.normalize(torch.randn(batch, r), dim=1).to(dtype)
     times = []
     for i in range(steps + 2):
-        store.add_pending(A, B)
-        layer.Amult.grad = torch.zeros_like(layer.Amult)  # what backward leaves (see inf.functional)
+        store.record(A, B)  # what a .grad-populating backward leaves (inf.rows)
         t0 = time.perf_counter()
         opt.step()
         dt = time.perf_counter() - t0

@@ -190,6 +190,11 @@ def main():
     parser.add_argument("--M", type=int, nargs="+", default=None, help="rows per π-layer (default 40000 200000)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per M (default 5, quick 3)")
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    g = parser.add_argument_group("GPU model (assumptions, not measured here: this machine has no GPU)")
+    g.add_argument("--gpu-bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM: 3.35e12)")
+    g.add_argument("--gpu-efficiency", type=float, default=0.6, help="fraction of the bandwidth a step reaches")
+    g.add_argument("--gpu-fixed-ms", type=float, default=3.0, help="per-step fixed cost (launches, Python)")
+    g.add_argument("--nccl-latency-us", type=float, default=20.0, help="one small all-reduce within a node")
     args = parser.parse_args()
     sizes = args.M or ([40_000] if args.quick else [40_000, 200_000])
     repeats = args.repeats or (3 if args.quick else 5)
@@ -228,6 +233,27 @@ def main():
                  + [f"{cifar_speedup(c0, c1, t_ar, P):.2f}"] for P in (2, 4, 8)]
         print_table(["P"] + [f"model speed-up at {M:,}" for M in sizes] + ["CIFAR-10 run (CPU model)"], mrows,
                     title=f"CPU processes, {2 * (L + 1)} all-reduces of ≤ {1e6 * t_ar:.0f} µs per step")
+    gpu_model(args)
+
+
+def gpu_model(args):
+    """The same model for GPUs, from the bytes a step must read (the rows, twice: forward and
+    backward) at an assumed bandwidth, plus assumed fixed costs and NCCL latency."""
+    bytes_per_row = 2 * (L * (R + R) + (R + D_OUT)) + 4 * (L + 1)  # float16 A and B, float32 coefficients
+    c1 = 2 * bytes_per_row / (args.gpu_bandwidth * args.gpu_efficiency)
+    c0, t_ar = args.gpu_fixed_ms * 1e-3, args.nccl_latency_us * 1e-6
+    mean_M = R + BATCH * (312_500 - 1) / 2
+    print(f"GPU model: {bytes_per_row} bytes per row (all π-layers, float16 rows), read twice per step at "
+          f"{args.gpu_efficiency:.0%} of {args.gpu_bandwidth / 1e12:.2f} TB/s → c1 = {1e9 * c1:.2f} ns per row; "
+          f"c0 = {args.gpu_fixed_ms} ms; all-reduce {args.nccl_latency_us} µs")
+    rows = []
+    for P in (1, 2, 4, 8):
+        t = model(c0, c1, t_ar, P, mean_M)
+        end = model(c0, c1, t_ar, P, R + BATCH * 312_500)
+        rows.append([P, f"{1e3 * t:.2f}", f"{1e3 * end:.2f}", f"{model(c0, c1, t_ar, 1, mean_M) / t:.2f}",
+                     f"{312_500 * t / 3600:.2f}", f"{(R + BATCH * 312_500) * bytes_per_row / P / 2**30:.1f}"])
+    print_table(["P", "ms/step at mean M", "ms/step at the end", "run speed-up", "run hours", "rows GiB per GPU"],
+                rows, title="CIFAR-10 run (312 500 steps, batch 8, M from 400 to 2.5M rows per layer)")
 
 
 if __name__ == "__main__":

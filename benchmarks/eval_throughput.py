@@ -8,8 +8,8 @@ baselines, measured in the same process in alternating turns, are torch.mm
 doing exactly these products (and nothing else)
 
 * in the budget's shapes: (10k × r)·(r × chunk) and (10k × chunk)·(chunk × r_out);
-* in the CPU cache blocks the layer uses (``inf.functional.CPU_BLOCK_BATCH``
-  inputs × ``CPU_BLOCK_ROWS`` rows);
+* in the CPU cache blocks the layer uses (``BlockPolicy.cpu_block_batch``
+  inputs × ``cpu_block_rows`` rows, inf.functional.BlockPolicy);
 
 and, for scale, one square 2048³ product. The layer's GFLOP/s divided by the
 best of the first two is the ratio the target (≥ 60 %) refers to.
@@ -69,7 +69,7 @@ def main(argv=None):
     chunk = layer._chunk_rows(b, torch.float32) or M
     A, B = layer.A.detach(), layer.B.detach()
     ghat = torch.nn.functional.normalize(g, dim=1)
-    row_block = functional.block_rows(M, chunk, "cpu", batch=b) or M
+    row_block = functional.block_rows(M, chunk, "cpu") or M
     batch_block = functional.block_batch(b, "cpu")
 
     def evaluate():

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from inf.networks import FinPiMLPSample, InfMLP
 from inf.optim import InfSGD
-from inf.tensors import FinPiParameter, owner_of
+from inf.layers import set_gradient_projection
+from inf.parameters import FinPiParameter, owner_of
 
 from ._util import (PeakRSS, add_common_args, apply_threads, fmt_bytes, interleaved, machine_line, median,
                     print_table)
@@ -44,7 +45,7 @@ def measure_projection(n: int, r: int, repeats: int, seed: int):
     torch.manual_seed(seed)
     net = InfMLP(16, 4, r, L=1)
     fin = FinPiMLPSample(net, n, generator=torch.Generator().manual_seed(seed))
-    layer = fin.layers[1]  # hidden: weight n × n
+    layer = fin.hidden_layers[0]  # weight n × n
     P = dense_projector(layer.omega)
     G0 = torch.randn(n, n, generator=torch.Generator().manual_seed(seed + 1))
     G = G0.clone()
@@ -85,26 +86,27 @@ def measure_step(n: int, r: int, batch: int, repeats: int, seed: int):
         layer = owner_of(p)
         if id(layer) not in projectors:
             projectors[id(layer)] = dense_projector(layer.omega)
-    opt_basis = InfSGD(fin.parameters(), lr=0.01)
-    opt_dense = InfSGD(fin.parameters(), lr=0.01, project=False)
+    opt = InfSGD(fin.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(batch, 3072, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
 
-    def step_basis():
-        opt_basis.zero_grad()
+    def step_basis():  # the layers project in their gradient hook
+        set_gradient_projection(fin, True)
+        opt.zero_grad()
         F.cross_entropy(fin(x), y).backward()
-        opt_basis.step()
+        opt.step()
 
     def step_dense():
-        opt_dense.zero_grad()
+        set_gradient_projection(fin, False)
+        opt.zero_grad()
         F.cross_entropy(fin(x), y).backward()
         with torch.no_grad():
             for p in projected:
                 P = projectors[id(owner_of(p))]
                 g2 = p.grad.reshape(p.grad.shape[0], -1)
                 p.grad.copy_((P @ g2).reshape(p.grad.shape))
-        opt_dense.step()
+        opt.step()
 
     times = interleaved({"step, Q(QᵀG)": step_basis, "step, P @ G": step_dense}, repeats=repeats, warmup=1)
     return times

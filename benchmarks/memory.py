@@ -83,14 +83,10 @@ def eval_budget_table(M: int, r: int, batch: int):
     chunk = layer._chunk_rows(batch, torch.float32)
     rows, outs = [], {}
     for label, blocks in (("CPU blocks + budget", True), ("budget chunks only", False)):
-        old = functional.CPU_BLOCK_MAX_THREADS, functional.CPU_BLOCK_BATCH
-        if not blocks:  # no cache blocks at any thread count or batch size
-            functional.CPU_BLOCK_MAX_THREADS, functional.CPU_BLOCK_BATCH = 0, None
-        try:
-            with PeakRSS() as m, torch.no_grad():
-                outs[label] = layer(g)
-        finally:
-            functional.CPU_BLOCK_MAX_THREADS, functional.CPU_BLOCK_BATCH = old
+        # without blocks: the memory budget's chunks only (what a GPU uses)
+        policy = {} if blocks else dict(cpu_block_rows=None, cpu_block_batch=None)
+        with functional.block_policy(**policy), PeakRSS() as m, torch.no_grad():
+            outs[label] = layer(g)
         rows.append([label, f"{chunk}", fmt_bytes(m.peak), fmt_bytes(layer.chunk_bytes),
                      fmt_bytes(batch * r * 4), fmt_bytes(batch * M * 4)])
     a, b = outs.values()
@@ -105,7 +101,7 @@ def accuracy_table(steps: int):
         ref = {name: net(x, return_hidden=True) for name, x in (("held-out", x_test), ("training", x_train))}
         for dtype in (torch.bfloat16, torch.float16):
             low = copy.deepcopy(net)
-            for layer in low.layers[1:]:
+            for layer in low.pi_layers:
                 layer.rows.to(dtype)  # A, B in low precision; coefficients stay float32
             for name, x in (("held-out", x_test), ("training", x_train)):
                 out, h = low(x, return_hidden=True)

@@ -56,26 +56,12 @@ def settings(save=None, block=None):
         changes["save_kernels"] = save
     if block is not None:
         changes["cpu_block_rows"] = block
-    if hasattr(functional, "block_policy"):
-        with functional.block_policy(**changes):
-            yield
-        return
-    old = functional.SAVE_KERNELS, functional.CPU_BLOCK_ROWS
-    try:
-        if save is not None:
-            functional.SAVE_KERNELS = save
-        if block is not None:
-            functional.CPU_BLOCK_ROWS = block
+    with functional.block_policy(**changes):
         yield
-    finally:
-        functional.SAVE_KERNELS, functional.CPU_BLOCK_ROWS = old
 
 
 def current_block_rows() -> int:
-    pol = getattr(functional, "current_block_policy", None)
-    if pol is not None:
-        return int(pol().cpu_block_rows or 0)
-    return int(functional.CPU_BLOCK_ROWS or 0)
+    return int(functional.current_block_policy().cpu_block_rows or 0)
 
 
 def read_bytes(net) -> int:
