@@ -212,7 +212,7 @@ def output_jacobian_norm(model, x: torch.Tensor, batch_size: int) -> float:
     total = 0.0
     for a in range(0, len(x), batch_size):
         for xi in x[a:a + batch_size]:
-            out = model(xi[None])[0]
+            out = model(xi[None].to(params[0].device))[0]
             for c in range(out.shape[0]):
                 g = torch.autograd.grad(out[c], params, retain_graph=c < out.shape[0] - 1, allow_unused=True)
                 total += sum(float(gi.pow(2).sum()) for gi in g if gi is not None)
@@ -223,15 +223,16 @@ def output_jacobian_norm(model, x: torch.Tensor, batch_size: int) -> float:
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, features: bool = False):
     """Outputs (float64), accuracy and optionally the penultimate features on ``x``; eval mode."""
     model.eval()
+    device = next(model.parameters()).device
     outs, feats = [], []
     for a in range(0, len(x), batch_size):
-        xb = x[a:a + batch_size]
+        xb = x[a:a + batch_size].to(device)
         if features:
             h = model.features(xb)
-            feats.append(h.double())
-            outs.append(model.fc(h).double())
+            feats.append(h.double().cpu())
+            outs.append(model.fc(h).double().cpu())
         else:
-            outs.append(model(xb).double())
+            outs.append(model(xb).double().cpu())
     out = torch.cat(outs)
     acc = float((out.argmax(1) == y).double().mean())
     return out, acc, (torch.cat(feats) if features else None)
@@ -332,6 +333,8 @@ def train(args) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     scale_init(model, args.init_scale)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the authors' code
+    model.to(device)
     opt = make_optimizer(args, model)
     out = run_folder(args)
     log.info("run folder %s", out)
@@ -371,8 +374,8 @@ def train(args) -> dict:
                 from experiments.data.cifar import random_crop_flip
 
                 xb = random_crop_flip(xb, g)
-            xb = _prepare(xb, data)
-            yb = y_train[idx]
+            xb = _prepare(xb, data).to(device)
+            yb = y_train[idx].to(device)
             opt.zero_grad()
             logits = model(xb)
             loss = loss_value(args, logits, yb, num_classes)
@@ -384,7 +387,7 @@ def train(args) -> dict:
             if sched is not None:
                 sched.step()
             total_loss += float(loss.detach())
-            correct += int((logits.argmax(1) == yb).sum())
+            correct += int((logits.argmax(1) == yb).sum())  # predictions in train mode, as the authors
         record["train_loss"].append(total_loss)
         record["train_acc"].append(correct / n_train)
         last = epoch == args.num_epoch - 1
@@ -399,7 +402,7 @@ def train(args) -> dict:
     seconds = time.time() - t0
 
     try:
-        basis = function_basis(feats, model.fc.weight.detach())
+        basis = function_basis(feats, model.fc.weight.detach().cpu())
     except ValueError as e:
         raise UserError(f"no basis from the final network ({e}): dead units or a diverged run; "
                         f"try another --seed, --init_scale or learning rate") from None
@@ -414,7 +417,7 @@ def train(args) -> dict:
                  test_acc=np.array(record["test_acc"]), output_grad_norm=np.array(record["output_grad_norm"]))
     if args.log == "detail":
         atomic_savez(out / "detail.npz", features=feats.numpy(), test_outputs=F_out.numpy(),
-                     readout_weight=model.fc.weight.detach().numpy())
+                     readout_weight=model.fc.weight.detach().cpu().numpy())
     summary = {"args": vars(args), "run_folder": str(out), "seconds": seconds, "n_train": n_train,
                "n_test": len(y_test), "final_beta_minus_s": float((beta[-1] - basis.s).abs().max()), **record}
     _atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))

@@ -1,36 +1,44 @@
-"""Decomposition of a training trajectory on the eigenbasis of a kernel.
+"""Decomposition of a training trajectory on a basis of functions.
 
-Take a kernel ``K`` on the training set (N × N) — the conjugate kernel of a trained
-network's last hidden layer (the "after kernel"), or a tangent kernel — and its
+Two kinds of basis (docs/analysis.md §4 compares them):
+
+**The paper's basis** (Ma, Guo & Fattahi 2022, "Behind the scenes of gradient descent"; the
+default of ``experiments.analysis.trajectory``). From the *final* network's penultimate
+features on N held-out examples, ``Φ = U S Vᵀ``, and its last layer W,
+``u s vᵀ = svd(W V S / √N)``; basis function i is ``u_i ⊗ (U v_i)`` (a C × N array) and
+
+    β_i(θ) = u_iᵀ f_θ(X)ᵀ U v_i / √N          (a scalar; β_i = s_i at the final network).
+
+:func:`network_basis` builds it (:class:`FunctionBasis`); :func:`basis_gradients` gives
+``‖∇_θ β_i‖`` and ``cos(∇β_i, ∇β_j)`` from exact parameter gradients (autograd of the scalar
+β_i, one backward pass per i), or, with ``proj_dim``, approximately through a projected NTK.
+
+**A kernel eigenbasis.** Take a kernel ``K`` on the training set (N × N) — the conjugate kernel
+of a trained network's last hidden layer (the "after kernel"), or a tangent kernel — and its
 orthonormal eigenvectors ``φ_1, φ_2, …`` (eigenvalues in decreasing order). The network's
 outputs on the training set, ``f_t`` (N × O at training step t), are the sum
 ``f_t = Σ_i φ_i β_i(t)`` with coefficients ``β_i(t) = φ_iᵀ f_t`` (a vector of O numbers);
 keeping every eigenvector the sum is exact. The targets have coefficients ``β*_i = φ_iᵀ y``.
+In the kernel regime, under gradient flow on the squared loss with a fixed NTK ``Θ``,
+``β_i(t) − β*_i`` decays like ``exp(−η λ_i t)`` on the NTK's eigenbasis.
 
-*Incremental learning* shows as the coefficients ``|β_i(t)|`` approaching ``|β*_i|`` one
-after the other, in the order of the eigenvalues. In the kernel regime this is exact for
-the tangent kernel: under gradient flow on the squared loss with a fixed NTK ``Θ``,
-``β_i(t) − β*_i`` decays like ``exp(−η λ_i t)``.
-
-The parameter gradient of a coefficient, ``∇_θ β_i = Σ_n φ_i[n] ∇_θ f(x_n)``, has inner
-products given by the tangent kernel:
+The parameter gradient of a kernel-basis coefficient, ``∇_θ β_i = Σ_n φ_i[n] ∇_θ f(x_n)``,
+has inner products given by the tangent kernel:
 
     ⟨∇β_i, ∇β_j⟩ = Σ_k φ_iᵀ Θ_kk φ_j = φ_iᵀ Θ_tr φ_j
 
 (with O outputs ``β_i`` is a vector and the inner product is that of its O × P
-Jacobians, hence the trace kernel ``Θ_tr = Σ_k Θ_kk``). So ``‖∇β_i‖² = φ_iᵀ Θ_tr φ_i`` and
-the *gradient independence* of the basis functions is
+Jacobians, hence the trace kernel ``Θ_tr = Σ_k Θ_kk``). For either basis the *gradient
+independence* of the basis functions is
 
     max_{i ≠ j} |⟨∇β_i, ∇β_j⟩| / (‖∇β_i‖ ‖∇β_j‖)
 
-over the leading eigenvectors: 0 when the eigenvectors of K are also eigenvectors of Θ
-(the coefficients can be learned independently), up to 1 when two gradients are
-parallel. Θ may be exact (``inf_ntk`` for infinite π-nets, ``empirical_ntk``) or
-projected (``pntk``).
+over the leading functions: 0 when the coefficients can be learned independently, up to 1
+when two gradients are parallel.
 
-:class:`TrajectoryRecorder` stores ``f_t`` (and, optionally, Θ_t) during any training
-loop — InfSGD on an infinite π-net included — and computes all of the above, for a
-basis given up front or chosen after training (the after kernel of the final network).
+:class:`TrajectoryRecorder` stores ``f_t`` (optionally Θ_t, or parameter snapshots) during
+any training loop — InfSGD on an infinite π-net included — and computes all of the above,
+for a basis given up front or chosen after training.
 """
 from __future__ import annotations
 
@@ -439,10 +447,21 @@ def tangent_kernel(net: nn.Module, X: torch.Tensor, proj_dim: int | None = 512, 
 
 
 class TrajectoryRecorder:
-    """Records a network's outputs on the training set (and optionally its tangent kernel)
-    during training, and decomposes them on a kernel eigenbasis.
+    """Records a network's outputs on a set of inputs (and optionally its tangent kernel or
+    parameter snapshots) during training, and decomposes them on a basis.
 
-    Usage::
+    The paper's basis, on a held-out set::
+
+        rec = TrajectoryRecorder(None, X_heldout, y_heldout)
+        for step in range(steps):
+            rec.record(net, step, snapshot=step % 10 == 0)
+            ... optimizer step ...
+        rec.set_function_basis(network_basis(net, X_heldout))
+        rec.betas()                        # (T, m, 1): β_i(t); β_i = s_i at the end
+        rec.compute_gradients(net, top=10)  # exact ∇β_i at the snapshots
+        rec.grad_norms(), rec.independence(10)
+
+    A kernel eigenbasis, on the training set::
 
         rec = TrajectoryRecorder(phi, X_train, y_train)   # phi may be None: set it later
         for step in range(steps):
