@@ -1,7 +1,7 @@
 """π-layers: infinite (rows) and finite (matrices sampled from rows).
 
 A π-layer maps a preactivation to the next preactivation; the ReLU is inside
-the layer, applied to its input (spec §3, §6). Alphas of the network (first-
+the layer, applied to its input (docs/math.md §3, §6). Alphas of the network (first-
 and last-layer) are applied by the network, not the layers; the bias alpha
 ``β`` is applied inside: ``layer(g) = … + β b``.
 
@@ -82,7 +82,7 @@ class InfPiInputLinearReLU(nn.Module):
         return out
 
     def sample(self, n_in: int, n_out: int, prev_omega=None, generator=None) -> "FinPiInputLinearReLU":
-        """A finite input layer of width ``n_out`` whose output is ``≈ n^-½ Ω g`` (spec §6)."""
+        """A finite input layer of width ``n_out`` whose output is ``≈ n^-½ Ω g`` (docs/math.md §6)."""
         return FinPiInputLinearReLU(n_in, n_out, self.r_out, bias_alpha=self.bias_alpha,
                                     layernorm=self.layernorm, inf_layer=self, generator=generator)
 
@@ -93,14 +93,14 @@ class InfPiInputLinearReLU(nn.Module):
 class InfPiLinearReLU(nn.Module):
     """Hidden or output layer of an infinite π-net, stored as rows ``(A, c, B)``.
 
-    ``forward(g)`` is ``s (F00(ĝ Bᵀ) ⊙ c) A + β b`` (spec §3); backward records
-    the gradient as rows that :class:`inf.optim.InfSGD` appends (spec §5).
+    ``forward(g)`` is ``s (F00(ĝ Bᵀ) ⊙ c) A + β b`` (docs/math.md §3); backward records
+    the gradient as rows that :class:`inf.optim.InfSGD` appends (docs/math.md §5).
 
     Args:
         r: input rank. r_out: output rank (the output size for the output layer).
         bias_alpha: β; 0 means no bias.
         output_layer: ``A`` starts at zero, so the network starts at output 0.
-        layernorm: use ``s = 1`` and normalise the input (spec §3).
+        layernorm: use ``s = 1`` and normalise the input (docs/math.md §3).
         chunk_rows: rows per chunk; ``None`` picks it from ``chunk_bytes``.
         chunk_bytes: memory budget of the batch × rows intermediates.
         policy: a :class:`~inf.functional.BlockPolicy` for this layer (None: the current one).
@@ -185,7 +185,7 @@ class InfPiLinearReLU(nn.Module):
         return out
 
     def sample(self, n_in: int, n_out: int, prev_omega=None, generator=None) -> "FinPiLinearReLU":
-        """A finite layer reading width ``n_in`` (spec §6); ``prev_omega`` is the previous
+        """A finite layer reading width ``n_in`` (docs/math.md §6); ``prev_omega`` is the previous
         layer's Ω (n_in × r), drawn fresh if not given."""
         return FinPiLinearReLU(n_in, n_out, self.r, bias_alpha=self.bias_alpha,
                                output_layer=self.output_layer, layernorm=self.layernorm,
@@ -348,7 +348,7 @@ class FinPiLinearReLU(_FinPiLayer):
     """Finite π hidden/output layer: ``W φ(h) + β b`` (``h`` normalised first under layernorm).
 
     Sampled from an infinite layer ``(A, c, B, b)`` with the previous layer's
-    ``Ω_prev`` (spec §6)::
+    ``Ω_prev`` (docs/math.md §6)::
 
         hidden: W = (n_in n_out)^-½ Ω (c⊙A)ᵀ φ(Ω_prev Bᵀ)ᵀ,   b = n_out^-½ Ω b_inf
         output: W = n_in^-½ (c⊙A)ᵀ φ(Ω_prev Bᵀ)ᵀ,           b = b_inf (not projected)

@@ -1,4 +1,4 @@
-"""Kernel functions of the ReLU π-limit (spec §2).
+"""Kernel functions of the ReLU π-limit (docs/math.md §2).
 
 For ``(z1, z2)`` standard Gaussians with correlation ``q`` and ``φ = ReLU``::
 

@@ -1,4 +1,4 @@
-"""TrAct: training the first layer as if its activations were the parameters (spec §7).
+"""TrAct: training the first layer as if its activations were the parameters (docs/math.md §7).
 
 TrAct (Petersen, Borgelt & Ermon, NeurIPS 2024) leaves the forward pass and
 every gradient except one untouched: the weight gradient of the layer that

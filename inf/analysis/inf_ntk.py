@@ -1,6 +1,6 @@
 """The exact tangent kernel of an infinite π-net, at its current state.
 
-Setting (spec §3, §5). The net computes ``h_0 = α_1 (x A_0 + β_0 b_0)``, then
+Setting (docs/math.md §3, §5). The net computes ``h_0 = α_1 (x A_0 + β_0 b_0)``, then
 ``h_l = s_{l-1} (F00(ĝ_{l-1} B_lᵀ) ⊙ c_l) A_l + β_l b_l`` for the hidden layers l = 1..L,
 and ``f = α_L (s_L (F00(ĝ_L B_outᵀ) ⊙ c_out) A_out + β_out b_out)``, where ``s_l = |h_l|``
 (1 under layernorm) and ``ĝ_l = h_l / |h_l|``. Write ``J_l(x) = ∂f(x)/∂h_l(x)`` (O × r)
@@ -23,7 +23,7 @@ output bias b_out       m_lastbias  · α_L² β_out²                   I_O
 
 Derivation of the row terms. For an example x, backward gives the layer the gradient
 ``δ_x = ∂L/∂h_l(x) = J_l(x)ᵀ e_x`` and the step appends the row ``(A, c, B) = (δ_x s_x,
-−η m, ĝ_x)`` (spec §5). Nothing else in the layer changes, so at x' the layer's output
+−η m, ĝ_x)`` (docs/math.md §5). Nothing else in the layer changes, so at x' the layer's output
 changes by exactly ``s_{x'} F00(ĝ_{x'}·ĝ_x) (−η m) δ_x s_x`` — the new row evaluated at x'
 — and the output by ``J_l(x')`` times that. For the output layer the role of ``J_l`` is
 played by ``α_L I`` (its output is multiplied by α_L, and ``δ_x = α_L e_x``). The row terms
@@ -58,12 +58,16 @@ __all__ = ["inf_ntk", "inf_ntk_diagonal", "inf_jacobians"]
 
 
 def _check_net(net) -> list:
-    layers = list(getattr(net, "layers", []))
+    """``[input layer, π-layers…, output layer]`` from the net's own layout."""
+    try:
+        layers = [net.input_layer, *net.hidden_layers, net.output_layer]
+    except AttributeError:
+        layers = []
     if len(layers) < 2 or not all(isinstance(m, InfPiLinearReLU) for m in layers[1:]):
-        raise TypeError("inf_ntk needs an infinite π-net with .layers = [input layer, InfPiLinearReLU…] "
+        raise TypeError("inf_ntk needs an infinite π-net with input_layer, hidden_layers and output_layer "
                         "(e.g. inf.networks.InfMLP); for finite models use inf.analysis.pntk / empirical_ntk")
     if not layers[-1].output_layer:
-        raise TypeError("the last of net.layers must be the output layer (InfPiLinearReLU(output_layer=True))")
+        raise TypeError("the net's output_layer must be InfPiLinearReLU(output_layer=True)")
     return layers
 
 
@@ -181,9 +185,9 @@ def inf_ntk(net, X: torch.Tensor, Y: torch.Tensor | None = None, lr_mults=None, 
     for i, layer in enumerate(layers[1:], start=1):
         jac = None if layer.output_layer else i
         scale = aL ** 2 if layer.output_layer else 1.0
-        if layer.Amult.requires_grad:
+        if layer.coefficients.requires_grad:
             W = _rows_weight(sx["h"][i - 1], sy["h"][i - 1], layer.layernorm)
-            terms.append((f"layers.{i}.rows", m(layer.Amult) * scale * W, jac))
+            terms.append((f"layers.{i}.rows", m(layer.coefficients) * scale * W, jac))
         if layer.bias is not None and layer.bias.requires_grad:
             w = m(layer.bias) * scale * layer.bias_alpha ** 2
             terms.append((f"layers.{i}.bias", torch.full((N, M), w, dtype=dtype, device=device), jac))
