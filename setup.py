@@ -24,6 +24,7 @@ setup(
         "traker",
     ],
     extras_require={
-        "test": ["pytest", "torch-tract"],
+        # pytest for the tests, ruff for the lint that .ci/run applies (settings in pyproject.toml)
+        "test": ["pytest", "torch-tract", "ruff"],
     },
 )

@@ -20,19 +20,57 @@ New code imports from those modules.
 from __future__ import annotations
 
 from experiments.cli import ConfigError
-from experiments.data.images import (CIFAR10_PIXEL_MEAN, CIFAR10_PIXEL_STD, IMAGENET_MEAN,
-                                     IMAGENET_STD, ImageSet, fixed_subset, load_cifar10_set)
+from experiments.data.images import (
+    CIFAR10_PIXEL_MEAN,
+    CIFAR10_PIXEL_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageSet,
+    fixed_subset,
+    load_cifar10_set,
+)
 from experiments.feature_kernels import feature_kernel_accuracy, feature_kernel_inputs
 from experiments.models import build_model as build_model_from_spec
-from experiments.options import (ARCH_KEYS, IntListAction, add_krr_args, add_model_args,
-                                 add_optim_args, add_run_args, check_args, device_from_args,
-                                 model_kind, model_spec, seed_everything, setup_logging)
-from experiments.runs import (CHECKPOINT_NAME, CURVES_PNG, METRICS_CSV, METRICS_JSON, MetricsLog,
-                              atomic_write, load_checkpoint, plot_curves, save_checkpoint)
-from experiments.training import (Trainer, adopt_architecture, apply_precision, batch_loss,
-                                  checkpoint_model, fit, gclip_at, make_optimizer,
-                                  make_scheduler, memory_text, rng_state, rows_text,
-                                  set_rng_state)
+from experiments.options import (
+    ARCH_KEYS,
+    IntListAction,
+    add_krr_args,
+    add_model_args,
+    add_optim_args,
+    add_run_args,
+    check_args,
+    device_from_args,
+    model_kind,
+    model_spec,
+    seed_everything,
+    setup_logging,
+)
+from experiments.runs import (
+    CHECKPOINT_NAME,
+    CURVES_PNG,
+    METRICS_CSV,
+    METRICS_JSON,
+    MetricsLog,
+    atomic_write,
+    load_checkpoint,
+    plot_curves,
+    save_checkpoint,
+)
+from experiments.training import (
+    Trainer,
+    adopt_architecture,
+    apply_precision,
+    batch_loss,
+    checkpoint_model,
+    fit,
+    gclip_at,
+    make_optimizer,
+    make_scheduler,
+    memory_text,
+    rng_state,
+    rows_text,
+    set_rng_state,
+)
 
 __all__ = [
     "ConfigError", "CIFAR10_PIXEL_MEAN", "CIFAR10_PIXEL_STD", "IMAGENET_MEAN", "IMAGENET_STD",

@@ -7,10 +7,8 @@ removed, sizes appended: later options override earlier ones).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +16,16 @@ import torch
 from torch import nn
 
 from experiments.cifar10 import cifar10mlp, cifar10test
-from experiments.common import (ConfigError, ImageSet, Trainer,
-                                apply_precision, build_model, feature_kernel_inputs,
-                                load_checkpoint, make_optimizer)
+from experiments.common import (
+    ConfigError,
+    ImageSet,
+    Trainer,
+    apply_precision,
+    build_model,
+    feature_kernel_inputs,
+    load_checkpoint,
+    make_optimizer,
+)
 from experiments.data.cifar import CorruptDatasetError, DatasetNotFoundError
 from experiments.data.synthetic import write_synthetic_cifar10
 from experiments.data.synthetic_imagenet import write_synthetic_imagenet32

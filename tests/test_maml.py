@@ -19,12 +19,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from experiments.data.omniglot import omniglot_splits
 from experiments.meta import test as meta_test
 from experiments.meta import train as meta_train
-from experiments.meta.maml import (MetaLearner, body_features, build_model, finite_inner_loop,
-                                   inf_readout_adapt, inf_readout_rows_adapted, make_meta_optimizer,
-                                   mean_and_ci95)
-from experiments.data.omniglot import omniglot_splits
+from experiments.meta.maml import (
+    MetaLearner,
+    body_features,
+    build_model,
+    finite_inner_loop,
+    inf_readout_adapt,
+    inf_readout_rows_adapted,
+    make_meta_optimizer,
+    mean_and_ci95,
+)
 from experiments.meta.sampler import TaskSampler
 from experiments.meta.synthetic import write_synthetic_omniglot
 from experiments.runs import load_checkpoint

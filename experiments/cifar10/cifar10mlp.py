@@ -31,15 +31,22 @@ in it metrics.csv / metrics.json / curves.png after every epoch and checkpoint.p
 """
 from __future__ import annotations
 
-import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments import cli
 from experiments.cli import ConfigError
 from experiments.data.images import load_cifar10_set
 from experiments.models import build_model
-from experiments.options import (add_model_args, add_optim_args, add_run_args, check_args,
-                                 device_from_args, model_spec, seed_everything, setup_logging)
+from experiments.options import (
+    add_model_args,
+    add_optim_args,
+    add_run_args,
+    check_args,
+    device_from_args,
+    model_spec,
+    seed_everything,
+    setup_logging,
+)
 from experiments.runs import load_checkpoint
 from experiments.training import adopt_architecture, apply_precision, fit
 

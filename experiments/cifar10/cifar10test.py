@@ -47,8 +47,14 @@ from experiments.cli import ConfigError
 from experiments.data.images import ImageSet, load_cifar10_set
 from experiments.feature_kernels import feature_kernel_accuracy
 from experiments.kernels import kernel_ridge_regression, make_mlp_kernel
-from experiments.options import (OPERATIONAL_KEYS, add_krr_args, check_args, device_from_args,
-                                 seed_everything, setup_logging)
+from experiments.options import (
+    OPERATIONAL_KEYS,
+    add_krr_args,
+    check_args,
+    device_from_args,
+    seed_everything,
+    setup_logging,
+)
 from experiments.training import Trainer, checkpoint_model
 
 __all__ = ["build_parser", "main"]

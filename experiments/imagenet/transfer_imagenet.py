@@ -21,8 +21,9 @@ program used 250 fixed classes), ``--imagenet-class-file`` on an explicit list. 
 layer has one unit per pretraining class.
 
 ``--human`` prints plain-text progress lines instead of progress bars (the original option
-printed "human-friendly" lines); everything else is as in experiments.cifar10.cifar10mlp (the run's files go to its own folder
-``--save-dir/transfer_imagenet_<kind>_..._<hash of the options>``).
+printed "human-friendly" lines); everything else is as in experiments.cifar10.cifar10mlp (the
+run's files go to its own folder ``--save-dir/transfer_imagenet_<kind>_..._<hash of the
+options>``).
 """
 from __future__ import annotations
 
@@ -37,13 +38,23 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments import cli
 from experiments.cli import ConfigError
-from experiments.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_cifar10_set
 from experiments.data.imagenet32 import NUM_CLASSES, ImageNet32
+from experiments.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_cifar10_set
 from experiments.feature_kernels import feature_kernel_accuracy
 from experiments.models import build_model
-from experiments.options import (IntListAction, add_krr_args, add_model_args, add_optim_args,
-                                 add_run_args, check_args, device_from_args, model_kind,
-                                 model_spec, seed_everything, setup_logging)
+from experiments.options import (
+    IntListAction,
+    add_krr_args,
+    add_model_args,
+    add_optim_args,
+    add_run_args,
+    check_args,
+    device_from_args,
+    model_kind,
+    model_spec,
+    seed_everything,
+    setup_logging,
+)
 from experiments.runs import load_checkpoint
 from experiments.training import adopt_architecture, apply_precision, fit
 

@@ -64,11 +64,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from inf.functional import pi_features
-from inf.math import F00
 from experiments.cli import ConfigError
 from experiments.models import KINDS, ModelSpec, kind_of, set_rows_dtype
 from experiments.models import build_model as build_from_spec
+from inf.functional import pi_features
+from inf.math import F00
 from inf.networks import InfMLP
 from inf.optim import InfSGD
 from inf.parameters import FinPiParameter, owner_of, project_onto_span

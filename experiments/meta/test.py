@@ -21,8 +21,17 @@ from pathlib import Path
 
 from experiments import cli, runs
 from experiments.cli import ConfigError
-from experiments.meta.train import (BEST_MODEL, CONFIG_JSON, LAST_MODEL, build_net, load_splits,
-                                    load_state, make_learner, split_seed, task_sampler)
+from experiments.meta.train import (
+    BEST_MODEL,
+    CONFIG_JSON,
+    LAST_MODEL,
+    build_net,
+    load_splits,
+    load_state,
+    make_learner,
+    split_seed,
+    task_sampler,
+)
 
 __all__ = ["build_parser", "main"]
 

@@ -38,8 +38,13 @@ import torch
 
 from experiments import cli, runs
 from experiments.cli import ConfigError
-from experiments.data.omniglot import (DEFAULT_SPLIT_SIZES, OmniglotError, OmniglotSplit,
-                                       load_omniglot, proportional_split_sizes)
+from experiments.data.omniglot import (
+    DEFAULT_SPLIT_SIZES,
+    OmniglotError,
+    OmniglotSplit,
+    load_omniglot,
+    proportional_split_sizes,
+)
 from experiments.meta.maml import MetaLearner, build_model, make_meta_optimizer
 from experiments.meta.sampler import TaskSampler
 from experiments.models import canonical_kind

@@ -42,8 +42,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from experiments import cli, runs
 from experiments.cli import ConfigError
 from experiments.data.cifar import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100,
-    normalize, random_crop_flip,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    load_cifar10,
+    load_cifar100,
+    normalize,
+    random_crop_flip,
 )
 from experiments.tract.models import FIRST_LAYER, apply_tract, build_model
 from experiments.training import rng_state, set_rng_state
