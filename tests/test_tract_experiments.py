@@ -141,13 +141,17 @@ def test_tract_with_huge_lambda_is_plain_gradient_over_lambda():
 
 # --------------------------------------------------------------------------- resume
 
-def test_resume_equals_uninterrupted_run(data_root, tmp_path):
+def test_resume_equals_uninterrupted_run(data_root, tmp_path, capsys):
     common = ["--method", "tract", "--l", "0.1", "--n_epochs", "2", "--lr", "0.05",
               "--optim", "sgd_w_momentum_cosine", "--seed", "3"]
     straight = _run(data_root, tmp_path / "straight", *common)
     first = _run(data_root, tmp_path / "split", *common, "--stop_after_epochs", "1")
     assert len(first["epochs"]) == 1
+    # a crash while writing left a temporary of a process that is gone: the resume removes it
+    stale = tmp_path / "split" / f".checkpoint.pt.tmp{2**22 + 4321}"
+    stale.write_bytes(b"torn")
     resumed = _run(data_root, tmp_path / "split", *common)
+    assert not stale.exists()
     assert _strip_times(resumed["epochs"]) == _strip_times(straight["epochs"])
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
@@ -157,9 +161,13 @@ def test_resume_equals_uninterrupted_run(data_root, tmp_path):
     assert torch.equal(a["rng"]["data"], b["rng"]["data"])
     for k, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
-    # running again has nothing left to do
+    # running again has nothing left to do, and says how the run ended (on stdout)
+    capsys.readouterr()
     again = _run(data_root, tmp_path / "split", *common)
     assert _strip_times(again["epochs"]) == _strip_times(straight["epochs"])
+    out = capsys.readouterr().out
+    assert "2 epochs, final test accuracy" in out and "already finished" in out
+    assert f"{100 * straight['summary']['final_test_acc']:.2f}%" in out
 
 
 def test_resume_refuses_a_different_run(data_root, tmp_path):

@@ -204,7 +204,7 @@ def _run(args) -> dict:
             if args.test_kernel else None)
     train = load_cifar10_set(args.data, True, args.train_size).to(device)
     test = load_cifar10_set(args.data, False, args.test_size).to(device)
-    progress = not args.no_progress
+    progress = not args.no_progress and cli.is_tty()  # kernel bars: quiet in log files
     results = []
     for mode in ("nngp", "ntk"):
         if not getattr(args, "gp" if mode == "nngp" else "ntk"):

@@ -189,7 +189,7 @@ def _run(args, parser) -> dict:
     net = build_model(model_spec(args, test.dim, num_classes), device)
     precision = apply_precision(net, args, device)
     kind = model_kind(args)
-    progress = not (args.no_progress or args.human)
+    progress = not (args.no_progress or args.human) and cli.is_tty()  # quiet in log files
 
     def transfer(epoch: int, model) -> dict:
         began = time.perf_counter()
