@@ -59,6 +59,7 @@ from torch import nn
 from .rows import RowStore, rows_of
 
 __all__ = ["DistributedRowStore", "shard_", "gather_", "gathered", "data_parallel_", "process_grid",
+           "full_state_dict", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
            "is_sharded", "global_rows_per_layer", "rows_report", "save_checkpoint", "load_checkpoint",
            "read_manifest", "init_from_env", "is_main_process", "rank", "world_size", "owned_indices",
            "CheckpointError", "MANIFEST"]
@@ -330,18 +331,30 @@ class DistributedRowStore(RowStore):
         self.global_rows = global_rows
 
     @torch.no_grad()
+    def gather_per_row(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor with one entry per local row (rows, or per-row optimizer state such as
+        momentum; a shorter one is zero-padded) → the same for all rows in global order, on
+        every process (collective)."""
+        t = t.detach()
+        if t.shape[0] < self.num_rows:
+            t = torch.cat([t, t.new_zeros((self.num_rows - t.shape[0],) + tuple(t.shape[1:]))])
+        if not self.sharded:
+            return t.clone()
+        parts = _all_gather_rows(t.contiguous(), self.shard_group, self.shards)
+        full = t.new_empty((self.global_rows,) + tuple(t.shape[1:]))
+        for s, part in enumerate(parts):
+            full[s::self.shards] = part
+        return full
+
     def gather_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All rows ``(A, coefficients, B)`` in global order, on every process (collective)."""
-        if not self.sharded:
-            return self.A.detach().clone(), self.coefficients.detach().clone(), self.B.detach().clone()
-        out = []
-        for t in (self.A.detach(), self.coefficients.detach(), self.B.detach()):
-            parts = _all_gather_rows(t, self.shard_group, self.shards)
-            full = t.new_empty((self.global_rows,) + tuple(t.shape[1:]))
-            for s, part in enumerate(parts):
-                full[s::self.shards] = part
-            out.append(full)
-        return tuple(out)
+        return tuple(self.gather_per_row(t) for t in (self.A, self.coefficients, self.B))
+
+    def share_of(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's entries of a per-row tensor over all rows (zero-padded if shorter)."""
+        if t.shape[0] < self.global_rows:
+            t = torch.cat([t, t.new_zeros((self.global_rows - t.shape[0],) + tuple(t.shape[1:]))])
+        return t[self.shard::self.shards].clone()
 
     # ------------------------------------------------------------ gradient: data parallel
     def record(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -464,6 +477,58 @@ def gathered(net: nn.Module) -> nn.Module:
     import copy
 
     return gather_(copy.deepcopy(net))
+
+
+def full_state_dict(net: nn.Module) -> dict:
+    """``net.state_dict()`` as one process holding every row would return it (rows in the
+    single-process order), on every process; collective when rows are sharded. Save it
+    with ``torch.save`` on one process: it loads into any number of processes with
+    ``load_state_dict`` (each keeps its share)."""
+    state = net.state_dict()
+    for name, store in _stores(net):
+        prefix = f"{name}." if name else ""
+        if isinstance(store, DistributedRowStore):
+            state.pop(prefix + _SHARD_KEY, None)
+            if store.sharded:
+                for key, full in zip(("A", "coefficients", "B"), store.gather_rows()):
+                    state[prefix + key] = full
+    return state
+
+
+def full_optimizer_state_dict(net: nn.Module, optimizer) -> dict:
+    """``optimizer.state_dict()`` with per-row state (momentum of the coefficients) over all
+    rows in the single-process order; collective when rows are sharded. Restore it with
+    :func:`load_full_optimizer_state_dict`."""
+    state = optimizer.state_dict()
+    stores = dict(_stores(net))
+    entries = dict(state["state"])
+    for idx, name in _coefficient_indices(net, optimizer).items():
+        store = stores[name]
+        if not getattr(store, "sharded", False) or idx not in entries:
+            continue
+        entry = dict(entries[idx])
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                entry[key] = store.gather_per_row(value)
+        entries[idx] = entry
+    return {**state, "state": entries}
+
+
+def load_full_optimizer_state_dict(net: nn.Module, optimizer, state: dict) -> None:
+    """Load a single-process optimizer state (or one from :func:`full_optimizer_state_dict`)
+    into the optimizer of a sharded net: per-row state keeps this process's share."""
+    stores = dict(_stores(net))
+    entries = dict(state["state"])
+    for idx, name in _coefficient_indices(net, optimizer).items():
+        store = stores[name]
+        if not getattr(store, "sharded", False) or idx not in entries:
+            continue
+        entry = dict(entries[idx])
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                entry[key] = store.share_of(value)
+        entries[idx] = entry
+    optimizer.load_state_dict({**state, "state": entries})
 
 
 def global_rows_per_layer(net: nn.Module) -> list[int]:
@@ -734,5 +799,9 @@ def load_checkpoint(path, net: nn.Module, optimizer=None, map_location="cpu") ->
     if optimizer is not None:
         if opt_state is None:
             raise CheckpointError(f"{path} holds no optimizer state")
+        # own copies: the optimizer keeps the tensors it is given, and these map the file
+        opt_state = {**opt_state, "state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                for k, v in entry.items()}
+                                            for i, entry in opt_state["state"].items()}}
         optimizer.load_state_dict(opt_state)
     return extra

@@ -17,6 +17,7 @@ each later one, against 14 s per job with plain spawn on this loaded machine).
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import socket
@@ -229,6 +230,10 @@ def _checkpoints(rank: int, world: int, folder: str) -> dict:
     opt = _opt(net)
     _train(net, opt, first)
     idist.save_checkpoint(folder / "sharded", net, opt, extra={"step": 5})
+    # the programs' format: the single-process state, gathered (a torch.save round trip)
+    buf = io.BytesIO()
+    torch.save({"model": idist.full_state_dict(net), "optimizer": idist.full_optimizer_state_dict(net, opt)}, buf)
+    full_bytes = buf.getvalue()
     _train(net, opt, second)
     sharded_out = net(x_test).detach()
     out["sharded_vs_ref"] = _maxdiff(sharded_out, ref_out)
@@ -240,6 +245,23 @@ def _checkpoints(rank: int, world: int, folder: str) -> dict:
     out["extra_step"] = extra["step"]
     _train(net2, opt2, second)
     out["resume_2_to_2"] = _maxdiff(net2(x_test).detach(), sharded_out)
+
+    # the gathered single-process state into 2 processes and into 1
+    # (a fresh copy for each net: optimizer.load_state_dict shares the tensors it is given)
+    full = torch.load(io.BytesIO(full_bytes), weights_only=True)
+    net4 = idist.shard_(_net(13))
+    opt4 = _opt(net4)
+    net4.load_state_dict(full["model"])
+    idist.load_full_optimizer_state_dict(net4, opt4, full["optimizer"])
+    _train(net4, opt4, second)
+    out["full_state_2_to_2"] = _maxdiff(net4(x_test).detach(), sharded_out)
+    full = torch.load(io.BytesIO(full_bytes), weights_only=True)
+    net5 = _net(17)
+    opt5 = _opt(net5)
+    net5.load_state_dict(full["model"])
+    opt5.load_state_dict(full["optimizer"])
+    _train(net5, opt5, second)
+    out["full_state_2_to_1"] = _maxdiff(net5(x_test).detach(), ref_out)
 
     # 2 -> 1: a plain net in one process (rank 0 only; no collective involved)
     if rank == 0:
@@ -313,6 +335,8 @@ def test_checkpoints_reshard_and_resume():
         assert r["sharded_vs_ref"] < TOL, r
         assert r["resume_2_to_2"] == 0.0, r  # same processes, same layout: bit for bit
         assert r["resume_1_to_2"] < TOL, r
+        assert r["full_state_2_to_2"] == 0.0, r
+        assert r["full_state_2_to_1"] < TOL, r
         assert r["manifest_world"] == 2
     assert res[0]["resume_2_to_1"] < TOL, res[0]
 
