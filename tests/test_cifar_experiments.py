@@ -199,14 +199,14 @@ def test_half_rows_train_and_checkpoint(cifar):
     args = cifar10mlp.build_parser().parse_args(tiny(cifar, "--depth", 1, "--lr", 0.5))
     net = build_model(args, 3072, 10, torch.device("cpu"))
     assert "float16" in apply_precision(net, args, torch.device("cpu"), half_rows=True)
-    assert net.layers[1].A.dtype == torch.float16 and net.layers[1].Amult.dtype == torch.float32
+    assert net.hidden_layers[0].A.dtype == torch.float16 and net.hidden_layers[0].Amult.dtype == torch.float32
     data = ImageSet(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8),
                     torch.arange(16) % 10, (0.5,) * 3, (0.25,) * 3, 10)
     trainer = Trainer(args, net, make_optimizer(args, net), torch.device("cpu"),
                       torch.Generator().manual_seed(0))
     stats = trainer.train_epoch(data, 0)
     assert stats["train_loss"] == stats["train_loss"] and net.rows_per_layer() == [24, 24]
-    assert net.layers[-1].B.dtype == torch.float16
+    assert net.output_layer.B.dtype == torch.float16
     fresh = build_model(args, 3072, 10, torch.device("cpu"))
     fresh.load_state_dict(net.state_dict())
     assert fresh.rows_per_layer() == [24, 24]
@@ -217,7 +217,7 @@ def test_mup_tract_input_matches_tract_on_linear():
     from inf.networks import MuMLP
     torch.manual_seed(0)
     net = MuMLP(12, 3, 5, L=1, bias_alpha=1.0, tract_lambda=0.3)
-    layer = net.layers[0]
+    layer = net.input_layer
     lin = nn.Linear(12, 5)
     with torch.no_grad():
         lin.weight.copy_(layer.weight)
