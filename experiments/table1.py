@@ -287,7 +287,7 @@ def save_plot(results: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(results)
-    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 6.5), dpi=110)
     x = np.arange(len(methods))
     means = [100 * results[m]["mean"] for m in methods]
     sds = [100 * results[m]["sd"] for m in methods]
@@ -299,22 +299,27 @@ def save_plot(results: dict, path: Path, title: str) -> None:
         accs = [100 * r["test_acc"] for r in results[m]["runs"]]
         ax.plot([i] * len(accs), accs, "k.", markersize=10, label="one seed" if first else None)
         first = False
-        ax.annotate(f"{means[i]:.1f}%", (i, means[i]), textcoords="offset points",
-                    xytext=(0, 12), ha="center", fontsize=13)
     fk = [(i, 100 * results[m]["feature_kernel_mean"]) for i, m in enumerate(methods)
           if "feature_kernel_mean" in results[m]]
     if fk:
         ax.plot([i for i, _ in fk], [v for _, v in fk], "D", color="purple", markersize=9,
                 linestyle="none", label="feature kernel of the trained net (mean)")
-    lo = min(means + [v for _, v in fk]) - max(sds + [1.0]) - 5
-    ax.set_ylim(max(0.0, lo), min(100.0, max(means + [v for _, v in fk]) + 6))
+    every = [100 * r["test_acc"] for m in methods for r in results[m]["runs"]]
+    lo = min(every + [v for _, v in fk]) - 5
+    hi = max(every + [m + s for m, s in zip(means, sds)] + [v for _, v in fk])
+    bottom = max(0.0, lo)
+    ax.set_ylim(bottom, min(100.0, hi) + 0.1 * (hi - bottom) + 1)
+    for i, mean in enumerate(means):  # the mean, written inside its bar
+        ax.text(i, bottom + 0.04 * (ax.get_ylim()[1] - bottom), f"{mean:.2f}%", ha="center",
+                color="white", fontsize=14, fontweight="bold")
     ax.set_xticks(x, methods, fontsize=13)
     ax.set_ylabel("test accuracy (%)", fontsize=14)
     ax.set_xlabel("method", fontsize=14)
     ax.tick_params(axis="y", labelsize=12)
     ax.set_title(title, fontsize=15)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=12, loc="lower right")
+    ax.legend(fontsize=12, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
