@@ -283,6 +283,27 @@ def _checkpoints(rank: int, world: int, folder: str) -> dict:
     return out
 
 
+def _grid(rank: int, world: int) -> dict:
+    """4 processes: 2 data-parallel replicas × 2 shards; the reference is one process on the
+    whole batch."""
+    import inf.distributed as idist
+
+    shard_group, data_group = idist.process_grid(shards=2)
+    replica = rank // 2
+    batches = _batches(10, 8, seed=3)
+    ref, net = _net(0), _net(0)
+    idist.shard_(net, shard_group)
+    idist.data_parallel_(net, data_group)
+    _train(ref, _opt(ref), batches)
+    _train(net, _opt(net), [(x[replica * 4:(replica + 1) * 4], y[replica * 4:(replica + 1) * 4])
+                            for x, y in batches])
+    x_test = torch.randn(7, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
+    with torch.no_grad():
+        return {"out": _maxdiff(ref(x_test), net(x_test)), "rows_local": torch.tensor(net.rows_per_layer()),
+                "rows_global": torch.tensor(idist.global_rows_per_layer(net)),
+                "rows_ref": torch.tensor(ref.rows_per_layer())}
+
+
 def _bad_input_on_one_rank(rank: int, world: int) -> dict:
     import inf.distributed as idist
 
@@ -346,3 +367,12 @@ def test_error_on_one_rank_ends_the_job_with_its_message():
     with pytest.raises(DistributedJobError, match="rank 1 failed first: ValueError: .*NaN or inf"):
         run_distributed(_bad_input_on_one_rank, timeout=60)
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_grid_of_shards_and_data_parallel_replicas_equals_one_process():
+    res = run_distributed(_grid, world=4)
+    for r in res:
+        assert r["out"] < TOL, r
+        assert torch.equal(r["rows_global"], r["rows_ref"]), r
+    assert torch.equal(res[0]["rows_local"] + res[1]["rows_local"], res[0]["rows_ref"])
