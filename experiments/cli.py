@@ -33,6 +33,7 @@ from inf.utils import resolve_device
 
 __all__ = [
     "ConfigError", "USER_ERRORS", "ArgumentParser", "HelpFormatter", "fail", "run_main",
+    "user_error_message",
     "positive_float", "nonnegative_float", "positive_int", "nonnegative_int", "existing_path",
     "add_threads_arg", "apply_threads", "resolve_device_flag", "progress_bar", "is_tty",
 ]
@@ -71,12 +72,29 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message of a user error, or None for anything else (a bug: let it raise).
+
+    User errors: :data:`USER_ERRORS`, and a file-system error on a named path (a folder that
+    cannot be written, a disk that is full).
+    """
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    if isinstance(err, OSError) and err.filename:
+        return (f"{err.filename}: {err.strerror or type(err).__name__} — check the path, its "
+                f"permissions and the free space")
+    return None
+
+
 def run_main(main: Callable[..., object], prog: str, argv=None) -> None:
     """Run ``main(argv)``; a user error becomes one line on stderr and exit status 2."""
     try:
         main(argv)
-    except USER_ERRORS as err:
-        fail(prog, str(err))
+    except (*USER_ERRORS, OSError) as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        fail(prog, message)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

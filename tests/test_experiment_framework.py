@@ -309,3 +309,20 @@ def test_float16_rows_spec():
     net = build_model(ModelSpec("inf", 6, 3, r=4, rows_dtype=torch.float16))
     layer = net.output_layer
     assert layer.rows.A.dtype == torch.float16 and net.input_layer.A.dtype == torch.float32
+
+
+def test_run_main_reports_user_errors_only(tmp_path, capsys):
+    def writes_into_a_missing_folder(argv):
+        open(tmp_path / "no" / "such" / "folder" / "x.json", "w")
+
+    with pytest.raises(SystemExit) as info:
+        cli.run_main(writes_into_a_missing_folder, "prog")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("prog: error: ") and err.count("\n") == 1
+    assert "x.json" in err and "No such file" in err
+
+    def has_a_bug(argv):
+        raise RuntimeError("internal")
+
+    with pytest.raises(RuntimeError, match="internal"):  # a bug keeps its traceback
+        cli.run_main(has_a_bug, "prog")

@@ -400,8 +400,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         return _main(args)
-    except cli.USER_ERRORS as e:
-        cli.fail(PROG, str(e))
+    except (*cli.USER_ERRORS, OSError) as e:
+        message = cli.user_error_message(e)
+        if message is None:
+            raise
+        cli.fail(PROG, message)
 
 
 def _main(args) -> dict:
