@@ -124,8 +124,7 @@ class InfSGD(Optimizer):
                     rows = store.pending() if store.has_gradient else None
                     if rows is None:
                         continue
-                    if not (math.isfinite(rows.scale) and bool(torch.isfinite(rows.A).all())
-                            and bool(torch.isfinite(rows.B).all())):
+                    if not (math.isfinite(rows.scale) and _all_finite(rows.A) and _all_finite(rows.B)):
                         bad.append(f"{store.name} (its gradient rows)")
                     work.append((group, p, store))
                 elif isinstance(p, InfPiParameter) or p.grad is None:
@@ -133,7 +132,7 @@ class InfSGD(Optimizer):
                 else:
                     if p.grad.is_sparse:
                         raise RuntimeError("InfSGD does not support sparse gradients")
-                    if not bool(torch.isfinite(p.grad).all()):
+                    if not _all_finite(p.grad):
                         bad.append(f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})")
                     work.append((group, p, None))
         if bad:
@@ -198,6 +197,12 @@ class InfSGD(Optimizer):
 
 
 _CAPACITY = "_momentum_capacity"
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """``isfinite(t).all()`` in one pass when it holds: a sum is finite only if every entry is
+    (inf and NaN propagate), and only an overflowing sum needs the entry-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _grow_momentum(state: dict, buf: torch.Tensor, rows: int) -> torch.Tensor:

@@ -467,3 +467,17 @@ def test_momentum_buffer_grows_in_place():
         if b is not None:
             assert b.untyped_storage().nbytes() == b.numel() * b.element_size()
     assert "_momentum_capacity" in opt.state[coef]  # the live state keeps it
+
+
+def test_all_finite_check_is_exact():
+    """InfSGD's one-pass finiteness check agrees with isfinite().all(), overflowing sums included."""
+    from inf.optim import _all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum overflows
+    assert _all_finite(big) and _all_finite(torch.zeros(0)) and _all_finite(torch.randn(100))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.randn(1000)
+        t[517] = bad
+        assert not _all_finite(t)
+    t = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not _all_finite(t)
