@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -352,17 +353,19 @@ def _open_run_folder(args, program: str) -> tuple[Path | None, dict | None]:
     marker = folder / runs.METRICS_JSON
     if marker.exists() and not args.overwrite and not resume and not args.evaluate_only:
         try:
-            import json
             doc = json.loads(marker.read_text())
         except (OSError, ValueError):
             doc = {}
         done = (doc.get("summary") or {}).get("epochs_done", 0)
         if done >= args.epochs:
             return folder, doc
-        raise runs.RunExists(
-            f"{folder} holds an unfinished run with these options (epoch {done} of "
-            f"{args.epochs}) — resume it with --model-path {folder / runs.CHECKPOINT_NAME}, or "
-            f"pass --overwrite to start again")
+        if (folder / runs.CHECKPOINT_NAME).is_file():
+            fix = (f"resume it with --model-path {folder / runs.CHECKPOINT_NAME}, or pass "
+                   f"--overwrite to start again")
+        else:
+            fix = "pass --overwrite to start again (it has no checkpoint to resume)"
+        raise runs.RunExists(f"{folder} holds an unfinished run with these options (epoch {done} "
+                             f"of {args.epochs}) — {fix}")
     folder = runs.run_dir(args.save_dir, name, overwrite=True)
     if args.overwrite and not resume:
         for path in folder.iterdir():
