@@ -21,17 +21,18 @@ from .decomposition import (FunctionBasis, TrajectoryRecorder, after_kernel, bas
                             network_basis, penultimate_features, plot_beta_curves, plot_beta_vs_gradnorm,
                             plot_independence, reconstruct, tangent_kernel)
 from .inf_ntk import inf_jacobians, inf_ntk, inf_ntk_diagonal
-from .pntk import (Features, KernelSurrogate, cosine_normalize, empirical_ntk, kernel_diagonal, load_features,
-                   make_projector, misclassification_overlap, ntk_from_features, ntk_over_checkpoints, pntk,
-                   pntk_features, projection_layout, resolve_lr_mults, save_topk_grid, surrogate_agreement,
-                   topk_similar, trainable_parameters)
+from .pntk import (Features, KernelSurrogate, cosine_normalize, empirical_ntk, exact_ntk, kernel_diagonal,
+                   load_features, make_projector, misclassification_overlap, ntk_from_features,
+                   ntk_over_checkpoints, pntk, pntk_features, projection_layout, resolve_lr_mults, save_topk_grid,
+                   surrogate_agreement, topk_similar, trainable_parameters)
 from .projectors import SparseJLProjector
 
 __all__ = [
     "pntk_features", "Features", "pntk", "empirical_ntk", "ntk_from_features", "kernel_diagonal", "topk_similar",
     "save_topk_grid", "KernelSurrogate", "surrogate_agreement", "resolve_lr_mults", "trainable_parameters",
-    "make_projector", "load_features", "ntk_over_checkpoints", "cosine_normalize", "projection_layout",
-    "misclassification_overlap", "SparseJLProjector", "inf_ntk", "inf_ntk_diagonal", "inf_jacobians", "eigenbasis", "conjugate_kernel", "after_kernel",
+    "make_projector", "exact_ntk", "load_features", "ntk_over_checkpoints", "cosine_normalize", "projection_layout",
+    "misclassification_overlap", "SparseJLProjector", "inf_ntk", "inf_ntk_diagonal", "inf_jacobians",
+    "eigenbasis", "conjugate_kernel", "after_kernel",
     "beta_coefficients", "reconstruct", "gradient_gram", "gradient_independence", "TrajectoryRecorder",
     "tangent_kernel", "plot_beta_curves", "plot_beta_vs_gradnorm", "plot_independence",
     "FunctionBasis", "function_basis", "network_basis", "penultimate_features", "basis_gradients",

@@ -68,7 +68,7 @@ from torch import nn
 from ..tensors import FinPiParameter, owner_of
 
 __all__ = [
-    "Features", "pntk_features", "load_features", "empirical_ntk", "pntk", "ntk_from_features",
+    "Features", "pntk_features", "load_features", "empirical_ntk", "exact_ntk", "pntk", "ntk_from_features",
     "ntk_over_checkpoints", "kernel_diagonal", "cosine_normalize", "projection_layout", "topk_similar",
     "save_topk_grid", "KernelSurrogate", "surrogate_agreement", "misclassification_overlap", "resolve_lr_mults",
     "trainable_parameters", "make_projector", "KINDS", "PROJ_TYPES",
@@ -633,6 +633,54 @@ def empirical_ntk(model: nn.Module, X, Y=None, kind: str = "full", **kw) -> torc
     return pntk(model, X, Y, proj_dim=None, kind=kind, **kw)
 
 
+def exact_ntk(model: nn.Module, X, Y=None, kind: str = "trace", *, pi_project: bool = True, lr_mults=None,
+              base_lr: float | None = None, chunk_size: int = 64, memory_bytes: int = 128 * 2**20,
+              dtype: torch.dtype = torch.float64, progress: bool = False) -> torch.Tensor:
+    """The exact empirical NTK between ``X`` and ``Y`` (default ``X``), computed parameter by
+    parameter (and in coordinate slices of large parameters), so that only one slice of
+    the Jacobian — ``(N + M) · O · slice`` numbers, within ``memory_bytes`` — is held:
+    ``Θ = Σ_slices J_s(X) J_s(Y)ᵀ``. Slower than ``empirical_ntk`` (a slice's Jacobian is
+    recomputed for each slice of its parameter) but it scales to models whose whole
+    Jacobian does not fit. ``kind``, ``pi_project``, ``lr_mults`` as in :func:`pntk_features`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if Y is not None:
+        _check_compatible_inputs(X, Y)
+    params = trainable_parameters(model)
+    first = next(iter(params.values()))
+    device, pdtype = first.device, first.dtype
+    gmap = _GradientMap(params, pi_project, resolve_lr_mults(model, lr_mults, base_lr))
+    sets = [X] if Y is None else [X, Y]
+    with _vmap_friendly(model):
+        n_out = _model_outputs(model, _as_tensor(X[:1], device, pdtype))
+    outputs = "sum" if kind == "pseudo" else "all"
+    O = 1 if outputs == "sum" else n_out
+    rows = sum(len(S) for S in sets)
+    slice_len = max(1, int(memory_bytes // max(1, rows * O * torch.empty((), dtype=dtype).element_size())))
+    N, M = len(X), len(sets[-1])
+    out = torch.zeros((N, M, O, O) if kind == "full" else (N, M), dtype=dtype)
+    work = [(name, lo) for name in params for lo in range(0, gmap.dims[name], slice_len)]
+    state: dict[str, Any] = {}
+    with _vmap_friendly(model):
+        for name, lo in _progress(work, progress, "exact NTK slices"):
+            hi = min(gmap.dims[name], lo + slice_len)
+            feats = []
+            for S in sets:
+                F = torch.empty(len(S), O, hi - lo, dtype=dtype)
+                for a in range(0, len(S), chunk_size):
+                    x = _as_tensor(S[a:a + chunk_size], device, pdtype)
+                    jac = _per_example_jacobian(model, [name], params, gmap, x, outputs, n_out, state)
+                    F[a:a + x.shape[0]] = gmap.flatten(name, jac[name])[:, :, lo:hi].detach().to("cpu", dtype)
+                feats.append(F)
+            FX, FY = feats[0], feats[-1]
+            if kind == "full":
+                out += torch.einsum("nak,mbk->nmab", FX, FY)
+            else:
+                out += _reduce(FX, kind, outputs) @ _reduce(FY, kind, outputs).T
+    return out
+
+
 def pntk(model: nn.Module, X, Y=None, proj_dim: int | None = 1024, kind: str = "trace", **kw) -> torch.Tensor:
     """The projected NTK between ``X`` and ``Y`` (default ``X``) in memory (no file)."""
     if kind not in KINDS:
@@ -799,9 +847,9 @@ def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048, 
         dtype = _kernel_dtype(dtype, N * M)
         out = torch.empty(N, M, dtype=dtype)
     for i in range(0, N, block_size):
-        a = torch.from_numpy(np.asarray(A[i:i + block_size])).to(dtype)
+        a = torch.from_numpy(np.array(A[i:i + block_size])).to(dtype)
         for j in range(0, M, block_size):
-            b = a if (FB is None and i == j) else torch.from_numpy(np.asarray(B[j:j + block_size])).to(dtype)
+            b = a if (FB is None and i == j) else torch.from_numpy(np.array(B[j:j + block_size])).to(dtype)
             if kind == "full":
                 out[i:i + a.shape[0], j:j + b.shape[0]] = torch.einsum("nak,mbk->nmab", a, b)
             else:
@@ -824,7 +872,7 @@ def kernel_diagonal(F, kind: str = "trace", block_size: int = 4096, dtype=torch.
     factor = _pseudo_factor(kind, pseudo_scale, ma, A.shape[1])
     parts = []
     for i in range(0, A.shape[0], block_size):
-        r = _reduce(torch.from_numpy(np.asarray(A[i:i + block_size])).to(dtype), kind, oa)
+        r = _reduce(torch.from_numpy(np.array(A[i:i + block_size])).to(dtype), kind, oa)
         parts.append((r * r).sum(1))
     d = torch.cat(parts)
     return d * factor if factor != 1.0 else d
@@ -974,7 +1022,10 @@ class KernelSurrogate:
     ``α = (K + reg·mean(diag K)·I)⁻¹ Y``; probabilities are the softmax of ``k(x, X) α / T``
     with the temperature ``T`` fitted by maximum likelihood on the training set.
     ``method="svm"``: the kernel SVM of the projection-NTK paper (kSVM; scikit-learn's
-    ``SVC(kernel="precomputed", probability=True)``, ``C = 1/reg``, Platt-scaled probabilities).
+    ``SVC(kernel="precomputed")``, ``C = 1/reg``, one-vs-rest decision values); its
+    probabilities are the softmax of the decision values with a temperature fitted by
+    maximum likelihood on the training set (the fork's Platt scaling, ``probability=True``,
+    is deprecated in scikit-learn 1.9), and :meth:`predict` is the SVM's own decision.
     ``method="glm"``: its kernel GLM (kGLM): a linear model on the kernel rows with the
     logistic loss, L2 penalty ``alpha = reg`` and balanced class weights, fitted by SGD
     (scikit-learn's ``SGDClassifier(loss="log_loss")``, fixed ``random_state``).
@@ -1012,8 +1063,9 @@ class KernelSurrogate:
         elif self.method == "svm":
             from sklearn.svm import SVC
 
-            self.model = SVC(kernel="precomputed", C=1.0 / self.reg, probability=True, random_state=self.seed)
+            self.model = SVC(kernel="precomputed", C=1.0 / self.reg, decision_function_shape="ovr")
             self.model.fit((K / self.scale).numpy(), y.numpy())
+            self.temperature = self._fit_temperature(self._svm_scores(K), y)
         elif self.method == "glm":
             from sklearn.linear_model import SGDClassifier
 
@@ -1038,11 +1090,22 @@ class KernelSurrogate:
         res = minimize_scalar(nll, bounds=(-12.0, 6.0), method="bounded")
         return math.exp(res.x)
 
+    def _svm_scores(self, K: torch.Tensor) -> torch.Tensor:
+        """One-vs-rest decision values of the SVM, (n, num_classes) (absent classes: −inf)."""
+        d = torch.from_numpy(np.asarray(self.model.decision_function((K / self.scale).numpy()), dtype=np.float64))
+        if d.ndim == 1:  # two classes: one signed margin
+            d = torch.stack([-d, d], 1) / 2
+        full = torch.full((d.shape[0], self.num_classes), -math.inf, dtype=torch.float64)
+        full[:, torch.as_tensor(self.model.classes_)] = d
+        return full
+
     def predict_proba(self, K_test: torch.Tensor) -> torch.Tensor:
         """Class probabilities from the test × train kernel."""
         K = torch.as_tensor(K_test, dtype=torch.float64)
         if self.method == "ridge":
             return torch.softmax(K @ self.alpha / self.temperature, dim=1)
+        if self.method == "svm":
+            return torch.softmax(self._svm_scores(K) / self.temperature, dim=1)
         p = self.model.predict_proba((K / self.scale).numpy())
         full = np.zeros((p.shape[0], self.num_classes))
         full[:, self.model.classes_] = p

@@ -37,7 +37,7 @@ import torch
 
 __all__ = ["SparseJLProjector", "HASH_CHUNK"]
 
-HASH_CHUNK = 1 << 16
+HASH_CHUNK = 1 << 13
 _MAX_SEED = (1 << 63) - 1
 
 

@@ -205,7 +205,8 @@ def featurize_loader(traker, loader: Iterable, checkpoints: Sequence[dict] | Non
                      model_ids: Sequence[int] | None = None, progress: bool = False) -> list[int]:
     """``traker.load_checkpoint`` + ``traker.featurize`` over every batch of ``loader``
     (in order, so row i is example i), for each checkpoint (state dicts; None: the model
-    as it is, model id 0). A partly featurized checkpoint resumes where it stopped.
+    as it is, model id 0). A partly featurized checkpoint resumes where it stopped. As in
+    TRAK, each checkpoint is loaded into ``traker.model``, which ends holding the last one.
     Writes ``pntk_layout.json``; returns the model ids."""
     task = traker.task
     if not isinstance(task, (PNTKModelOutput, TrNTKModelOutput)):
