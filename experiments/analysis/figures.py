@@ -22,7 +22,7 @@ features there (``inf.analysis.decomposition.network_basis``), and the coefficie
   i = 1 … 4 over the first ``--iters`` iterations, coloured by iteration.
 * Fig 3 (``analysis_fig3_depth.png``): β_1 … β_5 against the iteration for CNNs of depth 2, 3, 4.
 
-Numbers go to ``figures.json`` in ``--out``.
+The numbers behind the pictures go to ``--json`` (default ``runs/analysis/figures.json``).
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ def fig3(runs: dict, path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.analysis.figures", description=__doc__.split("\n")[0])
     p.add_argument("--figures", nargs="+", default=["2a", "2b", "2c", "3"], choices=["2a", "2b", "2c", "3"])
-    p.add_argument("--out", default="docs/img", help="folder for the PNGs and figures.json")
+    p.add_argument("--out", default="docs/img", help="folder for the PNGs")
+    p.add_argument("--json", default="runs/analysis/figures.json", help="where the numbers go")
     p.add_argument("--steps", type=int, default=1000, help="training iterations (the basis is the final network's)")
     p.add_argument("--iters", type=int, default=400, help="iterations shown in fig 2c")
     p.add_argument("--every", type=int, default=2, help="fig 2c: gradients every this many iterations")
@@ -285,8 +286,10 @@ def main(argv=None) -> dict:
             log.info("depth %d: %d iterations in %.0f s", depth, args.steps, secs)
         report["fig3"] = fig3({d: runs[d] for d in (2, 3, 4)}, out / "analysis_fig3_depth.png")
         log.info("fig 3: %s", json.dumps(report["fig3"]))
-    (out / "figures.json").write_text(json.dumps(report, indent=1))
-    log.info("wrote %s", out)
+    from inf.analysis.decomposition import _atomic_text
+
+    _atomic_text(Path(args.json), json.dumps(report, indent=1))
+    log.info("wrote the figures to %s and the numbers to %s", out, args.json)
     return report
 
 

@@ -671,6 +671,25 @@ class TrajectoryRecorder:
         return atomic_savez(path, **arrays)
 
 
+def _atomic_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_savez(path, **arrays) -> Path:
     """``np.savez_compressed`` to a temporary file in the same folder, then renamed: a
     reader never sees a half-written file."""
