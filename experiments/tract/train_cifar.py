@@ -282,6 +282,7 @@ def main(argv=None) -> dict:
     if args.compare:
         from experiments.tract.plot import compare_runs
 
+        cli.apply_threads(args.threads)
         return compare_runs(args.compare, args.plot)
     if args.method is None:
         parser.error("--method is required (normal or tract) unless --compare is given")
