@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -106,16 +105,3 @@ def global_rows(net: nn.Module) -> list[int]:
     """Rows per infinite layer of the whole net (not of this process's share)."""
     return idist.global_rows_per_layer(net)
 
-
-def barrier() -> None:
-    if world() > 1:
-        dist.barrier()
-
-
-def broadcast_flag(value: bool) -> bool:
-    """Process 0's value of ``value`` on every process."""
-    if world() <= 1:
-        return value
-    t = torch.tensor([int(bool(value))])
-    dist.broadcast(t, src=0)
-    return bool(t.item())

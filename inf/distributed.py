@@ -298,7 +298,7 @@ class DistributedRowStore(RowStore):
         truncates to its own count at the same point, e.g. MAML's inner loop); collective."""
         super().truncate(rows)
         if self.sharded:
-            n = torch.tensor([rows], dtype=torch.int64)
+            n = torch.tensor([rows], dtype=torch.int64, device=self.A.device)  # NCCL: on the GPU
             dist.all_reduce(n, group=self.shard_group)
             self.global_rows = int(n)
         else:

@@ -376,3 +376,34 @@ def test_grid_of_shards_and_data_parallel_replicas_equals_one_process():
         assert r["out"] < TOL, r
         assert torch.equal(r["rows_global"], r["rows_ref"]), r
     assert torch.equal(res[0]["rows_local"] + res[1]["rows_local"], res[0]["rows_ref"])
+
+
+def test_checkpoint_folder_in_one_process(tmp_path):
+    """Without torch.distributed: a plain net saves and loads, the folder is replaced atomically
+    (no temporaries left), and broken folders are refused with one-line errors."""
+    import inf.distributed as idist
+
+    net = _net(0)
+    opt = _opt(net)
+    _train(net, opt, _batches(3, 4))
+    idist.save_checkpoint(tmp_path / "ck", net, opt, extra={"epoch": 3})
+    idist.save_checkpoint(tmp_path / "ck", net, opt, extra={"epoch": 4})  # replaces the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "extra.pt", "manifest.json", "shard00000-of-00001.pt"]
+    other = _net(5)
+    other_opt = _opt(other)
+    assert idist.load_checkpoint(tmp_path / "ck", other, other_opt) == {"epoch": 4}
+    batch = _batches(2, 4, seed=8)
+    assert _maxdiff(_train(net, opt, batch), _train(other, other_opt, batch)) == 0.0
+
+    with pytest.raises(idist.CheckpointError, match="not a sharded checkpoint"):
+        idist.load_checkpoint(tmp_path, other)
+    (tmp_path / "ck" / "shard00000-of-00001.pt").unlink()
+    with pytest.raises(idist.CheckpointError, match="incomplete: shard00000-of-00001.pt is missing"):
+        idist.load_checkpoint(tmp_path / "ck", other)
+    (tmp_path / "ck" / "manifest.json").write_text("{")
+    with pytest.raises(idist.CheckpointError, match="corrupt"):
+        idist.load_checkpoint(tmp_path / "ck", other)
+    with pytest.raises(RuntimeError, match="launch with torchrun"):
+        idist.shard_(other)
