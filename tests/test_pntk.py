@@ -12,9 +12,20 @@ import pytest
 import torch
 from torch import nn
 
-from inf.analysis import (KernelSurrogate, SparseJLProjector, cosine_normalize, empirical_ntk, exact_ntk,
-                          kernel_diagonal, load_features, misclassification_overlap, ntk_from_features,
-                          ntk_over_checkpoints, pntk_features, surrogate_agreement)
+from inf.analysis import (
+    KernelSurrogate,
+    SparseJLProjector,
+    cosine_normalize,
+    empirical_ntk,
+    exact_ntk,
+    kernel_diagonal,
+    load_features,
+    misclassification_overlap,
+    ntk_from_features,
+    ntk_over_checkpoints,
+    pntk_features,
+    surrogate_agreement,
+)
 
 F64 = torch.float64
 
@@ -129,7 +140,12 @@ def _traker(net, task, rows, tmp_path, **kw):
 def test_traker_tasks_give_our_kernels(tmp_path):
     """TRAKer + featurize with our tasks and projector gives the same features as
     pntk_features (same sparse matrix), read back without the model or the data."""
-    from inf.analysis.traker_tasks import PNTKModelOutput, TrNTKModelOutput, featurize_loader, load_traker_features
+    from inf.analysis.traker_tasks import (
+        PNTKModelOutput,
+        TrNTKModelOutput,
+        featurize_loader,
+        load_traker_features,
+    )
 
     net = _mlp(dtype=torch.float32)
     X, y = torch.randn(10, 5), torch.randint(0, 3, (10,))

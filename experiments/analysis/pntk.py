@@ -39,13 +39,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inf.analysis import (KernelSurrogate, cosine_normalize, inf_ntk, inf_ntk_diagonal, kernel_diagonal,
-                          ntk_from_features, pntk_features, save_topk_grid, surrogate_agreement, topk_similar)
-
 from experiments.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, run_main
+from inf.analysis import (
+    KernelSurrogate,
+    cosine_normalize,
+    inf_ntk,
+    inf_ntk_diagonal,
+    kernel_diagonal,
+    ntk_from_features,
+    pntk_features,
+    save_topk_grid,
+    surrogate_agreement,
+    topk_similar,
+)
 
-from .common import (accuracy, add_data_args, add_model_args, add_train_args, build_model, load_checkpoint,
-                     load_data, model_config, model_inputs, predict, save_checkpoint, train)
+from .common import (
+    accuracy,
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    build_model,
+    load_checkpoint,
+    load_data,
+    model_config,
+    model_inputs,
+    predict,
+    save_checkpoint,
+    train,
+)
 
 log = logging.getLogger("pntk")
 

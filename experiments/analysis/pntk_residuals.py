@@ -30,12 +30,23 @@ import torch
 from experiments.cli import ArgumentParser, positive_int, run_main
 from inf.analysis import exact_ntk, ntk_from_features, pntk_features
 
-from .common import (add_data_args, add_model_args, add_train_args, build_model, load_checkpoint, load_data,
-                     model_config, model_inputs, save_checkpoint, train)
+from .common import (
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    build_model,
+    load_checkpoint,
+    load_data,
+    model_config,
+    model_inputs,
+    save_checkpoint,
+    train,
+)
 
 log = logging.getLogger("pntk_residuals")
 
-LABELS = {"sparse": "sparse JL (CountSketch)", "normal": "dense Gaussian (TRAK)", "rademacher": "dense Rademacher (TRAK)"}
+LABELS = {"sparse": "sparse JL (CountSketch)", "normal": "dense Gaussian (TRAK)",
+          "rademacher": "dense Rademacher (TRAK)"}
 
 
 def parse_args(argv=None):
@@ -74,7 +85,8 @@ def plot(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), dpi=100)
     Ks = np.array(result["ks"], dtype=float)
     markers = {"sparse": "o", "normal": "s", "rademacher": "^"}
-    for ax, key, title in ((axes[0], "residual", "trace-NTK"), (axes[1], "residual_cosine", "cosine-normalised trace-NTK")):
+    panels = ((axes[0], "residual", "trace-NTK"), (axes[1], "residual_cosine", "cosine-normalised trace-NTK"))
+    for ax, key, title in panels:
         for t, rows in result["projections"].items():
             vals = np.array(rows[key])  # (len(K), seeds)
             mean, sd = vals.mean(1), vals.std(1)

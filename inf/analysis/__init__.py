@@ -16,15 +16,47 @@ See docs/analysis.md. Modules:
   ``basis_gradients``) and kernel eigenbases (after kernel, NTK; ``β_i = φ_iᵀ f``), their
   gradients' norms and independence, a recorder for training loops and the plots.
 """
-from .decomposition import (FunctionBasis, TrajectoryRecorder, after_kernel, basis_gradients, beta_coefficients,
-                            conjugate_kernel, eigenbasis, function_basis, gradient_gram, gradient_independence,
-                            network_basis, penultimate_features, plot_beta_curves, plot_beta_vs_gradnorm,
-                            plot_independence, reconstruct, tangent_kernel)
+from .decomposition import (
+    FunctionBasis,
+    TrajectoryRecorder,
+    after_kernel,
+    basis_gradients,
+    beta_coefficients,
+    conjugate_kernel,
+    eigenbasis,
+    function_basis,
+    gradient_gram,
+    gradient_independence,
+    network_basis,
+    penultimate_features,
+    plot_beta_curves,
+    plot_beta_vs_gradnorm,
+    plot_independence,
+    reconstruct,
+    tangent_kernel,
+)
 from .inf_ntk import inf_jacobians, inf_ntk, inf_ntk_diagonal
-from .pntk import (Features, KernelSurrogate, cosine_normalize, empirical_ntk, exact_ntk, kernel_diagonal,
-                   load_features, make_projector, misclassification_overlap, ntk_from_features,
-                   ntk_over_checkpoints, pntk, pntk_features, projection_layout, resolve_lr_mults, save_topk_grid,
-                   surrogate_agreement, topk_similar, trainable_parameters)
+from .pntk import (
+    Features,
+    KernelSurrogate,
+    cosine_normalize,
+    empirical_ntk,
+    exact_ntk,
+    kernel_diagonal,
+    load_features,
+    make_projector,
+    misclassification_overlap,
+    ntk_from_features,
+    ntk_over_checkpoints,
+    pntk,
+    pntk_features,
+    projection_layout,
+    resolve_lr_mults,
+    save_topk_grid,
+    surrogate_agreement,
+    topk_similar,
+    trainable_parameters,
+)
 from .projectors import SparseJLProjector
 
 __all__ = [

@@ -57,9 +57,10 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -1046,7 +1047,7 @@ class KernelSurrogate:
             raise ValueError(f"reg must be positive, got {reg}")
         self.method, self.reg, self.max_iter, self.seed = method, float(reg), max_iter, seed
 
-    def fit(self, K_train: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> "KernelSurrogate":
+    def fit(self, K_train: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> KernelSurrogate:
         K = torch.as_tensor(K_train, dtype=torch.float64)
         y = torch.as_tensor(y).long()
         if K.ndim != 2 or K.shape[0] != K.shape[1]:
