@@ -229,6 +229,11 @@ def main():
         c1 = (med[b] - med[a]) / (b - a)
         c0 = med[a] - c1 * a
         print(f"one-process fit T_1(M) = c0 + c1·M: c0 = {1e3 * c0:.1f} ms, c1 = {1e9 * c1:.0f} ns per row")
+        if c0 < 0 or c1 <= 0:
+            print("the fit is not usable (a negative cost: the machine's load changed between the sizes); "
+                  "no CPU model")
+            gpu_model(args)
+            return
         mrows = [[P] + [f"{model(c0, c1, t_ar, 1, M) / model(c0, c1, t_ar, P, M):.2f}" for M in sizes]
                  + [f"{cifar_speedup(c0, c1, t_ar, P):.2f}"] for P in (2, 4, 8)]
         print_table(["P"] + [f"model speed-up at {M:,}" for M in sizes] + ["CIFAR-10 run (CPU model)"], mrows,
