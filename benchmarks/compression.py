@@ -323,7 +323,7 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=["exact", "budget"], choices=["exact", "budget"])
     p.add_argument("--max-rows", type=int, default=4000)
     p.add_argument("--keep-fraction", type=float, default=0.25)
-    p.add_argument("--method", default="rpcholesky", choices=list(METHODS))
+    p.add_argument("--method", default="adaptive", choices=list(METHODS))
     p.add_argument("--save-net", default=None)
     p.add_argument("--finite-epochs", type=int, default=3)
     p.add_argument("--finite-fraction", type=float, default=0.1)

@@ -125,8 +125,10 @@ def test_pivoted_cholesky_factor_and_rank_deficiency():
     # K_BB ≈ F Fᵀ with exact agreement on the pivots; duplicated rows are never picked twice
     _, _, B = _rows(M=50, r=4)
     B = torch.cat([B, B])  # every direction twice: K_BB has rank ≤ 50
+    w = torch.randn(100, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
     for method in METHODS:
-        lm = pivoted_cholesky(B, 100, method=method, block=8, generator=torch.Generator().manual_seed(0))
+        lm = pivoted_cholesky(B, 100, method=method, block=8, generator=torch.Generator().manual_seed(0),
+                              weights=w, applied=kernel(B, B) @ w)
         assert lm.index.numel() <= 50
         assert len(set((lm.index % 50).tolist())) == lm.index.numel()
         K = kernel(B, B)
@@ -135,19 +137,16 @@ def test_pivoted_cholesky_factor_and_rank_deficiency():
         assert (K - FF).diagonal().max() < 1e-8
 
 
-def _reference_step(h, V, g, y, lr, mu, wd):
+def _reference_step(D, Wh, Wv, g, y, at, lr, mu, wd):
     """One step of SGD with momentum and weight decay on f(g) = |g| h(ĝ), done in function space:
-    h and V are (directions, weight rows) lists; loss ½ Σ |f(g_b) − y_b|²."""
-    Bh, Wh = h
+    h = Σ_j k(·, D_j) Wh_j and the velocity V = Σ_j k(·, D_j) Wv_j over a fixed dictionary D that
+    contains this batch's directions at rows ``at``; loss ½ Σ |f(g_b) − y_b|²."""
     s = g.norm(dim=1)
-    ghat = g / s[:, None]
-    out = s[:, None] * (kernel(ghat, Bh) @ Wh)
-    delta = out - y
-    # gradient of the loss with respect to h: Σ_b δ_b s_b k(·, ĝ_b), plus wd·h
-    Bv, Wv = V
-    Bv = torch.cat([Bv, ghat, Bh])
-    Wv = torch.cat([mu * Wv, delta * s[:, None], wd * Wh])
-    return (torch.cat([Bh, Bv]), torch.cat([Wh, -lr * Wv])), (Bv, Wv)
+    out = s[:, None] * (kernel(D[at], D) @ Wh)
+    grad = torch.zeros_like(Wh)
+    grad[at] = (out - y) * s[:, None]  # ∇_h loss = Σ_b δ_b s_b k(·, ĝ_b)
+    Wv = mu * Wv + grad + wd * Wh
+    return Wh - lr * Wv, Wv
 
 
 def test_momentum_with_compression_equals_momentum_on_projected_weight():
@@ -172,17 +171,19 @@ def test_momentum_with_compression_equals_momentum_on_projected_weight():
     rep = compress_layer(layer, rows=16, optimizer=opt, method="greedy", block=1)
     assert rep.landmarks == 8 and rep.velocity_eps is not None and rep.rel_eps > 1e-3
     # reference: project h and V onto the same landmarks by a dense solve, then run the
-    # function-space recursion V ← μV + ∇ + λh, h ← h − lr V
+    # function-space recursion V ← μV + ∇ + λh, h ← h − lr V over the dictionary U ∪ batches
     U = store.B[:8].detach().clone()
     solve = lambda coef: torch.linalg.solve(kernel(U, U), kernel(U, B) @ (coef[:, None] * A))  # noqa: E731
-    h, V = (U, solve(c)), (U, solve(buf))
-    for g, y in batches[8:]:
+    D = torch.cat([U] + [F.normalize(g, dim=1) for g, _ in batches[8:]])
+    Wh, Wv = torch.zeros(len(D), p, dtype=F64), torch.zeros(len(D), p, dtype=F64)
+    Wh[:8], Wv[:8] = solve(c), solve(buf)
+    for i, (g, y) in enumerate(batches[8:]):
         step(g, y)
-        h, V = _reference_step(h, V, g, y, lr, mu, wd)
+        Wh, Wv = _reference_step(D, Wh, Wv, g, y, torch.arange(8 + 5 * i, 13 + 5 * i), lr, mu, wd)
     x = torch.randn(30, r, dtype=F64)
     with torch.no_grad():
         got = layer(x)
-    want = x.norm(dim=1)[:, None] * (kernel(F.normalize(x, dim=1), h[0]) @ h[1])
+    want = x.norm(dim=1)[:, None] * (kernel(F.normalize(x, dim=1), D) @ Wh)
     # float64 throughout; rows are appended in a different order, so agreement is to rounding
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * want.abs().max())
 
