@@ -151,14 +151,13 @@ def part_error(args):
                     M = st.num_rows
                     sizes = [max(1, round(f * M)) for f in FRACTIONS]
                     per_layer[lname] = nested_compressions(
-                        st.A, st.Amult.detach(), st.B, sizes, method=method, block=64,
+                        st.A, st.coefficients.detach(), st.B, sizes, method=method, block=64,
                         generator=torch.Generator().manual_seed(0), name=lname)
                 for j, frac in enumerate(FRACTIONS):
                     comp = copy.deepcopy(net)
                     for lname, layer in infinite_layers(comp):
                         A_new, c_new, B_new, _ = per_layer[lname][j]
-                        layer.rows.truncate(0)
-                        layer.rows.append(A_new, B_new, c_new)
+                        layer.rows.set_rows(A_new, c_new, B_new)
                     o = outputs(comp, Xte)
                     reps = [per_layer[n][j][3] for n in per_layer]
                     row = {"method": method, "fraction": frac,

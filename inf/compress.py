@@ -439,16 +439,7 @@ def _store(layer):
 
 
 def _coefficients(store) -> nn.Parameter:
-    coef = getattr(store, "coefficients", None)
-    return store.Amult if coef is None else coef
-
-
-def _set_rows(store, A, c, B):
-    if hasattr(store, "set_rows"):
-        store.set_rows(A, c, B)
-    else:
-        store.truncate(0)
-        store.append(A, B, c)
+    return store.coefficients
 
 
 def infinite_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -486,10 +477,7 @@ def compress_layer(layer, rows: int | None = None, *, tol: float | None = None, 
     A_new, c_new, B_new, v_new, report = compress_rows(
         store.A, coef.detach(), store.B, landmarks=K, tol=tol, velocity=buf, method=method, block=block,
         generator=generator, dtype=dtype, name=name or getattr(store, "name", "layer"))
-    had_grad = coef.grad is not None
-    _set_rows(store, A_new, c_new, B_new)
-    if had_grad:
-        coef.grad = torch.zeros_like(coef)
+    store.set_rows(A_new, c_new, B_new)  # pending gradient rows (if any) are kept
     if buf is not None:
         state["momentum_buffer"] = v_new.to(device=buf.device, dtype=buf.dtype)
     return report

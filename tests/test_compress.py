@@ -166,8 +166,8 @@ def test_momentum_with_compression_equals_momentum_on_projected_weight():
     for g, y in batches[:8]:
         step(g, y)
     store = layer.rows
-    A, c, B = store.A.detach().clone(), store.Amult.detach().clone(), store.B.detach().clone()
-    buf = opt.state[store.Amult]["momentum_buffer"].clone()
+    A, c, B = store.A.detach().clone(), store.coefficients.detach().clone(), store.B.detach().clone()
+    buf = opt.state[store.coefficients]["momentum_buffer"].clone()
     rep = compress_layer(layer, rows=16, optimizer=opt, method="greedy", block=1)
     assert rep.landmarks == 8 and rep.velocity_eps is not None and rep.rel_eps > 1e-3
     # reference: project h and V onto the same landmarks by a dense solve, then run the
@@ -221,7 +221,7 @@ def test_row_budget_keeps_rows_bounded_and_records():
     assert all(v > 0 for v in m["eps_sum"].values())
     # the momentum buffer follows the rows
     for _, layer in budget.layers:
-        assert opt.state[layer.rows.Amult]["momentum_buffer"].shape[0] == layer.rows.num_rows
+        assert opt.state[layer.rows.coefficients]["momentum_buffer"].shape[0] == layer.rows.num_rows
 
 
 def test_resume_with_budget_equals_uninterrupted_run():
