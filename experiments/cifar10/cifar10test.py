@@ -163,6 +163,8 @@ def run_folder_name(args) -> str:
 
 def _print_results(results: list[dict]) -> None:
     for row in results:
+        row = {"train_size": "?", "test_size": "?", "time_s": float("nan"), "kernel_reg": float("nan"),
+               **row}
         if row["mode"] in ("nngp", "ntk"):
             variant = (f", {row['ntk_variant']} formula"
                        if row.get("ntk_variant", "correct") != "correct" else "")
