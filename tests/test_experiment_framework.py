@@ -263,6 +263,8 @@ def test_checkpoint_round_trip_and_version(tmp_path):
     # the first format (no version field) still loads
     torch.save({"format": "pilimit-experiment-checkpoint/1", "epoch": 1}, path)
     assert runs.load_checkpoint(path)["version"] == 1
+    torch.save({"format": 1, "config": {}, "epoch": 1}, path)  # the TrAct program's first format
+    assert runs.load_checkpoint(path)["version"] == 1
 
 
 def test_one_epoch_plot_has_markers(tmp_path):
