@@ -295,3 +295,15 @@ def test_errors_are_one_line():
         RowBudget(net, max_rows=10, method="svd")
     with pytest.raises(TypeError, match="not an infinite"):
         compress_layer(net.input_layer, rows=5)
+
+
+def test_kernel_is_only_semidefinite():
+    # φ(t) − φ(−t) = t makes the features of ±u_1..±u_{r+1} linearly dependent (docs/math.md):
+    # the Gram matrix is singular although the points are distinct
+    u = F.normalize(torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0)), dim=1)
+    X = torch.cat([u, -u])
+    ev = torch.linalg.eigvalsh(kernel(X, X))
+    assert ev[0].abs() < 1e-12 and ev[1] > 1e-3
+    # the landmark factorization stops instead of dividing by a zero pivot
+    lm = pivoted_cholesky(X, 8, method="greedy", block=1)
+    assert lm.index.numel() == 7
