@@ -35,6 +35,7 @@ from experiments.meta.maml import (
 from experiments.meta.sampler import TaskSampler
 from experiments.meta.synthetic import write_synthetic_omniglot
 from experiments.runs import load_checkpoint
+from inf.layers import project_gradient_
 from inf.math import F00
 from inf.optim import InfSGD
 
@@ -116,12 +117,13 @@ def test_rows_path_equals_torch_ops_and_base_keeps_no_rows(batch):
         learner = MetaLearner(m, None, step_size=0.7, num_steps=2, first_order=True, rows_path=rows_path)
         learner.task(xs, ys, xq, yq, train=True)
         assert m.rows_per_layer() == rows_before
-        pending = [layer.rows.pending() for layer in m.layers[1:]]
-        grads.append((m.layers[0].A.grad.clone(), pending))
+        pending = [layer.rows.pending() for layer in (*m.hidden_layers, m.output_layer)]
+        grads.append((m.input_layer.A.grad.clone(), pending))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
-    for (a1, b1), (a2, b2) in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(a1, a2, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(b1, b2, rtol=1e-10, atol=1e-12)
+    for p1, p2 in zip(grads[0][1], grads[1][1]):  # PendingRows(A, B, scale)
+        torch.testing.assert_close(p1.A, p2.A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p1.B, p2.B, rtol=1e-10, atol=1e-12)
+        assert p1.scale == p2.scale
 
 
 def test_inner_step_is_the_finite_readout_sgd_step(batch):
@@ -277,10 +279,10 @@ def test_second_order_meta_gradient_matches_finite_differences(batch, num_steps)
         errors[name] = (analytic, central(move))
     for name, layer in (("hidden rows", net.layers[1]), ("readout rows", net.layers[2])):
         store = layer.rows
-        A_p, B_p = store.pending()
+        A_p, B_p, scale = store.pending()
         a = torch.randn(1, layer.r_out, generator=g, dtype=torch.float64)
         bvec = F.normalize(torch.randn(1, layer.r, generator=g, dtype=torch.float64), dim=1)
-        analytic = float(store.pending_scale * ((A_p @ a.T)[:, 0] * F00(B_p @ bvec.T)[:, 0]).sum())
+        analytic = float(scale * ((A_p @ a.T)[:, 0] * F00(B_p @ bvec.T)[:, 0]).sum())
         M = store.num_rows
         losses = []
         for c in (eps, -eps):
@@ -320,8 +322,11 @@ def test_finite_second_order_meta_gradient_matches_finite_differences(batch, kin
     learner = MetaLearner(net, None, step_size=0.5, num_steps=2, first_order=False)
     xs, ys, xq, yq = (t[0] for t in batch)
     learner.task(xs, ys, xq, yq, train=True)
-    W = net.layers[0].weight
+    W = net.input_layer.weight
     d = torch.randn(W.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    # a finite π-net's accumulated gradient is projected onto span(Ω): compare along a direction
+    # in that span (P g · P d = g · P d); a μP weight is not projected and d stays as drawn
+    project_gradient_(W, d)
     single = (xs[None], ys[None], xq[None], yq[None])
     with torch.no_grad():
         W.add_(1e-6 * d)
