@@ -428,7 +428,10 @@ def eval_throughput(net, args, device) -> dict:
     times = interleaved({"layer": lambda: layer(g), "mm": mm}, repeats=max(3, args.repeats // 2), warmup=1,
                         device=device)
     tl, tm = median(times["layer"]), median(times["mm"])
-    return dict(M=M, batch=b, layer_GFLOPs=flops / tl / 1e9, mm_GFLOPs=flops / tm / 1e9, ratio=tm / tl)
+    # with low-precision products the layer multiplies two half-precision parts of its inputs
+    # (split_mm), i.e. twice the flops of the plain products timed here
+    return dict(M=M, batch=b, layer_GFLOPs=flops / tl / 1e9, mm_GFLOPs=flops / tm / 1e9, ratio=tm / tl,
+                policy=str(current_block_policy()))
 
 
 def extrapolate(sizes: list[dict]) -> dict | None:
@@ -539,7 +542,8 @@ def _main(args, device) -> int:
         if ev:
             print(f"evaluation, one hidden π-layer, {ev['batch']} inputs × {ev['M']:,} rows: "
                   f"{ev['layer_GFLOPs']:.0f} GFLOP/s vs torch.mm {ev['mm_GFLOPs']:.0f} GFLOP/s "
-                  f"(ratio {ev['ratio']:.2f})")
+                  f"(ratio {ev['ratio']:.2f}; with float16/bfloat16 rows on CUDA the layer's products "
+                  f"carry twice these flops: its inputs are split into two half-precision parts)")
         if fit:
             print(f"fit t(M) = {fit['t0_s'] * 1e3:.2f} ms + M × {fit['c_s_per_row'] * 1e9:.2f} ns; the paper's "
                   f"CIFAR-10 run ({fit['paper_steps']:,} steps, {fit['paper_rows_end']:,} rows per layer at the end): "
