@@ -268,19 +268,14 @@ class DistributedRowStore(RowStore):
             return out
         return _SumForward.apply(out, self.shard_group)
 
-    def reduce_over_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a quantity that is a sum over rows (e.g. a finite layer sampled from the rows)
-        over the shards, in place; returns it."""
-        if self.sharded:
-            dist.all_reduce(t, group=self.shard_group)
-        return t
-
     # ------------------------------------------------------------ rows
     @torch.no_grad()
     def append(self, A: torch.Tensor, B: torch.Tensor, coefficients: torch.Tensor | float = 0.0) -> int:
         """Append global rows (identical on every process); keeps this process's share.
         Returns the local index of the first row kept."""
         b = A.shape[0]
+        if B.shape[0] != b:
+            raise ValueError(f"{self.name}: cannot append {b} rows of A and {B.shape[0]} rows of B")
         if not self.sharded:
             first = super().append(A, B, coefficients)
             self.global_rows += b
@@ -306,6 +301,8 @@ class DistributedRowStore(RowStore):
 
     @contextlib.contextmanager
     def temporary_rows(self):
+        """Rows appended inside the block (global rows, each process keeping its share) are
+        removed when it ends; no communication."""
         M, G = self.num_rows, self.global_rows
         try:
             yield self
