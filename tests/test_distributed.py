@@ -18,9 +18,12 @@ each later one, against 14 s per job with plain spawn on this loaded machine).
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -124,19 +127,19 @@ def _batches(n: int, batch: int, seed: int = 1):
             for _ in range(n)]
 
 
-def _step(net, opt, x, y, clip: float = 0.5) -> float:
+def _step(net, opt, x, y, clip: float = 0.5, per_param: bool = True) -> float:
     from inf.utils import clip_grad_norm_
 
     opt.zero_grad()
     loss = F.cross_entropy(net(x), y)
     loss.backward()
-    clip_grad_norm_(net.parameters(), clip, per_param=True)
+    clip_grad_norm_(net.parameters(), clip, per_param=per_param)
     opt.step()
     return loss.item()
 
 
-def _train(net, opt, batches) -> torch.Tensor:
-    return torch.tensor([_step(net, opt, x, y) for x, y in batches], dtype=F64)
+def _train(net, opt, batches, per_param: bool = True) -> torch.Tensor:
+    return torch.tensor([_step(net, opt, x, y, per_param=per_param) for x, y in batches], dtype=F64)
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,7 +148,8 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- workers
 def _sharded_vs_single(rank: int, world: int) -> dict:
-    """20 steps sharded over the group vs one process, for several configurations."""
+    """20 steps sharded over the group vs one process (momentum, weight decay, clipping per parameter;
+    with layernorm, global clipping; with TrAct on the input layer, 5 steps)."""
     import inf.distributed as idist
 
     out = {}
@@ -157,8 +161,9 @@ def _sharded_vs_single(rank: int, world: int) -> dict:
         with torch.no_grad():  # the output layer starts at zero: compare what enters it
             before = _maxdiff(ref.features(x_test), sharded.features(x_test))
         steps = batches if name != "tract" else batches[:5]  # TrAct acts on the replicated input layer only
-        loss_ref = _train(ref, _opt(ref), steps)
-        loss_sh = _train(sharded, _opt(sharded), steps)
+        per_param = name != "layernorm"  # global clipping in one configuration
+        loss_ref = _train(ref, _opt(ref), steps, per_param)
+        loss_sh = _train(sharded, _opt(sharded), steps, per_param)
         with torch.no_grad():
             out[name] = {"init": before, "loss": _maxdiff(loss_ref, loss_sh),
                          "out": _maxdiff(ref(x_test), sharded(x_test)),
@@ -407,3 +412,63 @@ def test_checkpoint_folder_in_one_process(tmp_path):
         idist.load_checkpoint(tmp_path / "ck", other)
     with pytest.raises(RuntimeError, match="launch with torchrun"):
         idist.shard_(other)
+
+
+# --------------------------------------------------------------------------- programs under torchrun
+def _torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.slow
+def test_cifar10mlp_under_torchrun_equals_one_process(tmp_path):
+    """The paper's program, sharded over 2 processes by torchrun with no other change, trains
+    the same net as one process; only process 0 writes; metrics.json says how rows are spread."""
+    from experiments.cifar10 import cifar10mlp
+    from experiments.data.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar", n_train=64, n_test=32)
+    common = ["--data", str(data), "--float", "--r", "8", "--depth", "2", "--train-size", "64",
+              "--test-size", "32", "--no-progress", "--epochs", "2", "--lr", "0.5", "--momentum", "0.9",
+              "--wd", "1e-3", "--gclip", "0.5", "--gclip-per-param", "--batch-size", "8", "--save-model"]
+    torch.set_num_threads(1)
+    single = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "one")])
+    run = _torchrun(["-m", "experiments.cifar10.cifar10mlp", "--", *common, "--save-dir", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("cifar10mlp: 2 epochs, final test accuracy") == 1, run.stdout  # process 0 only
+    (folder,) = (tmp_path / "two").iterdir()
+    doc = json.loads((folder / "metrics.json").read_text())
+    assert doc["distributed"]["world_size"] == 2
+    for layer in doc["distributed"]["layers"].values():
+        assert layer["rows_total"] == 8 + 2 * 64 and layer["rows_per_process"] == [68, 68]
+    for a, b in zip(single["epochs"], doc["epochs"]):
+        assert a["rows"] == b["rows"] == f"{8 + a['epoch'] * 64}/" * 2 + f"{8 + a['epoch'] * 64}"
+        for key in ("train_loss", "test_loss"):  # float32: only the summation order differs
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
+    # the checkpoint has the single-process format: it continues in one process
+    from experiments.runs import load_checkpoint
+
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    assert ckpt["model"]["layers.1.rows.A"].shape[0] == 8 + 2 * 64
+
+
+@pytest.mark.slow
+def test_quickstart_under_torchrun(tmp_path):
+    run = _torchrun(["-m", "experiments.quickstart", "--", "--epochs", "1", "--r", "8", "--width", "64",
+                     "--no-progress", "--out", str(tmp_path / "q.png")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("test accuracy  infinite π-MLP") == 1, run.stdout
+    assert (tmp_path / "q.png").exists()
+
+
+@pytest.mark.slow
+def test_program_error_under_torchrun_ends_the_job_with_one_line(tmp_path):
+    t0 = time.monotonic()
+    run = _torchrun(["-m", "experiments.cifar10.cifar10mlp", "--", "--data", str(tmp_path / "missing"),
+                     "--r", "8", "--epochs", "1"])
+    assert run.returncode != 0
+    assert "cifar10mlp: error:" in run.stderr and str(tmp_path / "missing") in run.stderr
+    assert time.monotonic() - t0 < 120
