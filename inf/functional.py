@@ -228,11 +228,12 @@ def split_mm(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     scale = None
     if W.dtype == torch.float16:
-        scale = x.abs().amax(1, keepdim=True).clamp_min_(_TINY)
+        scale = torch.linalg.vector_norm(x, math.inf, dim=1, keepdim=True).clamp_min_(_TINY)
         x = x / scale
-    hi = x.to(W.dtype)
-    lo = (x - hi.float()).to(W.dtype)
-    prod = mm_f32(torch.cat([hi, lo]), W)
+    parts = torch.empty((2 * b,) + tuple(x.shape[1:]), dtype=W.dtype, device=x.device)
+    parts[:b].copy_(x)  # hi: x rounded
+    parts[b:].copy_(x - parts[:b])  # lo: the rounding error, rounded (computed in float32)
+    prod = mm_f32(parts, W)
     out = prod[:b].add_(prod[b:])
     return out if scale is None else out.mul_(scale)
 
