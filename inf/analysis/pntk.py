@@ -1187,5 +1187,6 @@ def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor,
         "kendall_true_class": corr(kendalltau, p_net[idx, y].numpy(), p_sur[idx, y].numpy()),
         "misclassified_overlap": overlap["overlap"],
         "misclassified_overlap_p": overlap["p_value"],
+        "net_errors": overlap["net_errors"], "surrogate_errors": overlap["surrogate_errors"],
         "common_errors": overlap["common_errors"],
     }
