@@ -44,11 +44,16 @@ otherwise backward recomputes them block by block (memory first). The policy's
 ``save_kernels`` forces either choice; saving was measured faster
 (``benchmarks/step_time.py --compare-save``).
 
-``A`` and ``B`` may be stored in float16/bfloat16; each block is converted
-to float32 (float64 when the input is float64) just before its products, so
-products accumulate in float32 with float32 coefficients, and the result is
-cast back to the input's dtype. The accuracy cost is measured in
-``benchmarks/memory.py`` and stated in ``docs/performance.md``.
+``A`` and ``B`` may be stored in float16/bfloat16 (coefficients stay float32).
+On CUDA the stored rows are multiplied as they are, with float32 accumulation and
+output (:func:`mm_f32`), and the other operand of each product is split into two
+half-precision parts so that it keeps float32's precision (:func:`split_mm`): no
+float32 copy of the rows is made. Elsewhere (or with
+``BlockPolicy(low_precision_products=False)``) each block is converted to float32
+(float64 when the input is float64) just before its products. Either way the
+result is cast back to the input's dtype, and the only error beyond float32
+arithmetic is the rows' rounding, measured in ``benchmarks/memory.py`` and stated
+in ``docs/performance.md``.
 """
 from __future__ import annotations
 
