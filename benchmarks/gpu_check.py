@@ -353,7 +353,10 @@ def measure_size(M: int, args, device, storage) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    net = InfMLP(3072, 10, 400, L=2, device=device)
+    # a 1 GiB budget for the batch × rows intermediates: at batch 8 F11/F02 are then kept for
+    # backward up to 8M rows (with the default 256 MiB, beyond 2M rows backward recomputes them,
+    # one more read of B)
+    net = InfMLP(3072, 10, 400, L=2, device=device, chunk_bytes=2**30)
     for layer in pi_layers(net):
         layer.rows.to(storage)
     fill_rows(net, M, storage, args.seed)
