@@ -1,5 +1,4 @@
-"""The finite-vs-infinite suite (docs/math.md, "Sampling a finite π-net from an infinite one"):
-finite π-nets track the infinite one.
+"""The finite-vs-infinite suite (docs/math.md §6): finite π-nets track the infinite one.
 
 On the sine toy data (x in [-π, π], features (x, 1), target sin x), finite
 π-nets of several widths are sampled from one infinite π-MLP and all are
@@ -31,9 +30,9 @@ seeds is usually not a bug: one sampled net's gap is a single heavy-tailed draw 
 r = 10 over 12 seeds: 0.02 to 0.41 at n = 1024, and not monotone in n for a given seed), so
 with 3–6 seeds the seed-to-seed spread can hide the n^-1/2 trend over a 4–16× range of
 widths; and when the trained rows cancel each other (large c·A terms summing to a small
-function) the constant C is large (docs/math.md, "Spec notes"). Add seeds (``--seeds 12``)
-or widen the range (``--widths 256,1024,4096,16384``) before concluding anything; a gap that
-stays flat there points at the sampling code.
+function) the constant C is large (docs/math.md, "Notes on the conventions"). Add seeds
+(``--seeds 12``) or widen the range (``--widths 256,1024,4096,16384``) before concluding
+anything; a gap that stays flat there points at the sampling code.
 """
 from __future__ import annotations
 
@@ -172,7 +171,7 @@ FAST_GRID = [
     Config(layernorm=True, weight_decay=0.1),
     Config(bias_alpha=0.0, gclip=0.1, per_param=False),
     Config(gclip=0.1, per_param=True, last_layer_alpha=10.0, steps=8),
-    # TrAct on the input layer (spec §7): its input-side correction commutes with the projection
+    # TrAct on the input layer (docs/math.md §7): its input-side correction commutes with the projection
     Config(tract_lambda=0.1),
 ]
 # Last-layer alpha 10 at lr 0.1: without clipping the infinite net itself diverges to NaN within 20
