@@ -305,3 +305,28 @@ def test_readme_command_line_full_300_epochs(tmp_path):
     summary = train.main(shlex.split(README_LINE) + ["--data_root", str(root), "--train_subset", "8",
                                                      "--path", str(tmp_path / "run"), "--no-progress"])
     assert len(summary["beta"]) == 301 and summary["lr"][50] == pytest.approx(2 * 0.33)
+
+
+@pytest.mark.parametrize("kind,layernorm", [("mu", False), ("mu", True), ("fin", False)])
+def test_penultimate_features_of_pi_and_mu_nets_are_what_the_readout_reads(kind, layernorm):
+    """f(X) is an affine function of penultimate_features(net, X): a least-squares fit of the
+    outputs on [Φ, 1] leaves no residual, and the basis then has β_i = s_i."""
+    from inf.analysis.decomposition import penultimate_features
+    from inf.networks import InfMLP, MuMLP
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "mu":
+        net = MuMLP(6, 3, 16, L=1, readout_zero_init=False, layernorm=layernorm, dtype=F64, generator=g)
+    else:
+        net = InfMLP(6, 3, 4, L=1, dtype=F64).sample(32, generator=g)
+        with torch.no_grad():  # a nonzero readout (a fresh sample reads out zero)
+            for p in net.output_layer.parameters():
+                p.normal_(generator=g)
+    X = torch.randn(40, 6, dtype=F64)
+    Phi = penultimate_features(net, X)
+    f = net(X).detach()
+    A = torch.cat([Phi, torch.ones(40, 1, dtype=F64)], 1)
+    coef = torch.linalg.pinv(A) @ f  # least squares (zero columns from dead units are fine)
+    assert float((A @ coef - f).norm() / f.norm()) < 1e-10
+    basis = network_basis(net, X)
+    assert torch.allclose(basis.coefficients(f), basis.s, atol=1e-12)
