@@ -415,5 +415,10 @@ def test_cifar10test_ntk_variant_flag(tmp_path, monkeypatch):
                             "--no-progress"])
     assert seen == ["pilim"]
     assert doc["results"][0]["ntk_variant"] == "pilim"
-    with pytest.raises(SystemExit):
+    # a one-line user error (argparse's exit or the programs' ConfigError), naming the problem
+    from experiments.common import ConfigError
+
+    with pytest.raises((SystemExit, ConfigError)) as err:
         cifar10test.main(["--ntk", "--ntk-variant", "pilim", "--depth", "0", "--data", str(root)])
+    if err.type is ConfigError:
+        assert "depth" in str(err.value) and "\n" not in str(err.value)
