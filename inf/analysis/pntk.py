@@ -968,7 +968,7 @@ def _to_image(img) -> np.ndarray:
 
 
 def save_topk_grid(path, test_images, train_images, indices, values=None, test_labels=None,
-                   train_labels=None, class_names: Sequence[str] | None = None, dpi: int = 60,
+                   train_labels=None, class_names: Sequence[str] | None = None, dpi: int | None = None,
                    title: str | None = None) -> Path:
     """A PNG grid: one row per test example (first column), then its most similar training
     examples (``indices`` from :func:`topk_similar`), captioned with label and similarity."""
@@ -987,11 +987,13 @@ def save_topk_grid(path, test_images, train_images, indices, values=None, test_l
         y = int(y)
         return class_names[y] if class_names is not None else str(y)
 
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.1 * (k + 1), 1.25 * n), squeeze=False)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 1), 1.7 * n), squeeze=False)
+    if dpi is None:  # at least 1200 pixels wide
+        dpi = max(60, math.ceil(1200 / (1.5 * (k + 1))))
     for i in range(n):
         ax = axes[i, 0]
         ax.imshow(_to_image(test_images[i]), cmap="gray", interpolation="nearest")
-        ax.set_title(f"test {name(None if test_labels is None else test_labels[i])}", fontsize=7, color="C3")
+        ax.set_title(f"test {name(None if test_labels is None else test_labels[i])}", fontsize=11, color="C3")
         for j in range(k):
             t = int(indices[i, j])
             ax = axes[i, j + 1]
@@ -999,12 +1001,12 @@ def save_topk_grid(path, test_images, train_images, indices, values=None, test_l
             cap = name(None if train_labels is None else train_labels[t])
             if values is not None:
                 cap = f"{cap} {float(values[i, j]):.2f}".strip()
-            ax.set_title(cap, fontsize=7)
+            ax.set_title(cap, fontsize=11)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=8)
+        fig.suptitle(title, fontsize=13)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
