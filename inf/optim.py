@@ -115,7 +115,7 @@ class InfSGD(Optimizer):
     def _gather(self):
         """``[(group, param, store or None)]`` for everything that has a gradient; raises before
         any change if a hyperparameter or a gradient is not finite."""
-        work, bad = [], []
+        work, bad, checks = [], [], []
         for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f" (param group {gi})")
             for pi, p in enumerate(group["params"]):
@@ -124,17 +124,21 @@ class InfSGD(Optimizer):
                     rows = store.pending() if store.has_gradient else None
                     if rows is None:
                         continue
-                    if not (math.isfinite(rows.scale) and _all_finite(rows.A) and _all_finite(rows.B)):
-                        bad.append(f"{store.name} (its gradient rows)")
+                    name = f"{store.name} (its gradient rows)"
+                    if not math.isfinite(rows.scale):
+                        bad.append(name)
+                    checks.append((name, (rows.A, rows.B)))
                     work.append((group, p, store))
                 elif isinstance(p, InfPiParameter) or p.grad is None:
                     continue
                 else:
                     if p.grad.is_sparse:
                         raise RuntimeError("InfSGD does not support sparse gradients")
-                    if not _all_finite(p.grad):
-                        bad.append(f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})")
+                    checks.append((f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})", (p.grad,)))
                     work.append((group, p, None))
+        # one check (one device synchronization) for all gradients; names only on failure
+        if checks and not _all_finite_many([t for _, ts in checks for t in ts]):
+            bad += [name for name, ts in checks if not all(_all_finite(t) for t in ts) and name not in bad]
         if bad:
             raise FloatingPointError(
                 "InfSGD.step: the gradient of " + ", ".join(bad) + " contains NaN or inf; nothing was "
@@ -203,6 +207,19 @@ def _all_finite(t: torch.Tensor) -> bool:
     """``isfinite(t).all()`` in one pass when it holds: a sum is finite only if every entry is
     (inf and NaN propagate), and only an overflowing sum needs the entry-wise check."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _all_finite_many(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronization per
+    device: the tensors' sums (float32) are added up, and only a non-finite total (a
+    non-finite entry, or an overflow) needs the tensor-by-tensor check."""
+    by_device: dict = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.sum(dtype=torch.float32))
+    for sums in by_device.values():
+        if not bool(torch.isfinite(torch.stack(sums).sum())):
+            return all(_all_finite(t) for t in tensors)
+    return True
 
 
 def _grow_momentum(state: dict, buf: torch.Tensor, rows: int) -> torch.Tensor:

@@ -481,3 +481,14 @@ def test_all_finite_check_is_exact():
         assert not _all_finite(t)
     t = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
     assert not _all_finite(t)
+
+
+def test_all_finite_many_is_exact():
+    from inf.optim import _all_finite_many
+
+    ok = [torch.randn(5), torch.full((3,), 3e38), torch.randn(2, 2, dtype=F64), torch.randn(4).half()]
+    assert _all_finite_many(ok)  # the float32 total overflows; the fallback clears it
+    for bad in (float("inf"), float("nan")):
+        t = torch.randn(7, dtype=F64)
+        t[3] = bad
+        assert not _all_finite_many(ok + [t])
