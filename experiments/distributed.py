@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 import inf.distributed as idist
-from experiments.cli import ConfigError
+from experiments.cli import ConfigError, user_error_message
 from inf.networks import InfMLP
 
 __all__ = ["init", "world", "is_main", "prepare", "on_main", "model_state", "optimizer_state",
@@ -61,13 +61,16 @@ def on_main(fn, *args, **kwargs):
     raises is raised on every process (so that none waits for the others)."""
     if world() <= 1:
         return fn(*args, **kwargs)
-    box = [None, None]
+    box, error = [None, None], None
     if is_main():
         try:
             box[0] = fn(*args, **kwargs)
-        except ConfigError as err:
-            box[1] = str(err)
+        except (ConfigError, OSError) as err:  # user errors: every process reports the one line
+            error = err
+            box[1] = user_error_message(err) or str(err)
     dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
     if box[1] is not None:
         raise ConfigError(box[1])
     return box[0]

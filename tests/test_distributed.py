@@ -207,9 +207,15 @@ def _data_parallel(rank: int, world: int) -> dict:
     half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in batches]
     _train(dp, _opt(dp), half)
     x_test = torch.randn(7, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
+    try:  # TrAct's preconditioner needs the whole batch
+        idist.data_parallel_(_net(0, tract=True))
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
     with torch.no_grad():
         return {"out": _maxdiff(ref(x_test), dp(x_test)), "rows_ref": torch.tensor(ref.rows_per_layer()),
-                "rows_dp": torch.tensor(dp.rows_per_layer()), "ref_loss_last": float(loss_ref[-1])}
+                "rows_dp": torch.tensor(dp.rows_per_layer()), "ref_loss_last": float(loss_ref[-1]),
+                "tract_refused": refused}
 
 
 def _checkpoints(rank: int, world: int, folder: str) -> dict:
@@ -350,6 +356,7 @@ def test_data_parallel_equals_one_process_on_the_whole_batch():
     for r in res:
         assert r["out"] < TOL, r
         assert torch.equal(r["rows_dp"], r["rows_ref"]), r
+        assert "TrAct" in r["tract_refused"] and "shard_" in r["tract_refused"]
 
 
 def test_checkpoints_reshard_and_resume():
