@@ -370,6 +370,7 @@ def measure_size(M: int, args, device, storage) -> dict:
         F.cross_entropy(net(x), y).backward()
         opt.step()
 
+    step()  # first step: the rows move into capacity buffers (the products below then share them)
     # the step's products alone, in the storage dtype, on preallocated operands
     mm_dt = storage if device.type == "cuda" else torch.float32
     prods = []
@@ -392,15 +393,18 @@ def measure_size(M: int, args, device, storage) -> dict:
             Fm @ B
         x.T @ h0
 
-    step()  # first step: the rows move into capacity buffers
+    realloc_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = interleaved({"step": step, "products": products}, repeats=args.repeats, warmup=1, device=device)
     del prods
     ts, tp = median(times["step"]), median(times["products"])
     res = dict(M=M, rows=net.rows_per_layer()[0], step_s=ts, steps_per_s=1 / ts, products_s=tp,
                read_bytes=row_read_bytes(net))
     res["row_read_GBps"] = res["read_bytes"] / ts / 1e9
-    if device.type == "cuda":
+    if device.type == "cuda":  # peak of the timed steps, and of the first step's reallocation
         res["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        res["realloc_peak_memory_GiB"] = realloc_peak / 2**30
     res["eval"] = eval_throughput(net, args, device) if M == args.eval_M else None
     del net, opt
     return res
@@ -537,17 +541,20 @@ def _main(args, device) -> int:
             rows.append([f"{s['M']:,}", f"{s['step_s'] * 1e3:.2f}", f"{s['steps_per_s']:.1f}",
                          f"{s['row_read_GBps']:.3g}", f"{s['row_read_GBps'] / bw['copy_GBps']:.2f}",
                          f"{s['step_s'] / s['products_s']:.2f}",
-                         f"{s['peak_memory_GiB']:.1f}" if "peak_memory_GiB" in s else "-"])
+                         f"{s['peak_memory_GiB']:.1f} / {s['realloc_peak_memory_GiB']:.1f}"
+                         if "peak_memory_GiB" in s else "-"])
         print()
         print_table(["rows per layer", "step ms", "steps/s", "row reads GB/s", "÷ copy GB/s", "step/products",
-                     "peak GiB"], rows)
+                     "peak GiB (steps / growth)"], rows)
         ev = next((s["eval"] for s in sizes if s.get("eval")), None)
         if ev:
             print(f"evaluation, one hidden π-layer, {ev['batch']} inputs × {ev['M']:,} rows: "
                   f"{ev['layer_GFLOPs']:.0f} GFLOP/s vs torch.mm {ev['mm_GFLOPs']:.0f} GFLOP/s "
                   f"(ratio {ev['ratio']:.2f}; with float16/bfloat16 rows on CUDA the layer's products "
                   f"carry twice these flops: its inputs are split into two half-precision parts)")
-        if fit:
+        if fit and fit["c_s_per_row"] <= 0:
+            print("fit t(M) = t0 + c·M: no growth with M measured (sizes too small or timings too noisy)")
+        elif fit:
             print(f"fit t(M) = {fit['t0_s'] * 1e3:.2f} ms + M × {fit['c_s_per_row'] * 1e9:.2f} ns; the paper's "
                   f"CIFAR-10 run ({fit['paper_steps']:,} steps, {fit['paper_rows_end']:,} rows per layer at the end): "
                   f"{fit['paper_run_h']:.1f} h")
