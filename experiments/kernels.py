@@ -76,7 +76,7 @@ the two solvers, and :func:`krr_memory_bytes` for memory estimates.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -50,8 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from experiments.kernels import (NTK_VARIANTS, feature_kernel, kernel_ridge_regression,
-                                 make_mlp_kernel)
+from experiments.kernels import NTK_VARIANTS, feature_kernel, kernel_ridge_regression, make_mlp_kernel
 from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_, pi_param_groups

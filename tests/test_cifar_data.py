@@ -11,11 +11,22 @@ import torch
 
 import experiments.data.cifar as cifar
 from experiments.data.cifar import (
-    CIFAR10_MEAN, CIFAR10_STD, CorruptDatasetError, DatasetError, DatasetNotFoundError,
-    cifar10_classes, cifar100_classes, load_cifar10, load_cifar100, normalize, random_crop_flip,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CorruptDatasetError,
+    DatasetError,
+    DatasetNotFoundError,
+    cifar10_classes,
+    cifar100_classes,
+    load_cifar10,
+    load_cifar100,
+    normalize,
+    random_crop_flip,
 )
 from experiments.data.synthetic import (
-    py2_pickle, write_synthetic_cifar10, write_synthetic_cifar100,
+    py2_pickle,
+    write_synthetic_cifar10,
+    write_synthetic_cifar100,
 )
 
 

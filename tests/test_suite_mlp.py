@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pytest
