@@ -435,9 +435,12 @@ def shard_(net: nn.Module, group=None) -> nn.Module:
 
     Every process calls it with the same net (same seed or same checkpoint); process
     ``k`` of ``P`` keeps the rows ``k, k + P, k + 2P, …``, so the sharded net computes
-    the same function. Build the optimizer afterwards. Returns ``net``.
+    the same function. Build the optimizer afterwards. Returns ``net``; without an
+    initialized process group (a program started without torchrun) or with one process,
+    ``net`` is returned unchanged, so the same script runs with and without torchrun.
     """
-    _check_initialized("shard_")
+    if world_size(group) <= 1:
+        return net
     shards, shard = dist.get_world_size(group), dist.get_rank(group)
     for _, store in _stores(net):
         if getattr(store, "sharded", False):
@@ -558,11 +561,12 @@ def data_parallel_(net: nn.Module, group=None) -> nn.Module:
     other parameters all-reduced, both averaged over the group (as
     DistributedDataParallel does). With equal slices and a mean loss, a step equals one
     process's step on the whole batch. TrAct is refused: its preconditioner needs
-    the whole batch. Returns ``net``.
+    the whole batch. Returns ``net`` (unchanged without a process group or with one process).
     """
-    _check_initialized("data_parallel_")
     from .tract import TrAct
 
+    if world_size(group) <= 1:
+        return net
     if any(isinstance(m, TrAct) for m in net.modules()):
         raise ValueError("data_parallel_: TrAct preconditions with the whole batch's inputs, which "
                          "data parallelism splits; use row sharding (inf.distributed.shard_) instead")
