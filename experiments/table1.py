@@ -226,10 +226,17 @@ def train_network(method: str, args, data: Dataset, seed: int, progress: bool) -
 
 
 def kernel_method(method: str, args, data: Dataset) -> dict:
+    """NNGP or NTK regression. The kernels see the standardised inputs without the 1/√d (so
+    |x|²/d ≈ 1, the original program's convention); with varb = 0 the tangent kernel and the
+    NNGP do not depend on that scale or on varw, but the original NTK formula
+    (``--ntk-variant pilim``) does, and is evaluated at the original's varw = 1."""
     kind = "nngp" if method == "NNGP" else "ntk"
-    kernel = make_mlp_kernel(kind, depth=args.depth + 1, varw=2.0, varb=0.0,
+    pilim = kind == "ntk" and args.ntk_variant == "pilim"
+    kernel = make_mlp_kernel(kind, depth=args.depth + 1, varw=1.0 if pilim else 2.0, varb=0.0,
                              ntk_variant=args.ntk_variant)
-    acc = kernel_ridge_regression(kernel, data.X_train, data.y_train, data.X_test, data.y_test,
+    root_d = math.sqrt(data.X_train.shape[1])
+    acc = kernel_ridge_regression(kernel, data.X_train * root_d, data.y_train, data.X_test * root_d,
+                                  data.y_test,
                                   num_classes=data.num_classes, kernel_reg=args.kernel_reg,
                                   dtype=_krr_dtype(len(data.y_train)), progress=False)
     return {"test_acc": acc}
