@@ -143,7 +143,8 @@ def main(argv=None) -> dict:
     result = {"model": cfg, "model_desc": f"{cfg['model']} model", "n": len(X), "P": P, "ks": args.ks,
               "seeds": args.seeds, "exact_seconds": t_exact, "projections": {}}
     if cfg["model"] in ("mu", "fin"):
-        result["model_desc"] = f"{cfg['model']} MLP width {cfg.get('width')}, {cfg.get('L')} hidden"
+        kind = "μP MLP" if cfg["model"] == "mu" else "finite π-MLP"
+        result["model_desc"] = f"{kind}, width {cfg.get('width')}, {cfg.get('L')} hidden layer(s)"
     elif cfg["model"] == "cnn":
         result["model_desc"] = f"CNN ({cfg.get('channels')} channels)"
     for ptype in args.proj_types:
