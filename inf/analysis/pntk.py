@@ -9,18 +9,23 @@ Computing it for many examples is limited by ``J``, which has O·P numbers per e
 This module computes per-example Jacobians with ``torch.func`` (``vmap`` over examples of
 ``jacrev`` over a ``functional_call``) in chunks of examples and in blocks of parameters,
 and never keeps more than one chunk × block of them. Each block is multiplied by a random
-matrix ``R`` (P × K, i.i.d. Rademacher or Gaussian entries, scaled by ``K^-½``), so that
-the *features* ``φ(x) = J(x) R`` (O × K) satisfy ``E[φ(x) φ(x')ᵀ] = Θ(x, x')`` — the
-Johnson–Lindenstrauss sketch used by TRAK. The random matrices come from the projectors
-of the ``traker`` package (``trak.projectors.BasicProjector`` on any device, its
-``CudaProjector`` when a GPU and ``fast_jl`` are present); ``proj_dim=None`` keeps the
-exact Jacobian (small models only).
+matrix ``R`` (P × K, unbiased: ``E[R Rᵀ] = I``), so that the *features* ``φ(x) = J(x) R``
+(O × K) satisfy ``E[φ(x) φ(x')ᵀ] = Θ(x, x')`` — the Johnson–Lindenstrauss sketch used by
+TRAK. By default ``R`` is the sparse sketch of :class:`inf.analysis.projectors.SparseJLProjector`
+(CountSketch: O(P) work per example, no P × K matrix, variance never above a Gaussian
+sketch's); ``proj_type="rademacher"`` or ``"normal"`` use the dense projectors of the
+``traker`` package (``trak.projectors.BasicProjector`` on any device, its ``CudaProjector``
+when a GPU and ``fast_jl`` are present), scaled by ``K^-½``. ``proj_dim=None`` keeps the
+exact Jacobian (small models only); :func:`exact_ntk` computes the exact kernel parameter by
+parameter for larger ones.
 
 Features are written to a NumPy memory-mapped file when a ``path`` is given, chunk by
 chunk, with a completion mask beside them: a run that stops part-way is continued by
 calling again with the same arguments, and the result equals a single run's. The file
 records what it was computed from (model, data, settings); calling with something else
-raises instead of mixing kernels.
+raises instead of mixing kernels, and :func:`load_features` reads it back without the model
+or the data. Kernels are only formed from feature sets made with the same random projection
+(:func:`projection_layout`); anything else is refused.
 
 Kernels from features (:func:`ntk_from_features`):
 
@@ -37,7 +42,7 @@ enter as ``Θ = Σ_p m_p J_p J_pᵀ``: the gradient block of parameter p is scal
 **Finite π-nets.** Their π-weights (:class:`inf.tensors.FinPiParameter`: every weight
 and bias except the output layer's) are trained with the gradient projected onto
 ``span(Ω)`` on its output side, ``G ← Q Qᵀ G`` with ``Q`` the layer's orthonormal basis
-``omega_basis`` (spec §6). The tangent kernel of that training rule is ``J P Jᵀ`` with
+``omega_basis`` (docs/math.md §6). The tangent kernel of that training rule is ``J P Jᵀ`` with
 ``P`` the block-diagonal projection; since ``P = P Pᵀ`` and ``Q`` has orthonormal
 columns, ``J P Jᵀ = (Qᵀ J)(Qᵀ J)ᵀ``, so with ``pi_project=True`` (the default) the
 per-example gradient of such a parameter is replaced by ``Qᵀ G`` (r rows instead of n)
