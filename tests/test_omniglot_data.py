@@ -349,3 +349,16 @@ def test_zip_character_folder_without_pngs_is_refused(tmp_path):
         zf.writestr(f"images_background/{alphabet}/character98/notes.txt", b"no drawings here")
     with pytest.raises(OmniglotCorruptError, match="character98/ holds no PNG drawings .2 such"):
         load_omniglot(root, memory_cache=False)
+
+
+def test_split_sizes_auto_says_when_it_leaves_the_standard_split(folder_root, capsys):
+    """``--split-sizes auto`` on data with fewer than 1623 characters falls back to the
+    proportional split, and says so on stderr (issue 14, item 9)."""
+    from experiments.meta.train import load_splits
+
+    _, sizes = load_splits(folder_root, "auto", cache_file=False)
+    assert sum(sizes) == N_TOTAL
+    err = capsys.readouterr().err
+    assert "fewer than the 1623" in err and str(tuple(sizes)) in err
+    load_splits(folder_root, ",".join(map(str, SIZES)), cache_file=False)
+    assert capsys.readouterr().err == ""  # explicit sizes: nothing to report

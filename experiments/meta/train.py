@@ -328,6 +328,11 @@ def load_splits(folder, split_sizes="auto", names=("train", "val", "test"), cach
         sizes = _split_sizes(split_sizes, len(data))
         if sizes == "proportional":
             sizes = proportional_split_sizes(len(data))
+            if split_sizes == "auto":  # never leave the standard split silently
+                print(f"note: {folder} holds {len(data)} Omniglot characters, fewer than the "
+                      f"{sum(DEFAULT_SPLIT_SIZES)} of the standard split {DEFAULT_SPLIT_SIZES}; "
+                      f"--split-sizes auto uses the proportional split {tuple(sizes)} instead "
+                      f"(not comparable with results on the standard split)", file=sys.stderr)
         return {name: OmniglotSplit(data, name, sizes) for name in names}, tuple(sizes)
     except OmniglotError as e:
         raise ConfigError(str(e)) from e
