@@ -15,7 +15,7 @@
    per-example Jacobians of a small MLP on scikit-learn's digits, averaged over seeds.
    The ratio sparse / Gaussian is the number to compare with 1.5.
 
-    python -m benchmarks.projectors                 # full sizes (BasicProjector: about a minute per call)
+    python -m benchmarks.projectors                 # full sizes (BasicProjector: minutes per call)
     python -m benchmarks.projectors --quick         # 4 of BasicProjector's 41 blocks, 2 seeds
 """
 from __future__ import annotations

@@ -295,3 +295,17 @@ def test_missing_checkpoint_data_root_and_threads(tmp_path, capsys):
         torch.set_num_threads(before)
     code, err = _run(pntk_prog.main, ["--threads", "0"], capsys)
     assert code == 2 and "--threads" in err and len(err.splitlines()) == 1
+
+
+def test_residuals_program_draws_the_figure(tmp_path):
+    from PIL import Image
+
+    from experiments.analysis import pntk_residuals
+
+    res = pntk_residuals.main(["--model", "mu", "--width", "16", "--n-train", "20", "--steps", "2", "--ks", "8",
+                               "512", "--seeds", "2", "--no-progress", "--out", str(tmp_path)])
+    for rows in res["projections"].values():
+        small, large = np.mean(rows["residual"][0]), np.mean(rows["residual"][1])
+        assert large < small / 3, (small, large)  # √64 = 8 times smaller in expectation
+    png = tmp_path / "residuals.png"
+    assert Image.open(png).size[0] >= 1200 and png.stat().st_size < 300_000
