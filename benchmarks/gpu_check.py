@@ -273,41 +273,66 @@ def check_compress(rep: Report, device, small: bool, seed: int = 4):
             dict(bound_used=1.01, rel_eps_device=2 * r_ref.rel_eps + 1e-3))
 
 
-def check_distributed(rep: Report, device, small: bool, seed: int = 5):
-    """A net sharded by ``inf.distributed.shard_`` over a one-process group trains exactly like
-    the unsharded net on the device (the sharded code path and its collectives on this device;
-    more processes: benchmarks/distributed.py)."""
+def _sharded_worker(rank: int, world: int, init_file: str, device: str, small: bool, seed: int, out_path: str):
+    """One of ``world`` processes training the check's net with rows sharded by ``inf.distributed``
+    (gloo: its all-reduce takes CUDA tensors, and the processes may share one GPU)."""
+    import torch.distributed as dist
+
+    from inf.distributed import shard_
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        net, xs, ys, x_test = _sharded_case(small, seed)
+        net = shard_(to_device(net, device))
+        _train(net, xs, ys, device, torch.float32, 3, momentum=0.9, wd=1e-4, clip=1.0)
+        with torch.no_grad():
+            out = net(x_test.to(device, torch.float32)).cpu()
+        if rank == 0:
+            torch.save({"out": out, "rows": torch.tensor(net.rows_per_layer())}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_case(small: bool, seed: int):
+    cfg = _net_cfg(small)
+    torch.manual_seed(seed)
+    net = InfMLP(cfg["d_in"], cfg["d_out"], cfg["r"], L=cfg["L"], dtype=torch.float64)
+    xs, ys, x_test = _data(cfg, 3, 8, seed)
+    return net, xs, ys, x_test
+
+
+def check_distributed(rep: Report, device, small: bool, seed: int = 5, world: int = 2):
+    """Two processes (on the same device) train the net with rows sharded by
+    ``inf.distributed.shard_``; their outputs must equal one process's, and each must hold
+    about half of the rows."""
+    import tempfile
+
     try:
         import torch.distributed as dist
+        import torch.multiprocessing as mp
 
-        from inf.distributed import shard_
+        import inf.distributed  # noqa: F401
     except ImportError as exc:
         rep.skip("sharded net", f"inf.distributed not available ({exc})")
         return
-    if not dist.is_available():
-        rep.skip("sharded net", "torch.distributed is not available in this build")
+    if not dist.is_available() or not dist.is_gloo_available():
+        rep.skip("sharded net", "torch.distributed with gloo is not available in this build")
         return
-    created = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-        created = True
-    try:
-        cfg = _net_cfg(small)
-        torch.manual_seed(seed)
-        base = InfMLP(cfg["d_in"], cfg["d_out"], cfg["r"], L=cfg["L"], dtype=torch.float64)
-        plain, sharded = to_device(base, device), shard_(to_device(base, device))
-        xs, ys, x_test = _data(cfg, 3, 8, seed)
-        _train(plain, xs, ys, device, torch.float32, 3, momentum=0.9, wd=1e-4, clip=1.0)
-        _train(sharded, xs, ys, device, torch.float32, 3, momentum=0.9, wd=1e-4, clip=1.0)
-        with torch.no_grad():
-            xt = x_test.to(device, torch.float32)
-            values = dict(out_after=rel(sharded(xt), plain(xt)))
-        rep.add(f"sharded net (one-process group) on {device}, 3 steps vs the unsharded net", values,
-                dict(out_after=1e-5))
-    finally:
-        if created:
-            dist.destroy_process_group()
+    net, xs, ys, x_test = _sharded_case(small, seed)
+    plain = to_device(net, device)
+    _train(plain, xs, ys, device, torch.float32, 3, momentum=0.9, wd=1e-4, clip=1.0)
+    with torch.no_grad():
+        ref = plain(x_test.to(device, torch.float32)).cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "out.pt")
+        mp.spawn(_sharded_worker, args=(world, os.path.join(tmp, "init"), str(device), small, seed, out_path),
+                 nprocs=world, join=True)
+        res = torch.load(out_path, weights_only=True)
+    share = float(res["rows"].sum()) / sum(plain.rows_per_layer())
+    values = dict(out_after=rel(res["out"], ref), rows_share_of_rank0=share)
+    rep.add(f"sharded net ({world} processes, gloo) on {device}, 3 steps vs one process", values,
+            dict(out_after=1e-5, rows_share_of_rank0=1.0 / world + 0.05))
 
 
 # ---------------------------------------------------------------------------------------- part 2
@@ -466,6 +491,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-sharded", action="store_true", help="skip the two-process sharded-net check")
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -504,6 +530,8 @@ def _main(args, device) -> int:
                    ("MAML", lambda: check_maml(rep, device, args.small)),
                    ("compression", lambda: check_compress(rep, device, args.small)),
                    ("distributed", lambda: check_distributed(rep, device, args.small))]
+        if args.skip_sharded:
+            checks = checks[:-1]
         for name, fn in checks:
             try:
                 fn()

@@ -70,7 +70,7 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
     out = tmp_path / "g.json"
     torch.set_num_threads(1)
     rc = gpu_check.main(["--device", "cpu", "--small", "--sizes", "0.001", "0.002", "--repeats", "1",
-                         "--out", str(out)])
+                         "--skip-sharded", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     res = json.loads(out.read_text())
@@ -81,3 +81,12 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
     assert all(s["steps_per_s"] > 0 and s["row_read_GBps"] > 0 for s in res["sizes"])
     assert res["paper_run"]["paper_steps"] == 312_500
     assert "steps/s" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_sharded_net_on_cpu():
+    """The two-process sharded-net check of gpu_check (spawns two interpreters: slow)."""
+    rep = gpu_check.Report()
+    gpu_check.check_distributed(rep, torch.device("cpu"), small=True)
+    _passed(rep)
+    assert any("sharded" in c["name"] for c in rep.checks)
