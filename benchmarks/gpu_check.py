@@ -26,8 +26,9 @@ Part 1, correctness (each against a float64 CPU run of the same network and batc
   projected weight must lie in span(Ω));
 * the MAML inner step on the readout (``experiments/meta/maml.py``), both
   implementations;
-* row compression (``inf/compress.py``) and the sharded net (``inf/distributed.py``)
-  when those modules exist.
+* row compression (``inf/compress.py``): its stated error bound on the device;
+* a net whose rows are sharded (``inf/distributed.py``) over two processes on the
+  same device (gloo), against one process (``--skip-sharded`` leaves it out).
 
 Part 2, speed of InfMLP(3072, 10, r=400, L=2) at batch 8 with float16 rows and
 M = 0.25M, 1M and 4M rows per π-layer: training steps per second, the bytes of
