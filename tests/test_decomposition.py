@@ -12,9 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from inf.analysis.decomposition import (TrajectoryRecorder, basis_gradients, eigenbasis, after_kernel,
-                                        function_basis, network_basis, plot_beta_curves, plot_beta_vs_gradnorm,
-                                        plot_independence)
+from inf.analysis.decomposition import (
+    TrajectoryRecorder,
+    after_kernel,
+    basis_gradients,
+    eigenbasis,
+    function_basis,
+    network_basis,
+    plot_beta_curves,
+    plot_beta_vs_gradnorm,
+    plot_independence,
+)
 
 F64 = torch.float64
 
@@ -214,7 +222,13 @@ def test_lamb_two_steps_by_hand():
 
 # ------------------------------------------------------------------ MNIST idx files
 def test_mnist_idx_round_trip(tmp_path):
-    from experiments.data.mnist import MnistNotFoundError, load_mnist, read_idx, write_idx, write_synthetic_mnist
+    from experiments.data.mnist import (
+        MnistNotFoundError,
+        load_mnist,
+        read_idx,
+        write_idx,
+        write_synthetic_mnist,
+    )
 
     a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):

@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +247,7 @@ def run_folder(args) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     lr_max, warm, lr_warm = args.lr_setting
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     name = (f"{args.model}-{args.data}-init{args.init_scale:g}-{args.loss_fn}-{args.optimizer}-bs{args.batch_size}"
             f"-ep{args.num_epoch}-lr{lr_max:g}-warm{warm:g}-{lr_warm:g}-decay{args.decay_rate:g}per"
             f"{args.decay_stepsize}-seed{args.seed}-run{args.num_run}-{stamp}")
@@ -293,7 +293,8 @@ def _plots(out: Path, record: dict, m: int, title: str):
     _save(fig, out / "beta.png", 100)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    a1.plot(np.arange(1, len(record["train_loss"]) + 1), record["train_loss"], lw=2, label="train loss (sum over batches)")
+    a1.plot(np.arange(1, len(record["train_loss"]) + 1), record["train_loss"], lw=2,
+            label="train loss (sum over batches)")
     a1.set_yscale("log")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
@@ -424,7 +425,8 @@ def train(args) -> dict:
     _plots(out, record, len(basis), f"{args.model} on {args.data} ({args.optimizer}, {args.loss_fn}): "
                                     f"coefficients on the final network's basis")
     log.info("%d epochs in %.0f s; final test accuracy %.3f; β_1..5 at init %s, final %s", args.num_epoch, seconds,
-             record["test_acc"][-1], np.round(beta[0, :5].numpy(), 4).tolist(), np.round(beta[-1, :5].numpy(), 4).tolist())
+             record["test_acc"][-1], np.round(beta[0, :5].numpy(), 4).tolist(),
+             np.round(beta[-1, :5].numpy(), 4).tolist())
     log.info("wrote %s", out)
     return summary
 

@@ -32,21 +32,40 @@ functions), ``beta_vs_gradnorm.png`` (``|β_i|`` against ``‖∇β_i‖``),
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import time
-import itertools
 from pathlib import Path
 
 import torch
 
-from inf.analysis import (TrajectoryRecorder, after_kernel, eigenbasis, plot_beta_curves, plot_beta_vs_gradnorm,
-                          plot_independence, tangent_kernel)
+from inf.analysis import (
+    TrajectoryRecorder,
+    after_kernel,
+    eigenbasis,
+    plot_beta_curves,
+    plot_beta_vs_gradnorm,
+    plot_independence,
+    tangent_kernel,
+)
 from inf.analysis.decomposition import network_basis
 
-from .common import (accuracy, add_data_args, add_model_args, add_train_args, build_model, load_data,
-                     log_spaced_steps, model_config, model_inputs, predict, save_checkpoint, train)
+from .common import (
+    accuracy,
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    build_model,
+    load_data,
+    log_spaced_steps,
+    model_config,
+    model_inputs,
+    predict,
+    save_checkpoint,
+    train,
+)
 
 log = logging.getLogger("trajectory")
 

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -510,7 +510,7 @@ class TrajectoryRecorder:
         if phi is not None:
             self.set_basis(eigvals, phi)
 
-    def set_basis(self, eigvals, phi) -> "TrajectoryRecorder":
+    def set_basis(self, eigvals, phi) -> TrajectoryRecorder:
         """Use the basis ``phi`` (N × m); ``eigvals`` may be None. Argument order matches
         :func:`eigenbasis`, so ``rec.set_basis(*eigenbasis(K))`` works."""
         phi = torch.as_tensor(phi).double()
@@ -523,7 +523,7 @@ class TrajectoryRecorder:
         self.gradient_steps, self.gradient_results = [], []
         return self
 
-    def set_function_basis(self, basis: FunctionBasis) -> "TrajectoryRecorder":
+    def set_function_basis(self, basis: FunctionBasis) -> TrajectoryRecorder:
         """Use the paper's basis (:func:`network_basis` of the final network on the recorded
         inputs): ``betas()`` are then the scalars ``β_i(t)`` (shape T × m × 1)."""
         if basis.N != len(self.X):
