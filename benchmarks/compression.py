@@ -100,11 +100,12 @@ def outputs(net, X, bs=512):
     return torch.cat([net(X[i:i + bs]) for i in range(0, len(X), bs)])
 
 
-def train(net, opt, Xtr, ytr, epochs, seed, budget=None, batch=16, progress=""):
-    """Quickstart's loop; returns per-step wall times (compression included), rows and reports."""
+def train(net, opt, Xtr, ytr, epochs, seed, budget=None, batch=16, progress="", test=None):
+    """Quickstart's loop; returns per-step wall times (compression included), rows, compression
+    reports and (with ``test = (X, y)``) the test accuracy after every epoch (not timed)."""
     gen = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(Xtr) / batch)
-    times, rows, comp = [], [], []
+    times, rows, comp, accs = [], [], [], []
     for epoch in range(epochs):
         order = torch.randperm(len(Xtr), generator=gen)
         for i in range(steps):
@@ -121,10 +122,13 @@ def train(net, opt, Xtr, ytr, epochs, seed, budget=None, batch=16, progress=""):
                     comp.append({"step": len(times), "reports": [r.as_dict() for r in reps]})
             times.append(time.perf_counter() - t)
             rows.append(net.rows_per_layer())
+        if test is not None:
+            accs.append(accuracy(net, *test))
         if progress:
             print(f"  {progress} epoch {epoch + 1}/{epochs}: rows {net.rows_per_layer()} "
-                  f"time {sum(times):.1f}s", file=sys.stderr, flush=True)
-    return {"step_times": times, "rows": rows, "compressions": comp}
+                  f"time {sum(times):.1f}s" + (f" test accuracy {accs[-1]:.4f}" if accs else ""),
+                  file=sys.stderr, flush=True)
+    return {"step_times": times, "rows": rows, "compressions": comp, "epoch_accuracy": accs}
 
 
 # ---------------------------------------------------------------------- parts
@@ -180,13 +184,13 @@ def part_train(args):
         for mode in args.modes:
             net, opt = make_net(Xtr.shape[1], args.r, seed=seed)
             budget = None
-            if mode == "budget":
+            if mode != "exact":
                 budget = RowBudget(net, max_rows=args.max_rows, keep_fraction=args.keep_fraction, optimizer=opt,
-                                   method=args.method, seed=seed)
+                                   method=mode.split("-", 1)[1], seed=seed)
             rss0 = rss_bytes()
-            t = time.perf_counter()
-            h = train(net, opt, Xtr, ytr, args.epochs, seed=seed, budget=budget, progress=f"{mode} seed {seed}")
-            total = time.perf_counter() - t
+            h = train(net, opt, Xtr, ytr, args.epochs, seed=seed, budget=budget, progress=f"{mode} seed {seed}",
+                      test=(Xte, yte))
+            total = sum(h["step_times"])
             bytes_rows = sum(layer.rows.num_rows * (layer.r + layer.r_out + 1) * 4 for _, layer in infinite_layers(net))
             run = {"seed": seed, "mode": mode, "accuracy": accuracy(net, Xte, yte), "total_seconds": total,
                    "final_rows": net.rows_per_layer(), "row_bytes": bytes_rows,
@@ -196,10 +200,10 @@ def part_train(args):
             runs.append(run)
             print(f"{mode:>7} seed {seed}: accuracy {run['accuracy']:.4f}, total {total:.1f}s, "
                   f"rows {run['final_rows']}", flush=True)
-            if mode == "budget" and args.save_net:
+            if mode != "exact" and args.save_net:
                 torch.save(net.state_dict(), args.save_net)
     return {"r": args.r, "epochs": args.epochs, "max_rows": args.max_rows, "keep_fraction": args.keep_fraction,
-            "method": args.method, "runs": runs, "peak_rss": peak_rss_bytes()}
+            "runs": runs, "peak_rss": peak_rss_bytes()}
 
 
 def part_finite(args):
@@ -319,10 +323,10 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--modes", nargs="+", default=["exact", "budget"], choices=["exact", "budget"])
+    p.add_argument("--modes", nargs="+", default=["exact", "budget-adaptive"],
+                   choices=["exact"] + [f"budget-{m}" for m in METHODS])
     p.add_argument("--max-rows", type=int, default=4000)
     p.add_argument("--keep-fraction", type=float, default=0.25)
-    p.add_argument("--method", default="adaptive", choices=list(METHODS))
     p.add_argument("--save-net", default=None)
     p.add_argument("--finite-epochs", type=int, default=3)
     p.add_argument("--finite-fraction", type=float, default=0.1)
@@ -347,7 +351,7 @@ def main(argv=None):
     print(machine_line())
     part = {"error": part_error, "train": part_train, "finite": part_finite}[args.part](args)
     if args.part == "train" and "train" in results and results["train"].get("r") == part["r"] \
-            and all(results["train"].get(k) == part[k] for k in ("epochs", "max_rows", "keep_fraction", "method")):
+            and all(results["train"].get(k) == part[k] for k in ("epochs", "max_rows", "keep_fraction")):
         # runs of other seeds/modes measured separately are kept
         done = {(r["seed"], r["mode"]) for r in part["runs"]}
         part["runs"] = [r for r in results["train"]["runs"] if (r["seed"], r["mode"]) not in done] + part["runs"]

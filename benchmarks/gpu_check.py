@@ -346,7 +346,6 @@ def device_bandwidth(device, gib: float) -> dict:
                         device=device)
     out = dict(copy_GBps=2 * n * 4 / median(times["copy"]) / 1e9, read_GBps=n * 4 / median(times["sum"]) / 1e9,
                bytes=n * 4)
-    del src, dst
     return out
 
 
@@ -423,7 +422,6 @@ def measure_size(M: int, args, device, storage) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = interleaved({"step": step, "products": products}, repeats=args.repeats, warmup=1, device=device)
-    del prods
     ts, tp = median(times["step"]), median(times["products"])
     res = dict(M=M, rows=net.rows_per_layer()[0], step_s=ts, steps_per_s=1 / ts, products_s=tp,
                read_bytes=row_read_bytes(net))
@@ -432,7 +430,6 @@ def measure_size(M: int, args, device, storage) -> dict:
         res["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         res["realloc_peak_memory_GiB"] = realloc_peak / 2**30
     res["eval"] = eval_throughput(net, args, device) if M == args.eval_M else None
-    del net, opt
     return res
 
 

@@ -42,8 +42,15 @@ from inf.networks import InfMLP
 from inf.optim import InfSGD
 
 from ._naive import NaiveInfMLP, pi_layers, pi_rows
-from ._util import (add_common_args, apply_threads, interleaved, load_random_rows, machine_line, median,
-                    print_table)
+from ._util import (
+    add_common_args,
+    apply_threads,
+    interleaved,
+    load_random_rows,
+    machine_line,
+    median,
+    print_table,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
