@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="quickstart.png", help="where to save the loss/accuracy plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--row-budget", type=cli.nonnegative_int, default=0, metavar="N",
+                   help="rows per infinite layer: a layer with more rows is compressed "
+                        "(inf.compress.RowBudget, docs/compression.md); 0 = off")
     cli.add_threads_arg(p)
     return p.parse_args(argv)
 
@@ -82,6 +85,12 @@ def main(argv=None):
     opts = {k: InfSGD(pi_param_groups(m, lr=args.lr, first_layer_lr_mult=0.5), lr=args.lr)
             for k, m in nets.items()}
     history = {k: {"step": [], "loss": [], "epoch_acc": []} for k in nets}
+    budget = None
+    if args.row_budget:
+        from inf.compress import RowBudget
+        if args.row_budget < 2:
+            raise cli.ConfigError("--row-budget must be 0 (off) or at least 2 rows")
+        budget = RowBudget(infnet, max_rows=args.row_budget, optimizer=opts["infinite"], seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = math.ceil(len(Xtr) / args.batch_size)
     start = time.time()
@@ -100,6 +109,8 @@ def main(argv=None):
                 if args.gclip > 0:
                     clip_grad_norm_(net.parameters(), args.gclip, per_param=True)
                 opts[name].step()
+                if budget is not None and net is infnet:
+                    budget()
                 history[name]["step"].append(step)
                 history[name]["loss"].append(loss.item())
                 postfix[name.split()[0]] = f"{loss.item():.3f}"
@@ -119,10 +130,18 @@ def main(argv=None):
     print(f"test accuracy  finite π-net n={args.width} trained alongside:          {acc_fin:.4f}")
     print(f"test accuracy  finite π-net n={args.width} sampled after training:      {acc_res:.4f} "
           f"(relative output gap to the infinite net {rel:.3f})")
+    if budget is not None:
+        m = budget.metrics()
+        print(f"row budget {args.row_budget}: compressions per layer {list(m['compressions'].values())}, "
+              f"accumulated relative error ε/‖h‖ per layer "
+              f"{[round(v, 4) for v in m['rel_eps_sum'].values()]}, {m['compress_seconds']:.1f} s compressing")
     print(f"time {time.time() - start:.1f} s")
     save_plot(history, args.out, steps_per_epoch)
     print(f"plot saved to {args.out}")
-    return {"infinite": acc_inf, "finite": acc_fin, "resampled": acc_res, "resampled_gap": rel}
+    result = {"infinite": acc_inf, "finite": acc_fin, "resampled": acc_res, "resampled_gap": rel}
+    if budget is not None:
+        result["row_budget"] = budget.metrics()
+    return result
 
 
 def save_plot(history, path, steps_per_epoch):

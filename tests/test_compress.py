@@ -307,3 +307,13 @@ def test_kernel_is_only_semidefinite():
     # the landmark factorization stops instead of dividing by a zero pivot
     lm = pivoted_cholesky(X, 8, method="greedy", block=1)
     assert lm.index.numel() == 7
+
+
+@pytest.mark.slow
+def test_quickstart_with_row_budget(tmp_path):
+    from experiments import quickstart
+    result = quickstart.main(["--epochs", "1", "--width", "256", "--r", "16", "--row-budget", "400",
+                              "--no-progress", "--out", str(tmp_path / "qs.png")])
+    m = result["row_budget"]
+    assert max(m["rows"].values()) <= 400 and min(m["compressions"].values()) >= 2
+    assert result["infinite"] > 0.3
