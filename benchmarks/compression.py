@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._util import add_common_args, apply_threads, machine_line, peak_rss_bytes, rss_bytes
-from inf.compress import METHODS, RowBudget, infinite_layers, nested_compressions
+from inf.compress import METHODS, RowBudget, compress_layer, infinite_layers, nested_compressions
 from inf.networks import FinPiMLPSample, InfMLP
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_, pi_param_groups
@@ -212,8 +212,7 @@ def part_finite(args):
     train(net, opt, Xtr, ytr, args.finite_epochs, seed=0, progress="finite: exact training")
     comp = copy.deepcopy(net)
     reps = []
-    for lname, layer in infinite_layers(comp):
-        from inf.compress import compress_layer
+    for _name, layer in infinite_layers(comp):
         reps.append(compress_layer(layer, max(1, round(args.finite_fraction * layer.rows.num_rows)),
                                    method="rpcholesky", generator=torch.Generator().manual_seed(0)).as_dict())
     res = {"r": args.r, "rows": net.rows_per_layer(), "compressed_rows": comp.rows_per_layer(),
@@ -253,6 +252,44 @@ def _save(plt, fig, path):
     print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)")
 
 
+def summarize_train(tr) -> list[dict]:
+    """Per mode: accuracy (final and mean of the last 5 epochs), time, rows, step-time growth."""
+    import statistics as st
+
+    by_mode = {}
+    for run in tr["runs"]:
+        by_mode.setdefault(run["mode"], []).append(run)
+    exact = {r["seed"]: r for r in by_mode.get("exact", [])}
+    out = []
+    for mode, runs in by_mode.items():
+        row = {"mode": mode, "seeds": sorted(r["seed"] for r in runs),
+               "accuracy": st.mean(r["accuracy"] for r in runs),
+               "accuracy_last5": (st.mean(st.mean(r["epoch_accuracy"][-5:]) for r in runs)
+                                  if all(r.get("epoch_accuracy") for r in runs) else None),
+               "total_seconds": st.mean(r["total_seconds"] for r in runs),
+               "final_rows": runs[0]["final_rows"], "row_bytes": st.mean(r["row_bytes"] for r in runs)}
+        ratios = [exact[r["seed"]]["total_seconds"] / r["total_seconds"] for r in runs if r["seed"] in exact]
+        if ratios and mode != "exact":
+            row["speedup_vs_exact"] = ratios
+        growth, comp_s = [], []
+        for r in runs:
+            steps = [c["step"] for c in r["compressions"]]
+            t = r["step_times"]
+            if len(steps) >= 3:
+                first = st.mean(t[steps[0]:steps[1]])
+                last = st.mean(t[steps[-2]:steps[-1]])
+                growth.append(last / first)
+            comp_s.append(sum(rep["seconds"] for c in r["compressions"] for rep in c["reports"]))
+            if "budget" in r:
+                row.setdefault("rel_eps_sum", []).append(r["budget"]["rel_eps_sum"])
+                row.setdefault("compressions", []).append(r["budget"]["compressions"])
+        if growth:
+            row["cycle_time_last_over_first"] = growth
+            row["compress_seconds"] = comp_s
+        out.append(row)
+    return out
+
+
 def plot(results, outdir):
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +312,8 @@ def plot(results, outdir):
         _save(plt, fig, outdir / "compression_error.png")
     if "train" in results:
         tr = results["train"]
+        for row in summarize_train(tr):
+            print(json.dumps(row))
         plt, fig, axes = _fig()
         for run in tr["runs"]:
             t = torch.tensor(run["step_times"]) * 1e3
