@@ -145,6 +145,12 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float = 2.0, wd: floa
                    help="random crop (4-pixel zero padding) and horizontal flip of training "
                         "images")
     g.add_argument("--loss", choices=LOSSES, default="xent", help=LOSS_HELP)
+    g.add_argument("--row-budget", type=cli.nonnegative_int, default=0, metavar="N",
+                   help="rows per infinite layer: after a step, a layer with more rows is compressed "
+                        "to --row-budget-keep of N rows with a reported error (inf.compress.RowBudget, "
+                        "docs/compression.md); 0 = off")
+    g.add_argument("--row-budget-keep", type=cli.positive_float, default=0.25, metavar="FRACTION",
+                   help="fraction of --row-budget kept by a compression (between 0 and 1)")
     return g
 
 

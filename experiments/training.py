@@ -41,7 +41,7 @@ log = logging.getLogger("experiments")
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "transfer_acc",
                   "lr", "gclip", "rows", "steps", "step_time_ms", "train_time_s", "eval_time_s",
-                  "transfer_time_s", "memory")
+                  "transfer_time_s", "memory", "compressions", "compression_rel_eps")
 
 
 # =========================================================================== optimization
@@ -135,6 +135,22 @@ def rows_text(net: nn.Module) -> str | None:
     return None
 
 
+def make_row_budget(args, net: nn.Module, optimizer):
+    """The ``--row-budget`` compression hook (inf.compress.RowBudget), or None when off."""
+    n = getattr(args, "row_budget", 0) or 0
+    if not n or optimizer is None:
+        return None
+    from inf.compress import RowBudget, infinite_layers
+
+    keep = getattr(args, "row_budget_keep", 0.25)
+    if n < 2 or not 0.0 < keep < 1.0:
+        raise ConfigError(f"--row-budget must be 0 (off) or at least 2, and --row-budget-keep between 0 "
+                          f"and 1; got {n} and {keep}")
+    if not infinite_layers(net):
+        raise ConfigError("--row-budget applies to infinite nets only; drop it for this model")
+    return RowBudget(net, max_rows=n, keep_fraction=keep, optimizer=optimizer, seed=args.seed)
+
+
 def _hms(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -156,6 +172,7 @@ class Trainer:
                  generator: torch.Generator):
         self.args, self.net, self.optimizer = args, net, optimizer
         self.device, self.generator = device, generator
+        self.budget = make_row_budget(args, net, optimizer)
 
     def _progress(self, total: int, desc: str):
         enabled = not (getattr(self.args, "no_progress", False) or
@@ -190,6 +207,8 @@ class Trainer:
             if gclip > 0:
                 clip_grad_norm_(net.parameters(), gclip, per_param=args.gclip_per_param)
             opt.step()
+            if self.budget is not None:
+                self.budget()
             seen += total
             done = step + 1
             if done % 10 == 0 or done == len(steps):
@@ -441,12 +460,14 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
     scheduler = make_scheduler(args, optimizer)
     generator = torch.Generator().manual_seed(args.seed + 2**32)
     history, start_epoch = [], 0
+    budget_state = None
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None and ckpt.get("scheduler") is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"], generator, device)
+            budget_state = ckpt.get("row_budget")
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise ConfigError(f"{args.model_path}: the optimizer or RNG state cannot be restored "
                               f"({str(err).splitlines()[0]}) — pass an unmodified checkpoint "
@@ -456,6 +477,8 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
     metrics = runs.MetricsLog(save_dir, dict(vars(args)), history, title, METRIC_COLUMNS)
     metrics.extra["run_dir"] = None if save_dir is None else str(save_dir)
     trainer = Trainer(args, net, optimizer, device, generator)
+    if trainer.budget is not None and ckpt is not None and budget_state is not None:
+        trainer.budget.load_state_dict(budget_state)
     log.info("%s: %s net on %s, %d train / %d test examples, %s, %s%s", program, describe(net),
              train.name, len(train), len(test), device, precision,
              f"; run folder {save_dir}" if save_dir is not None else "")
@@ -481,6 +504,10 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
                "rows": rows_text(net), "steps": stats["steps"],
                "step_time_ms": stats["step_time_ms"], "train_time_s": stats["train_time_s"],
                "eval_time_s": eval_time, "memory": memory_text(device)}
+        if trainer.budget is not None:
+            m = trainer.budget.metrics()
+            row["compressions"] = sum(m["compressions"].values())
+            row["compression_rel_eps"] = "/".join(f"{v:.4f}" for v in m["rel_eps_sum"].values())
         if epoch_hook is not None and epoch + 1 in hook_epochs:
             row.update(epoch_hook(epoch + 1, net))
         metrics.append(row)
@@ -498,6 +525,8 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "rng": rng_state(generator, device), "metrics": metrics.history}
+            if trainer.budget is not None:
+                state["row_budget"] = trainer.budget.state_dict()
             runs.save_checkpoint(save_dir / runs.CHECKPOINT_NAME, state)
             if args.keep_epoch_models:
                 runs.save_checkpoint(save_dir / f"checkpoint_epoch{epoch + 1}.pt", state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,3 +318,28 @@ def test_quickstart_with_row_budget(tmp_path):
     m = result["row_budget"]
     assert max(m["rows"].values()) <= 400 and min(m["compressions"].values()) >= 2
     assert result["infinite"] > 0.3
+
+
+def test_cifar10mlp_row_budget_resume_equals_uninterrupted(tmp_path):
+    """--row-budget in the shared training loop: rows stay bounded, compressions are recorded in
+    the metrics, and a run resumed from its checkpoint (budget state included) ends exactly where
+    the uninterrupted one does."""
+    from experiments.cifar10 import cifar10mlp
+    from experiments.data.synthetic import write_synthetic_cifar10
+    from experiments.runs import load_checkpoint
+
+    data = write_synthetic_cifar10(tmp_path / "cifar", n_train=32, n_test=16)
+    common = ["--data", str(data), "--float", "--r", "6", "--depth", "1", "--train-size", "32",
+              "--test-size", "16", "--no-progress", "--epochs", "3", "--batch-size", "8", "--lr", "0.5",
+              "--momentum", "0.9", "--wd", "1e-3", "--gclip", "0.5", "--save-model",
+              "--row-budget", "40", "--row-budget-keep", "0.5"]
+    whole = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "whole")])
+    assert whole["epochs"][-1]["compressions"] >= 4
+    assert all(int(n.replace(",", "")) <= 40 for n in whole["epochs"][-1]["rows"].split("/"))
+    first = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--stop-after-epochs", "1"])
+    resumed = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--model-path",
+                                        str(Path(first["run_dir"]) / "checkpoint.pt")])
+    keys = ("test_loss", "test_acc", "train_loss", "rows", "compressions", "compression_rel_eps")
+    assert [{k: r[k] for k in keys} for r in resumed["epochs"]] == [{k: r[k] for k in keys} for r in whole["epochs"]]
+    a, b = load_checkpoint(whole["run_dir"])["model"], load_checkpoint(resumed["run_dir"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
