@@ -45,14 +45,18 @@ def is_main() -> bool:
     return idist.is_main_process()
 
 
-def prepare(net: nn.Module) -> nn.Module:
-    """Shard an infinite net's rows over the processes of the job; finite nets are refused
-    (their weights are not rows: run them without torchrun)."""
+def prepare(net: nn.Module, args=None) -> nn.Module:
+    """Shard an infinite net's rows over the processes of the job. Refused with a one-line
+    error: finite and μP nets (their weights are not rows) and ``--row-budget`` (compression
+    works on whole layers, docs/distributed.md §6): run those without torchrun."""
     if world() <= 1 or idist.is_sharded(net):
         return net
     if not isinstance(net, InfMLP):
         raise ConfigError(f"{type(net).__name__}: only infinite nets (--width 0) shard their rows over "
                           "processes; run finite and μP nets without torchrun")
+    if getattr(args, "row_budget", 0):
+        raise ConfigError("--row-budget compresses whole layers and cannot run on rows sharded over "
+                          "processes; drop it or run without torchrun")
     return idist.shard_(net)
 
 
