@@ -1,6 +1,6 @@
 """Cost of appending one step's rows to an infinite layer, at 10k and at 1M rows.
 
-Every SGD step appends ``b`` rows per π-layer (spec §5). A
+Every SGD step appends ``b`` rows per π-layer (docs/math.md §5). A
 :class:`inf.rows.RowStore` keeps its rows in capacity buffers that double
 when full, so an append writes ``b`` rows, and only the rare reallocation
 copies all ``M`` rows. The honest per-step figure is the amortized one: the

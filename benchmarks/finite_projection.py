@@ -1,7 +1,7 @@
 """Gradient projection of a finite π-net in O(n·r) memory, against the dense n × n projector.
 
 A finite π-net of width n projects the gradient ``G`` of each weight onto
-``span(Ω)`` (spec §6). The library does it as ``Q (Qᵀ G)`` with an orthonormal
+``span(Ω)`` (docs/math.md §6). The library does it as ``Q (Qᵀ G)`` with an orthonormal
 basis ``Q`` (n × r) of ``span(Ω)``, written into ``G`` in place: about
 ``4·n·r`` flops per column of ``G`` and an r × cols temporary. The dense way
 forms ``P = Ω (ΩᵀΩ)⁻¹ Ωᵀ`` once (n × n) and applies ``P @ G``: ``2·n²`` flops per

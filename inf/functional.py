@@ -1,4 +1,4 @@
-"""The autograd Function of an infinite π-layer (spec §3–4).
+"""The autograd Function of an infinite π-layer (docs/math.md §3–4).
 
 For an input ``g`` (batch × r) with ``s = |g|`` per row and ``ĝ = g / s``, and
 rows ``(A, c, B)``::
@@ -258,7 +258,7 @@ def _mm(x: torch.Tensor, W: torch.Tensor, lowp: bool) -> torch.Tensor:
 
 
 class InfPiLinearReLUFunction(torch.autograd.Function):
-    """``g_out = s · (F00(ĝ Bᵀ) ⊙ c) A`` with the closed-form backward of spec §4.
+    """``g_out = s · (F00(ĝ Bᵀ) ⊙ c) A`` with the closed-form backward of docs/math.md §4.
 
     ``apply(g, A, coef, B, recording, layernorm, chunk_rows, trigger, policy)``;
     ``recording`` is the :class:`~inf.rows.GradientRecording` that receives the
@@ -300,7 +300,7 @@ class InfPiLinearReLUFunction(torch.autograd.Function):
                     f11, f02 = kernels_2pi_(q)
                     if keep:
                         f11_saved, f02_saved = f11, f02
-                # 2π F00 = 2π F02 + q 2π F11 (spec §2), times the coefficients
+                # 2π F00 = 2π F02 + q 2π F11 (docs/math.md §2), times the coefficients
                 f00 = torch.addcmul(f02, q, f11).mul_(cc)
                 del q, f11, f02
                 if lowp:

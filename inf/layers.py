@@ -353,7 +353,7 @@ class FinPiLinearReLU(_FinPiLayer):
         hidden: W = (n_in n_out)^-½ Ω (c⊙A)ᵀ φ(Ω_prev Bᵀ)ᵀ,   b = n_out^-½ Ω b_inf
         output: W = n_in^-½ (c⊙A)ᵀ φ(Ω_prev Bᵀ)ᵀ,           b = b_inf (not projected)
 
-    (in a π-MLP n_in = n_out = n, so the hidden scale is the spec's ``n^-1``).
+    (in a π-MLP n_in = n_out = n, so the hidden scale is docs/math.md §6's ``n^-1``).
     """
 
     def __init__(self, n_in: int, n_out: int, r: int, bias_alpha: float = 1.0, output_layer: bool = False,

@@ -199,7 +199,7 @@ def test_meta_step_of_infinite_net_matches_finite_pi_nets(batch):
     """One meta-step (inner step on the readout, outer InfSGD step with clipping) of an
     infinite π-net and of finite π-nets sampled from it, on the same tasks.
 
-    A finite π-net deviates from its infinite limit by O(n^-1/2) (spec §6, §8), so from
+    A finite π-net deviates from its infinite limit by O(n^-1/2) (docs/math.md §6), so from
     width 256 to 4096 every gap should drop by about 4; errors are averaged over two
     samples of Ω and we ask for a factor 2, plus an absolute bound at 4096. Compared:
     the query logits after adaptation, the outer loss, the outputs after the outer step,

@@ -1,4 +1,4 @@
-"""Tests of inf.tract (TrAct, spec §7).
+"""Tests of inf.tract (TrAct, docs/math.md §7).
 
 Gradients are compared in the relative Frobenius norm ``|a - b| / |b|``.
 """

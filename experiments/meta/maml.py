@@ -21,7 +21,7 @@ the ``N_s`` support examples) changes a finite readout ``W`` by
 (softmax(out_j) - onehot(y_j)) / N_s``. A query's output moves by
 ``Δout_q = α_L ΔW φ(h_q) = -η α_L Σ_j δ_j (φ(h_j)·φ(h_q))``; in the π-limit
 ``φ(h_j)·φ(h_q) → s_j s_q F00(ĝ_j·ĝ_q) =: K(j, q)``. This is exactly what
-appending one row per support example to the infinite readout does (spec §5):
+appending one row per support example to the infinite readout does (docs/math.md §5):
 ``A = δ_j s_j``, ``B = ĝ_j``, coefficient ``-η``. An adapted readout bias
 adds ``Δb = -η β_L Σ_j δ_j``, i.e. ``β_L Δb`` to ``z``, which is the same as
 adding the constant ``β_L²`` to the kernel. After T steps::
@@ -49,7 +49,7 @@ First order detaches ``δ`` and the support features.
 Finite nets use ``torch.func.functional_call`` on the readout (or the whole
 net) with ``create_graph`` for second order. ``gproj_inner`` projects inner
 gradients of finite π-weights onto span(Ω) (the readout is never projected,
-spec §6, so it matters only when more than the readout is adapted);
+docs/math.md §6, so it matters only when more than the readout is adapted);
 ``gproj_outer`` is InfSGD's ``project`` option for the outer update.
 """
 from __future__ import annotations
@@ -229,7 +229,7 @@ class _RowsAdapted:
 @contextmanager
 def inf_readout_rows_adapted(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, step_size: float,
                              num_steps: int = 1):
-    """Inner loop of an infinite net by appending rows to its readout (spec §5).
+    """Inner loop of an infinite net by appending rows to its readout (docs/math.md §5).
 
     Each step appends one row per support example (``A = δ·s``, ``B = ĝ``,
     coefficient ``-step_size``) to ``net.output_layer.rows``; the readout bias
