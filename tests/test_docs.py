@@ -20,3 +20,11 @@ def test_guide_examples_run(page):
             exec(compile(block, f"{page}[block {i}]", "exec"), namespace)
         except Exception as exc:  # noqa: BLE001 - report which block failed, then re-raise
             raise AssertionError(f"{page}: example block {i} failed: {exc!r}\n{block}") from exc
+
+
+def test_docs_cite_docs_math_not_the_internal_spec():
+    """Users have docs/math.md, not the project's internal spec: citations must point there."""
+    root = DOCS.parent
+    paths = [*DOCS.glob("*.md"), root / "README.md", *root.glob("inf/**/*.py"), *root.glob("experiments/**/*.py")]
+    offenders = [str(p.relative_to(root)) for p in paths if re.search(r"\bspec §", p.read_text(encoding="utf-8"))]
+    assert not offenders, f"'spec §N' citations (use docs/math.md §N): {offenders}"
