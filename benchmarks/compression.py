@@ -248,6 +248,9 @@ def _save(plt, fig, path):
     tmp = str(path) + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    from PIL import Image  # matplotlib's own dependency; a 256-colour palette keeps plots small
+
+    Image.open(tmp).convert("RGB").quantize(256).save(tmp, optimize=True)
     os.replace(tmp, path)
     print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)")
 
@@ -294,39 +297,65 @@ def plot(results, outdir):
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if "error" in results:
-        plt, fig, axes = _fig()
-        styles = {"greedy": "-", "rpcholesky": "--"}
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        datas = list(dict.fromkeys(e["data"] for e in results["error"]))
+        fig, axes = plt.subplots(len(datas), 2, figsize=(14, 5 * len(datas)), dpi=100, squeeze=False)
+        styles = {"greedy": ":", "rpcholesky": "--", "adaptive": "-"}
+        colors = {}
         for entry in results["error"]:
+            row = datas.index(entry["data"])
+            color = colors.setdefault(entry["r"], f"C{len(colors)}")
             for method in METHODS:
-                rows = [x for x in entry["results"] if x["method"] == method]
-                fr = [100 * x["fraction"] for x in rows]
-                label = f"{entry['data']}, r={entry['r']}, {method}"
-                mk = "o" if entry["data"] == "digits" else "s"
-                axes[0].plot(fr, [max(x["rel_eps"]) for x in rows], styles[method], marker=mk, label=label)
-                axes[1].plot(fr, [x["out_rel_err"] for x in rows], styles[method], marker=mk, label=label)
-        for ax, yl in zip(axes, ["relative RKHS error ε/‖h‖ (worst layer)", "relative error of test outputs"]):
-            ax.set(xscale="log", yscale="log", xlabel="rows kept (% of the exact run's)", ylabel=yl)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[1].legend(fontsize=7, ncol=2)
-        fig.suptitle("One compression of a trained InfMLP (depth 2): error vs rows kept")
-        _save(plt, fig, outdir / "compression_error.png")
+                pts = [x for x in entry["results"] if x["method"] == method]
+                if not pts:
+                    continue
+                fr = [100 * x["fraction"] for x in pts]
+                label = f"r={entry['r']}, {method}"
+                axes[row, 0].plot(fr, [max(x["rel_eps"]) for x in pts], styles[method], color=color,
+                                  marker="o", label=label)
+                axes[row, 1].plot(fr, [max(x["out_rel_err"], 1e-6) for x in pts], styles[method],
+                                  color=color, marker="o", label=label)
+            for col, yl in enumerate(["relative RKHS error ε/‖h‖_H (worst layer)",
+                                      "relative error of the test outputs"]):
+                ax = axes[row, col]
+                ax.set(xscale="log", yscale="log", xlabel="rows kept (% of the trained net's rows)",
+                       ylabel=yl, title=f"{entry['data']} ({entry['epochs']} epochs of exact training)")
+                ax.grid(True, which="both", alpha=0.3)
+        for ax in axes.flat:
+            ax.legend(fontsize=8, ncol=3)
+        fig.suptitle("One compression of every infinite layer of a trained InfMLP (depth 2): error vs rows kept")
+        tmp_fig = (plt, fig)
+        _save(*tmp_fig, outdir / "compression_error.png")
     if "train" in results:
         tr = results["train"]
         for row in summarize_train(tr):
             print(json.dumps(row))
-        plt, fig, axes = _fig()
+        plt, fig, axes = _fig(1800, 560, 3)
+        modes = list(dict.fromkeys(r["mode"] for r in tr["runs"]))
+        dashes = ["-", "--", ":"]
         for run in tr["runs"]:
+            color = f"C{modes.index(run['mode'])}"
+            ls = dashes[run["seed"] % 3]
+            label = f"{run['mode']} seed {run['seed']}"
             t = torch.tensor(run["step_times"]) * 1e3
             k = 50
             smooth = t.unfold(0, k, k).mean(1) if len(t) >= k else t
             x = [k * (i + 0.5) for i in range(len(smooth))]
-            axes[0].plot(x, smooth, label=f"{run['mode']} seed {run['seed']}")
-            axes[1].plot([sum(rw) for rw in run["rows"]], label=f"{run['mode']} seed {run['seed']}")
-        axes[0].set(xlabel="step", ylabel=f"step time, ms (mean over {50} steps, compressions included)")
-        axes[1].set(xlabel="step", ylabel="rows, all infinite layers")
+            axes[0].plot(x, smooth, ls, color=color, label=label)
+            axes[1].plot([sum(rw) for rw in run["rows"]], ls, color=color, label=label)
+            if run.get("epoch_accuracy"):
+                axes[2].plot(range(1, len(run["epoch_accuracy"]) + 1), run["epoch_accuracy"], ls, color=color,
+                             marker=".", label=label)
+        axes[0].set(xlabel="step", yscale="log",
+                    ylabel="step time, ms (mean over 50 steps, compressions included)")
+        axes[1].set(xlabel="step", yscale="log", ylabel="rows, all infinite layers")
+        axes[2].set(xlabel="epoch", ylabel="test accuracy")
         for ax in axes:
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
         fig.suptitle(f"Digits, r={tr['r']}, depth 2, {tr['epochs']} epochs: exact vs RowBudget(max_rows="
                      f"{tr['max_rows']}, keep_fraction={tr['keep_fraction']})")
         _save(plt, fig, outdir / "compression_training.png")

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 __all__ = ["CompressionReport", "Landmarks", "kernel", "kernel_apply", "rkhs_gram", "pivoted_cholesky", "compress_rows",
-           "compress_layer", "nested_compressions", "infinite_layers", "RowBudget", "METHODS"]
+           "compress_layer", "nested_compressions", "pivot_threshold", "infinite_layers", "RowBudget", "METHODS"]
 
 METHODS = ("rpcholesky", "greedy", "adaptive")
 _TWO_PI = 2.0 * math.pi
@@ -172,12 +172,12 @@ def _adaptive_block(G, cand, RZ, Z, nb, threshold):
         C[:, t] = col
         colc = col[cand]
         diag -= colc * colc
-        proj = col @ Z
-        RZc -= torch.outer(colc, proj)
-        RZ -= torch.outer(col, proj)
+        RZc -= torch.outer(colc, col @ Z)
         taken[j] = True
         order.append(j)
-    return order, C[:, :len(order)]
+    C = C[:, :len(order)]
+    RZ -= C @ (C.T @ Z)  # the residual function at every row, after the whole block
+    return order, C
 
 
 def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", block: int = 64,
@@ -246,6 +246,9 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
         G = kernel(Bc, Bc[cand])
         if k:
             G -= F[:, :k] @ F[cand, :k].T
+        # the candidates' residuals recomputed from their columns (the running d loses accuracy
+        # by cancellation): a rejected candidate is then not drawn again
+        d[cand] = G[cand, torch.arange(cand.numel(), device=Bc.device)].clamp_min(0.0)
         if method == "adaptive":
             order, Fn = _adaptive_block(G, cand, RZ, Zw, nb, threshold)
         else:
@@ -275,6 +278,13 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
 
 
 # ------------------------------------------------------------ compression
+def pivot_threshold(*storage_dtypes: torch.dtype) -> float:
+    """Default smallest landmark residual: ``k(u,u)·1e-10`` when the rows are stored in float64,
+    ``k(u,u)·1e-6`` otherwise (the layer then evaluates in float32). It bounds the growth of the
+    weights: each factor column divides by at most ``√threshold``."""
+    return 0.5 * (1e-10 if all(d == torch.float64 for d in storage_dtypes) else 1e-6)
+
+
 @dataclass
 class CompressionReport:
     """What one compression of one layer did.
@@ -316,7 +326,7 @@ def _row_scale(W: torch.Tensor) -> torch.Tensor:
 def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmarks: int | None = None,
                   tol: float | None = None, velocity: torch.Tensor | None = None,
                   method: str = "adaptive", block: int = 64, generator: torch.Generator | None = None,
-                  dtype: torch.dtype = torch.float64, name: str = "layer"):
+                  dtype: torch.dtype = torch.float64, name: str = "layer", threshold: float | None = None):
     """Project the rows ``(A, c, B)`` onto ``K`` landmark rows.
 
     Args:
@@ -328,6 +338,10 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
             landmark gets a second row carrying it (``c = 0``, ``buf = scale``).
         method, block, generator: see :func:`pivoted_cholesky`.
         dtype: computation dtype (float64 default; float32 halves the O(M·K) memory).
+        threshold: smallest residual ``d_j`` a landmark may have (default: :func:`pivot_threshold`
+            of the storage dtype). Nearly dependent landmarks make ``K_UU`` ill-conditioned and
+            the weights ``W`` large and cancelling, which the layer's float32 forward cannot
+            evaluate accurately.
 
     Returns ``(A_new, c_new, B_new, velocity_new, report)``: ``A_new``/``B_new`` in the dtypes of
     ``A``/``B``, ``c_new`` and ``velocity_new`` in the dtype of ``c`` (``velocity_new`` None
@@ -362,8 +376,10 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
         captured[0] += float((Fn.T @ w).pow(2).sum())
         return tol is not None and norm2 - captured[0] <= tol * tol * norm2
 
+    if threshold is None:
+        threshold = pivot_threshold(A.dtype, B.dtype)
     lm = pivoted_cholesky(Bc, K, method=method, block=block, generator=generator, dtype=dtype, on_block=stop,
-                          weights=Z, applied=KZ)
+                          weights=Z, applied=KZ, threshold=threshold)
     return _assemble(A, c, B, lm, lm.index.numel(), Z, p, norm2, vnorm2, method, name, t0)
 
 
@@ -394,6 +410,13 @@ def _assemble(A, c, B, lm: Landmarks, K: int, Z, p: int, norm2: float, vnorm2: f
     c_new = torch.cat(c_parts).to(c.dtype)
     B_new = torch.cat(B_parts).to(B.dtype)
     v_new = torch.cat(v_parts).to(c.dtype) if vnorm2 is not None else None
+    if A.dtype != W.dtype or c.dtype != W.dtype:
+        # the error of the rows as stored (rounded to A's and c's dtypes):
+        # ‖h − h_s‖² = ‖h‖² − 2 W_s·(K_UB w) + ‖Lᵀ W_s‖², with K_UB w = L Fᵀ w
+        K_ = idx.numel()
+        Ws = c_new[:K_].to(W.dtype)[:, None] * A_new[:K_].to(W.dtype)
+        eps2 = norm2 - 2.0 * float((Ws * (L @ FtZ[:, :p])).sum()) + float((L.T @ Ws).pow(2).sum())
+        eps = math.sqrt(max(eps2, 0.0))
     norm = math.sqrt(max(norm2, 0.0))
     report = CompressionReport(
         layer=name, rows_before=B.shape[0], rows_after=A_new.shape[0], landmarks=int(idx.numel()),
@@ -420,7 +443,7 @@ def nested_compressions(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, sizes
     norm2 = float((Z * KZ).sum())
     sizes = [max(1, min(int(k), B.shape[0])) for k in sizes]
     lm = pivoted_cholesky(Bc, max(sizes), method=method, block=block, generator=generator, dtype=dtype,
-                          weights=Z, applied=KZ)
+                          weights=Z, applied=KZ, threshold=pivot_threshold(A.dtype, B.dtype))
     out = []
     for k in sizes:
         k = min(k, lm.index.numel())

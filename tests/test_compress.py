@@ -343,3 +343,25 @@ def test_cifar10mlp_row_budget_resume_equals_uninterrupted(tmp_path):
     assert [{k: r[k] for k in keys} for r in resumed["epochs"]] == [{k: r[k] for k in keys} for r in whole["epochs"]]
     a, b = load_checkpoint(whole["run_dir"])["model"], load_checkpoint(resumed["run_dir"])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_clustered_rows_in_float32_keep_the_bound(method):
+    # rows in 10 tight clusters (as a trained net's output layer sees): nearly dependent landmarks
+    # would give huge cancelling weights that a float32 forward cannot evaluate; the pivot
+    # threshold for float32 storage refuses them, and the float32 layer obeys |Δ| ≤ |g|·ε/√2
+    # (with a tiny threshold, 1e-12, this case reported ε ≈ 0 while the outputs moved)
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(10, 8, generator=g, dtype=F64), dim=1)
+    B = F.normalize(centers.repeat(30, 1) + 1e-4 * torch.randn(300, 8, generator=g, dtype=F64), dim=1)
+    A, c = torch.randn(300, 3, generator=g, dtype=F64), torch.randn(300, generator=g, dtype=F64)
+    layer = InfPiLinearReLU(8, 3, bias_alpha=0.0)
+    layer.rows.set_rows(A.float(), c.float(), B.float())
+    x = torch.randn(200, 8, generator=g)
+    with torch.no_grad():
+        before = layer(x)
+    rep = compress_layer(layer, rows=150, method=method, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (layer(x) - before).norm(dim=1)
+    assert rep.landmarks <= 20 and 0 < rep.rel_eps < 1e-2
+    assert (diff <= x.norm(dim=1) * rep.eps / math.sqrt(2)).all()
