@@ -186,7 +186,8 @@ def part_train(args):
             budget = None
             if mode != "exact":
                 budget = RowBudget(net, max_rows=args.max_rows, keep_fraction=args.keep_fraction, optimizer=opt,
-                                   method=mode.split("-", 1)[1], seed=seed)
+                                   method=mode.split("-", 1)[1], seed=seed,
+                                   dtype=torch.float64 if args.budget_float64 else torch.float32)
             rss0 = rss_bytes()
             h = train(net, opt, Xtr, ytr, args.epochs, seed=seed, budget=budget, progress=f"{mode} seed {seed}",
                       test=(Xte, yte))
@@ -203,7 +204,7 @@ def part_train(args):
             if mode != "exact" and args.save_net:
                 torch.save(net.state_dict(), args.save_net)
     return {"r": args.r, "epochs": args.epochs, "max_rows": args.max_rows, "keep_fraction": args.keep_fraction,
-            "runs": runs, "peak_rss": peak_rss_bytes()}
+            "runs": runs, "peak_rss": peak_rss_bytes(), "budget_float64": args.budget_float64}
 
 
 def part_finite(args):
@@ -396,6 +397,7 @@ def main(argv=None):
     p.add_argument("--max-rows", type=int, default=4000)
     p.add_argument("--keep-fraction", type=float, default=0.25)
     p.add_argument("--save-net", default=None)
+    p.add_argument("--budget-float64", action="store_true", help="compressions computed in float64")
     p.add_argument("--finite-epochs", type=int, default=3)
     p.add_argument("--finite-fraction", type=float, default=0.1)
     p.add_argument("--finite-seeds", type=int, default=4)

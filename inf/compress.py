@@ -278,11 +278,17 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
 
 
 # ------------------------------------------------------------ compression
-def pivot_threshold(*storage_dtypes: torch.dtype) -> float:
-    """Default smallest landmark residual: ``k(u,u)·1e-10`` when the rows are stored in float64,
-    ``k(u,u)·1e-6`` otherwise (the layer then evaluates in float32). It bounds the growth of the
-    weights: each factor column divides by at most ``√threshold``."""
-    return 0.5 * (1e-10 if all(d == torch.float64 for d in storage_dtypes) else 1e-6)
+def pivot_threshold(*storage_dtypes: torch.dtype, compute: torch.dtype = torch.float64) -> float:
+    """Default smallest landmark residual, relative to ``k(u,u) = 1/2``: 1e-10 when the rows are
+    stored in float64, 1e-6 otherwise (the layer then evaluates in float32), and at least 1e-4
+    when the factorization itself runs in float32, whose residuals carry errors of order
+    ``√K·1e-7`` after K landmarks. It bounds the growth of the weights: each factor column divides
+    by at most ``√threshold``; a smaller one lets rounding noise pick nearly dependent landmarks
+    whose large, cancelling weights wreck the layer (measured: training diverged)."""
+    rel = 1e-10 if all(d == torch.float64 for d in storage_dtypes) else 1e-6
+    if compute != torch.float64:
+        rel = max(rel, 1e-4)
+    return 0.5 * rel
 
 
 @dataclass
@@ -377,7 +383,7 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
         return tol is not None and norm2 - captured[0] <= tol * tol * norm2
 
     if threshold is None:
-        threshold = pivot_threshold(A.dtype, B.dtype)
+        threshold = pivot_threshold(A.dtype, B.dtype, compute=dtype)
     lm = pivoted_cholesky(Bc, K, method=method, block=block, generator=generator, dtype=dtype, on_block=stop,
                           weights=Z, applied=KZ, threshold=threshold)
     return _assemble(A, c, B, lm, lm.index.numel(), Z, p, norm2, vnorm2, method, name, t0)
@@ -443,7 +449,7 @@ def nested_compressions(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, sizes
     norm2 = float((Z * KZ).sum())
     sizes = [max(1, min(int(k), B.shape[0])) for k in sizes]
     lm = pivoted_cholesky(Bc, max(sizes), method=method, block=block, generator=generator, dtype=dtype,
-                          weights=Z, applied=KZ, threshold=pivot_threshold(A.dtype, B.dtype))
+                          weights=Z, applied=KZ, threshold=pivot_threshold(A.dtype, B.dtype, compute=dtype))
     out = []
     for k in sizes:
         k = min(k, lm.index.numel())
