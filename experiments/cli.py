@@ -89,6 +89,9 @@ def user_error_message(err: BaseException) -> str | None:
 def run_main(main: Callable[..., object], prog: str, argv=None) -> None:
     """Run ``main(argv)``; a user error becomes one line on stderr and exit status 2."""
     try:
+        from experiments import distributed  # under torchrun: join the job (docs/distributed.md)
+
+        distributed.init()
         main(argv)
     except (*USER_ERRORS, OSError) as err:
         message = user_error_message(err)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from experiments import cli
+from experiments import distributed as edist
 from experiments.models import ModelSpec, build_model
 from inf.networks import FinPiMLPSample
 from inf.optim import InfSGD
@@ -79,6 +80,7 @@ def main(argv=None):
     infnet = build_model(ModelSpec("infinite", Xtr.shape[1], 10, r=args.r, depth=args.depth,
                                    first_layer_alpha=1.0, last_layer_alpha=1.0, bias_alpha=0.5,
                                    seed=args.seed))
+    infnet = edist.prepare(infnet, args)  # under torchrun: rows sharded over the processes
     # sampled from this very infinite net: both start as the same function
     finnet = FinPiMLPSample(infnet, args.width)
     nets = {"infinite": infnet, f"finite n={args.width}": finnet}
@@ -98,7 +100,7 @@ def main(argv=None):
     for epoch in range(args.epochs):
         order = torch.randperm(len(Xtr), generator=gen)
         bar = cli.progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                               enabled=not args.no_progress, leave=False)
+                               enabled=not args.no_progress and edist.is_main(), leave=False)
         for i in bar:
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             postfix = {}
@@ -114,19 +116,22 @@ def main(argv=None):
                 history[name]["step"].append(step)
                 history[name]["loss"].append(loss.item())
                 postfix[name.split()[0]] = f"{loss.item():.3f}"
-            postfix["rows"] = infnet.rows_per_layer()[0]
+            postfix["rows"] = edist.global_rows(infnet)[0]
             bar.set_postfix(postfix)
             step += 1
         for name, net in nets.items():
             history[name]["epoch_acc"].append(accuracy(net, Xte, yte))
-        tqdm.write(f"epoch {epoch + 1}: test accuracy " +
-                   ", ".join(f"{k} {v['epoch_acc'][-1]:.4f}" for k, v in history.items()))
+        if edist.is_main():
+            tqdm.write(f"epoch {epoch + 1}: test accuracy " +
+                       ", ".join(f"{k} {v['epoch_acc'][-1]:.4f}" for k, v in history.items()))
     resampled = FinPiMLPSample(infnet, args.width)
     with torch.no_grad():
         out_inf, out_res = infnet(Xte), resampled(Xte)
         rel = ((out_res - out_inf).norm() / out_inf.norm()).item()
     acc_inf, acc_fin, acc_res = accuracy(infnet, Xte, yte), accuracy(finnet, Xte, yte), accuracy(resampled, Xte, yte)
-    print(f"test accuracy  infinite π-MLP (r={args.r}, {infnet.rows_per_layer()[0]} rows/layer): {acc_inf:.4f}")
+    if not edist.is_main():  # under torchrun, process 0 reports and plots
+        return {"infinite": acc_inf, "finite": acc_fin, "resampled": acc_res, "resampled_gap": rel}
+    print(f"test accuracy  infinite π-MLP (r={args.r}, {edist.global_rows(infnet)[0]} rows/layer): {acc_inf:.4f}")
     print(f"test accuracy  finite π-net n={args.width} trained alongside:          {acc_fin:.4f}")
     print(f"test accuracy  finite π-net n={args.width} sampled after training:      {acc_res:.4f} "
           f"(relative output gap to the infinite net {rel:.3f})")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experiments import distributed as edist
 from experiments import runs
 from experiments.cli import ConfigError, progress_bar
 from experiments.data.images import ImageSet
@@ -131,7 +132,7 @@ def memory_text(device: torch.device) -> str:
 def rows_text(net: nn.Module) -> str | None:
     """Rows per infinite layer, ``1,208/1,208/1,208``, or None for finite nets."""
     if isinstance(net, InfMLP):
-        return "/".join(f"{m:,}" for m in net.rows_per_layer())
+        return "/".join(f"{m:,}" for m in edist.global_rows(net))  # all processes' rows
     return None
 
 
@@ -175,8 +176,8 @@ class Trainer:
         self.budget = make_row_budget(args, net, optimizer)
 
     def _progress(self, total: int, desc: str):
-        enabled = not (getattr(self.args, "no_progress", False) or
-                       getattr(self.args, "human", False))
+        enabled = edist.is_main() and not (getattr(self.args, "no_progress", False) or
+                                           getattr(self.args, "human", False))
         return progress_bar(total=total, desc=desc, enabled=enabled, nested=True)
 
     def train_epoch(self, data: ImageSet, epoch: int) -> dict:
@@ -423,10 +424,13 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
     ``evaluation`` with ``--evaluate-only``. The final result line goes to stdout.
     """
     hook_epochs = set(hook_epochs)
-    save_dir, finished = _open_run_folder(args, program)
+    net = edist.prepare(net, args)  # under torchrun: rows sharded over the processes
+    save_dir, finished = edist.on_main(_open_run_folder, args, program)
+    writes = edist.is_main()  # only process 0 writes files and results
     if finished is not None:
         finished["run_dir"] = str(save_dir)
-        print(_result_line(finished, program, save_dir) + " (already finished; --overwrite to "
+        if writes:
+            print(_result_line(finished, program, save_dir) + " (already finished; --overwrite to "
               "train again)", flush=True)
         return finished
     if ckpt is not None:
@@ -450,9 +454,10 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
             result.update(epoch_hook(epoch, net))
         doc = {"config": dict(vars(args)), "evaluation": {"epoch": epoch, **result},
                "run_dir": None if save_dir is None else str(save_dir)}
-        if save_dir is not None:
+        if save_dir is not None and writes:
             runs.write_json(save_dir / "evaluation.json", doc)
-        print(f"{program}: {args.model_path} after {epoch} epochs: " + "  ".join(
+        if writes:
+            print(f"{program}: {args.model_path} after {epoch} epochs: " + "  ".join(
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)), flush=True)
         return doc
 
@@ -463,7 +468,7 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
     budget_state = None
     if ckpt is not None:
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            edist.load_optimizer_state(net, optimizer, ckpt["optimizer"])
             if scheduler is not None and ckpt.get("scheduler") is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"], generator, device)
@@ -474,8 +479,10 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
                               f"of this program") from None
         history, start_epoch = list(ckpt["metrics"]), int(ckpt["epoch"])
         log.info("resuming %s after epoch %d of %d", args.model_path, start_epoch, args.epochs)
-    metrics = runs.MetricsLog(save_dir, dict(vars(args)), history, title, METRIC_COLUMNS)
+    metrics = runs.MetricsLog(save_dir if writes else None, dict(vars(args)), history, title,
+                              METRIC_COLUMNS)
     metrics.extra["run_dir"] = None if save_dir is None else str(save_dir)
+    metrics.extra["distributed"] = edist.rows_report(net)
     trainer = Trainer(args, net, optimizer, device, generator)
     if trainer.budget is not None and ckpt is not None and budget_state is not None:
         trainer.budget.load_state_dict(budget_state)
@@ -511,6 +518,7 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
         if epoch_hook is not None and epoch + 1 in hook_epochs:
             row.update(epoch_hook(epoch + 1, net))
         metrics.append(row)
+        metrics.extra["distributed"] = edist.rows_report(net)
         metrics.write()
         log.info("epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  "
                  "(%.1f s, %.2f ms/step%s, %s)", epoch + 1, args.epochs, row["train_loss"],
@@ -521,16 +529,18 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
                  f", rows {row['rows']}" if row["rows"] else "", row["memory"])
         if args.save_model:
             state = {"program": program, "kind": kind, "shape": shape, "args": dict(vars(args)),
-                     "epoch": epoch + 1, "precision": precision, "model": net.state_dict(),
-                     "optimizer": optimizer.state_dict(),
+                     "epoch": epoch + 1, "precision": precision, "model": edist.model_state(net),
+                     "optimizer": edist.optimizer_state(net, optimizer),  # gathered when sharded
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "rng": rng_state(generator, device), "metrics": metrics.history}
             if trainer.budget is not None:
                 state["row_budget"] = trainer.budget.state_dict()
-            runs.save_checkpoint(save_dir / runs.CHECKPOINT_NAME, state)
-            if args.keep_epoch_models:
+            if writes:
+                runs.save_checkpoint(save_dir / runs.CHECKPOINT_NAME, state)
+            if args.keep_epoch_models and writes:
                 runs.save_checkpoint(save_dir / f"checkpoint_epoch{epoch + 1}.pt", state)
     metrics.write()
     doc = metrics.document()
-    print(_result_line(doc, program, save_dir), flush=True)
+    if writes:
+        print(_result_line(doc, program, save_dir), flush=True)
     return doc

@@ -37,6 +37,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments import cli
+from experiments import distributed as edist
 from experiments.cli import ConfigError
 from experiments.data.imagenet32 import NUM_CLASSES, ImageNet32
 from experiments.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_cifar10_set
@@ -190,6 +191,7 @@ def _run(args, parser) -> dict:
     precision = apply_precision(net, args, device)
     kind = model_kind(args)
     progress = not (args.no_progress or args.human) and cli.is_tty()  # quiet in log files
+    progress = progress and edist.is_main()  # under torchrun, process 0 shows progress
 
     def transfer(epoch: int, model) -> dict:
         began = time.perf_counter()
