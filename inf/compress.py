@@ -280,12 +280,12 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
 # ------------------------------------------------------------ compression
 def pivot_threshold(*storage_dtypes: torch.dtype, compute: torch.dtype = torch.float64) -> float:
     """Default smallest landmark residual, relative to ``k(u,u) = 1/2``: 1e-10 when the rows are
-    stored in float64, 1e-6 otherwise (the layer then evaluates in float32), and at least 1e-4
+    stored in float64, 1e-5 otherwise (the layer then evaluates in float32), and at least 1e-4
     when the factorization itself runs in float32, whose residuals carry errors of order
     ``√K·1e-7`` after K landmarks. It bounds the growth of the weights: each factor column divides
     by at most ``√threshold``; a smaller one lets rounding noise pick nearly dependent landmarks
     whose large, cancelling weights wreck the layer (measured: training diverged)."""
-    rel = 1e-10 if all(d == torch.float64 for d in storage_dtypes) else 1e-6
+    rel = 1e-10 if all(d == torch.float64 for d in storage_dtypes) else 1e-5
     if compute != torch.float64:
         rel = max(rel, 1e-4)
     return 0.5 * rel
@@ -389,14 +389,46 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
     return _assemble(A, c, B, lm, lm.index.numel(), Z, p, norm2, vnorm2, method, name, t0)
 
 
+# largest Σ_k |W_k| / ‖h‖_H allowed (rows not float64, float64): the layer's float32 forward
+# loses about 1e-7 of Σ_k |W_k| to rounding, so larger weights that cancel each other are
+# an approximation it cannot evaluate
+_MAX_WEIGHT_RATIO = {False: 1e4, True: 1e10}
+
+
+def _conditioned_prefix(lm: Landmarks, K: int, Z, p: int, norm: float, limit: float):
+    """``(W, Fᵀ Z, K')`` for the longest prefix ``K' ≤ K`` of the landmarks whose weights satisfy
+    ``Σ_k |W_k| ≤ limit·‖h‖`` (prefixes of a pivoted Cholesky factorization are factorizations)."""
+    def solve(k):
+        F = lm.factor[:, :k]
+        W, FtZ = _project(F, F[lm.index[:k]], Z)
+        return W, FtZ, float(W[:, :p].norm(dim=1).sum()) <= limit * max(norm, 1e-300)
+
+    W, FtZ, ok = solve(K)
+    if ok or K <= 1:
+        return W, FtZ, K
+    lo, hi = 0, K  # invariant: prefix lo is fine (0 trivially), prefix hi is not
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        Wm, Fm, okm = solve(mid)
+        if okm:
+            lo, best = mid, (Wm, Fm)
+        else:
+            hi = mid
+    if best is None:
+        return (*solve(1)[:2], 1)
+    return best[0], best[1], lo
+
+
 def _assemble(A, c, B, lm: Landmarks, K: int, Z, p: int, norm2: float, vnorm2: float | None, method: str,
               name: str, t0: float):
     """New rows from the first ``K`` landmarks of ``lm`` (nested: a prefix of a pivoted
     Cholesky factorization is the factorization of its pivots)."""
+    limit = _MAX_WEIGHT_RATIO[A.dtype == torch.float64]
+    W, FtZ, K = _conditioned_prefix(lm, K, Z, p, math.sqrt(max(norm2, 0.0)), limit)
     F = lm.factor[:, :K]
     idx = lm.index[:K]
     L = F[idx]
-    W, FtZ = _project(F, L, Z)
     eps2 = norm2 - float(FtZ[:, :p].pow(2).sum())
     eps = math.sqrt(max(eps2, 0.0))
     U = B[idx]
