@@ -236,7 +236,9 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
             # chosen one at a time within the pool with exactly updated scores
             cand = torch.topk(score, min(M, pool * nb)).indices
         else:
-            cand = torch.multinomial(dpos, nb, replacement=True, generator=generator).unique()
+            # the generator may live on another device than the rows (RowBudget's is a CPU one)
+            probs = dpos if generator is None or generator.device == dpos.device else dpos.to(generator.device)
+            cand = torch.multinomial(probs, nb, replacement=True, generator=generator).unique().to(Bc.device)
         cand = cand[dpos[cand] > threshold]
         if cand.numel() == 0:
             stalls += 1

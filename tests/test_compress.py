@@ -220,6 +220,8 @@ def test_row_budget_keeps_rows_bounded_and_records():
     assert all(v <= 40 for v in m["rows"].values())
     assert all(v >= 2 for v in m["compressions"].values())
     assert all(v > 0 for v in m["eps_sum"].values())
+    x = torch.randn(7, 5, dtype=F64)
+    assert torch.isfinite(net.features(x)).all() and torch.isfinite(net(x)).all()
     # the momentum buffer follows the rows
     for _, layer in budget.layers:
         assert opt.state[layer.rows.coefficients]["momentum_buffer"].shape[0] == layer.rows.num_rows
