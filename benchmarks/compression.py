@@ -301,6 +301,7 @@ def plot(results, outdir):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         datas = list(dict.fromkeys(e["data"] for e in results["error"]))
         fig, axes = plt.subplots(len(datas), 2, figsize=(14, 5 * len(datas)), dpi=100, squeeze=False)
@@ -326,6 +327,9 @@ def plot(results, outdir):
                        ylabel=yl, title=f"{entry['data']} ({entry['epochs']} epochs of exact training)")
                 ax.grid(True, which="both", alpha=0.3)
         for ax in axes.flat:
+            ticks = [100 * f for f in FRACTIONS]
+            ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.legend(fontsize=8, ncol=3)
         fig.suptitle("One compression of every infinite layer of a trained InfMLP (depth 2): error vs rows kept")
         tmp_fig = (plt, fig)
