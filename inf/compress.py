@@ -575,7 +575,7 @@ class RowBudget:
             (it is ``sqrt(‖h‖² − ‖Ph‖²)``, a difference of float32 sums).
     """
 
-    def __init__(self, net: nn.Module, max_rows: int, keep_fraction: float = 0.5, optimizer=None,
+    def __init__(self, net: nn.Module, max_rows: int, keep_fraction: float = 0.25, optimizer=None,
                  method: str = "adaptive", block: int = 64, seed: int = 0,
                  dtype: torch.dtype = torch.float32):
         if max_rows < 2:
