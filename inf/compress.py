@@ -19,11 +19,14 @@ is reported (relative to ``‖h‖_H``, the L2 norm of the infinite-width weight
 and bounds every output of the layer: ``|Δh(u)| ≤ ε/√2`` for every unit ``u``
 (so ``|Δ layer(g)| ≤ |g|·ε/√2`` without layernorm).
 
-Landmarks come from a pivoted Cholesky factorization of ``K_BB``, either
-greedy (largest residual diagonal first) or randomly pivoted (pivots drawn
-with probability proportional to the residual diagonal; Chen, Epperly, Tropp
-and Webber 2022). Both work in blocks of pivots so that the work is matrix
-products; ``block=1`` is the textbook one-pivot-at-a-time algorithm. With the
+Landmarks come from a pivoted Cholesky factorization of ``K_BB``: greedy
+(largest residual diagonal first), randomly pivoted (pivots drawn with
+probability proportional to the residual diagonal; Chen, Epperly, Tropp and
+Webber 2022) or adaptive (the pivot that lowers ε the most, the default).
+All work in blocks of pivots so that the work is matrix products; ``block=1``
+is the textbook one-pivot-at-a-time algorithm. Nearly dependent landmarks are
+refused (:func:`pivot_threshold`), and so are weights too large for the
+layer's float32 forward to evaluate (see :func:`compress_rows`). With the
 factor ``F = K_BU L⁻ᵀ`` (``L Lᵀ = K_UU``) the weights are ``W = L⁻ᵀ (Fᵀ w)``
 (two triangular solves, no normal equations) and
 ``ε² = ‖h‖²_H − ‖Fᵀ w‖²``, where ``‖h‖²_H = wᵀ K_BB w`` is accumulated over
