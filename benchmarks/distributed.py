@@ -12,7 +12,9 @@ its shard of a sharded copy; process 1 holds the other shard. Rounds alternate:
 * ``2 processes``: both run ``--steps`` steps of the sharded net.
 
 * ``1 process, M/2 rows``: process 0 alone with half the rows and no communication, the
-  time two processes would take if all-reduces and waiting for each other were free.
+  time two processes would take if all-reduces and waiting for each other were free;
+* ``2 independent processes, M/2 rows``: both processes step such a net at the same time,
+  without communicating: what the machine's cores (and memory) give two processes at once.
 
 Medians over ``--repeats`` rounds, wall-clock seconds per step on process 0. Also:
 row storage per process (allocated bytes of A, B and the coefficients, capacity
@@ -124,10 +126,13 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, st
             entry["rss_full"] = rss_bytes() - rss1
             entry["rows_bytes_full"] = _row_bytes(full)
             run_full = _trainer(full, seed=1)
-            half = _net(0)  # the ideal: half the rows, no communication, no waiting
-            _load_rows(half, M // 2, 0, 1, seed=M)
-            run_half = _trainer(half, seed=1)
-        times = {"1 process": [], "2 processes": [], "1 process, M/2 rows": []}
+        # half the rows with no communication: alone (the ideal) and on both processes at once
+        # (what the machine gives two processes that never wait for each other)
+        half = _net(0)
+        _load_rows(half, M // 2, 0, 1, seed=M)
+        run_half = _trainer(half, seed=1)
+        times = {"1 process": [], "2 processes": [], "1 process, M/2 rows": [],
+                 "2 independent processes, M/2 rows": []}
         for i in range(repeats + 1):  # round 0 is the warm-up (first appends reallocate)
             dist.barrier()
             t0 = time.perf_counter()
@@ -142,16 +147,22 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, st
             if rank == 0:
                 run_half(steps)
             t4 = time.perf_counter()
+            dist.barrier()
+            t5 = time.perf_counter()
+            run_half(steps)
+            dist.barrier()
+            t6 = time.perf_counter()
             if i:
                 times["1 process"].append((t1 - t0) / steps)
                 times["2 processes"].append((t3 - t2) / steps)
                 times["1 process, M/2 rows"].append((t4 - t3) / steps)
+                times["2 independent processes, M/2 rows"].append((t6 - t5) / steps)
         entry["times"] = times
         entry["rows_bytes_after_sharded"] = _row_bytes(sharded)
         if rank == 0:
             entry["rows_bytes_after_full"] = _row_bytes(full)
-            del full, run_full, half, run_half
-        del sharded, run_sharded
+            del full, run_full
+        del sharded, run_sharded, half, run_half
         results[M] = entry
     queue.put((rank, results))
     dist.barrier()
@@ -221,20 +232,25 @@ def main():
         t1 = statistics.median(e0["times"]["1 process"])
         t2 = statistics.median(e0["times"]["2 processes"])
         th = statistics.median(e0["times"]["1 process, M/2 rows"])
+        ti = statistics.median(e0["times"]["2 independent processes, M/2 rows"])
         med[M] = t1
-        rows.append([f"{M:,}", f"{1e3 * t1:.1f}", f"{1e3 * t2:.1f}", f"{1e3 * th:.1f}", f"{t1 / t2:.2f}",
-                     f"{t1 / th:.2f}",
+        rows.append([f"{M:,}", f"{1e3 * t1:.1f}", f"{1e3 * t2:.1f}", f"{1e3 * th:.1f}", f"{1e3 * ti:.1f}",
+                     f"{t1 / t2:.2f}", f"{t1 / ti:.2f}", f"{t1 / th:.2f}", f"{ti / t2:.2f}",
                      f"{e0['rows_bytes_full'] / MiB:.0f}", f"{e0['rows_bytes_sharded'] / MiB:.0f}",
                      f"{e1['rows_bytes_sharded'] / MiB:.0f}",
                      f"{e0['rows_bytes_sharded'] / e0['rows_bytes_full']:.2f}",
                      f"{e0['rss_full'] / MiB:.0f}", f"{e1['rss_sharded'] / MiB:.0f}",
                      f"{e1['rss_sharded'] / e0['rss_full']:.2f}"])
-    print_table(["M", "1 proc ms", "2 proc ms", "M/2 alone ms", "speed-up", "ideal", "rows MiB 1 proc",
+    print_table(["M", "1 proc ms", "2 proc ms", "M/2 alone ms", "2 × M/2 apart ms", "speed-up", "machine",
+                 "ideal", "efficiency", "rows MiB 1 proc",
                  "rows MiB rank 0",
                  "rows MiB rank 1", "rows ratio", "RSS+ MiB 1 proc", "RSS+ MiB rank 1", "RSS ratio"], rows)
     print("(M/2 alone: one process with half the rows, no communication: what 2 processes would take "
-          "without all-reduces and waiting; ideal = 1 proc / M/2 alone. rows MiB: allocated row storage as "
-          "loaded; RSS+: resident memory added by building the net)")
+          "without all-reduces and waiting, if the second core were free; ideal = 1 proc / M/2 alone. "
+          "2 × M/2 apart: both processes step a net of M/2 rows at the same time, never communicating: "
+          "machine = 1 proc / that, the most two processes can gain on this machine; efficiency = "
+          "2 × M/2 apart / 2 proc, the share of it the sharded step keeps. rows MiB: allocated "
+          "row storage as loaded; RSS+: resident memory added by building the net)")
     ar = res0["allreduce"]
     for name, sec in ar.items():
         print(f"gloo all-reduce of {name} floats: {1e6 * sec:.0f} µs (median of 200)")
