@@ -30,9 +30,13 @@ __all__ = ["init", "world", "is_main", "prepare", "on_main", "model_state", "opt
 def init() -> int:
     """Join the torchrun job, if any; returns the number of processes. Processes other than
     0 log only warnings and errors."""
-    _, size = idist.init_from_env()
+    rank, size = idist.init_from_env()
     if size > 1 and not is_main():
-        logging.getLogger().setLevel(logging.WARNING)
+        # the programs set their logger to INFO later (setup_logging); this handler, installed
+        # first, passes only warnings and errors, marked with the process's rank
+        logging.basicConfig(format=f"[rank {rank}] %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: record.levelno >= logging.WARNING)
     return size
 
 

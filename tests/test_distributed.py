@@ -445,6 +445,7 @@ def test_cifar10mlp_under_torchrun_equals_one_process(tmp_path):
     run = _torchrun(["-m", "experiments.cifar10.cifar10mlp", "--", *common, "--save-dir", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("cifar10mlp: 2 epochs, final test accuracy") == 1, run.stdout  # process 0 only
+    assert run.stderr.count("epoch 2/2  train loss") == 1, run.stderr  # log lines: process 0 only
     (folder,) = (tmp_path / "two").iterdir()
     doc = json.loads((folder / "metrics.json").read_text())
     assert doc["distributed"]["world_size"] == 2
@@ -459,6 +460,33 @@ def test_cifar10mlp_under_torchrun_equals_one_process(tmp_path):
 
     ckpt = load_checkpoint(folder / "checkpoint.pt")
     assert ckpt["model"]["layers.1.rows.A"].shape[0] == 8 + 2 * 64
+
+
+@pytest.mark.slow
+def test_transfer_under_torchrun_equals_one_process(tmp_path):
+    """ImageNet pretraining with feature-kernel transfer (every process computes the features,
+    which go through the sharded layers) gives the single-process metrics."""
+    from experiments.data.synthetic import write_synthetic_cifar10
+    from experiments.data.synthetic_imagenet import write_synthetic_imagenet32
+    from experiments.imagenet import transfer_imagenet
+
+    cifar = write_synthetic_cifar10(tmp_path / "cifar", n_train=64, n_test=32)
+    imagenet = write_synthetic_imagenet32(tmp_path / "imagenet", n_per_batch=32, n_batches=2, num_classes=10)
+    common = ["--imagenet-data", str(imagenet), "--cifar-data", str(cifar), "--r", "8", "--epochs", "2",
+              "--float", "--lr", "0.01", "--batch-size", "16", "--transfer-milestones", "0,2",
+              "--train-size", "64", "--no-progress"]
+    torch.set_num_threads(1)
+    single = transfer_imagenet.main(common + ["--save-dir", str(tmp_path / "one")])
+    run = _torchrun(["-m", "experiments.imagenet.transfer_imagenet", "--", *common,
+                     "--save-dir", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    (folder,) = (tmp_path / "two").iterdir()
+    doc = json.loads((folder / "metrics.json").read_text())
+    assert doc["distributed"]["world_size"] == 2
+    for a, b in zip(single["epochs"], doc["epochs"]):
+        assert a.get("rows") == b.get("rows") and a.get("transfer_acc") == b.get("transfer_acc"), (a, b)
+        if a.get("train_loss") is not None:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
 
 
 @pytest.mark.slow
