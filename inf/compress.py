@@ -526,6 +526,10 @@ def compress_layer(layer, rows: int | None = None, *, tol: float | None = None, 
     two rows (so ``rows // 2`` landmarks); the buffer is replaced accordingly.
     """
     store = _store(layer)
+    if getattr(store, "sharded", False):
+        raise ValueError(f"{getattr(store, 'name', 'layer')}: its rows are sharded over processes; compression "
+                         "works on a whole layer: gather it first (inf.distributed.gather_) or compress before "
+                         "sharding")
     coef = _coefficients(store)
     M = store.num_rows
     state = optimizer.state.get(coef) if optimizer is not None else None

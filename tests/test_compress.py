@@ -367,3 +367,13 @@ def test_clustered_rows_in_float32_keep_the_bound(method):
         diff = (layer(x) - before).norm(dim=1)
     assert rep.landmarks <= 20 and 0 < rep.rel_eps < 1e-2
     assert (diff <= x.norm(dim=1) * rep.eps / math.sqrt(2)).all()
+
+
+def test_sharded_layer_refused():
+    """A layer whose rows are split over processes (inf.distributed) is not compressed piecewise."""
+    torch.manual_seed(0)
+    net = InfMLP(5, 3, r=4, L=1, dtype=torch.float64)
+    layer = net.output_layer
+    layer.rows.sharded = True  # what inf.distributed.DistributedRowStore sets when rows are split
+    with pytest.raises(ValueError, match="sharded"):
+        compress_layer(layer, rows=2)
