@@ -10,6 +10,7 @@ cached or done in place. It is kept independent of ``inf/`` (it only reads the
 initial rows and weights of an :class:`~inf.networks.InfMLP`), so the benchmark
 also checks that both compute the same outputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,16 @@ class NaiveInfMLP:
         for layer in pi_layers(net):
             A, c, B = pi_rows(layer)
             bias = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
-            self.layers.append(dict(A=A.detach().clone(), c=c.detach().clone(), B=B.detach().clone(),
-                                    bias=bias, beta=layer.bias_alpha, ctx=None))
+            self.layers.append(
+                dict(
+                    A=A.detach().clone(),
+                    c=c.detach().clone(),
+                    B=B.detach().clone(),
+                    bias=bias,
+                    beta=layer.bias_alpha,
+                    ctx=None,
+                )
+            )
 
     def forward(self, x):
         h = x @ self.A0

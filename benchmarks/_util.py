@@ -5,6 +5,7 @@ process: the candidates are run in turns (A, B, A, B, …) after warm-up, so
 that slow phases of a shared machine hit all of them alike, and the medians
 are compared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def load_average() -> float | None:
 
 def machine_line(device: str = "cpu") -> str:
     """One line describing where the numbers come from."""
-    parts = [f"torch {torch.__version__}", f"{os.cpu_count()} CPUs ({cpu_model()})",
-             f"{torch.get_num_threads()} torch threads"]
+    parts = [
+        f"torch {torch.__version__}",
+        f"{os.cpu_count()} CPUs ({cpu_model()})",
+        f"{torch.get_num_threads()} torch threads",
+    ]
     if device.startswith("cuda") and torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
     load = load_average()
@@ -48,10 +52,14 @@ def machine_line(device: str = "cpu") -> str:
 def add_common_args(parser: argparse.ArgumentParser, default_threads: int | None = 1):
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per candidate")
-    parser.add_argument("--threads", type=int, default=default_threads,
-                        help="torch.set_num_threads (0: torch's default). Default 1: on a machine whose "
-                             "cores are shared with other jobs a second thread mostly waits for the "
-                             "scheduler (docs/performance.md shows both)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads,
+        help="torch.set_num_threads (0: torch's default). Default 1: on a machine whose "
+        "cores are shared with other jobs a second thread mostly waits for the "
+        "scheduler (docs/performance.md shows both)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -66,8 +74,9 @@ def sync(device: torch.device | str | None = None):
         torch.cuda.synchronize(device)
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                device=None) -> dict[str, list[float]]:
+def interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, device=None
+) -> dict[str, list[float]]:
     """Run every candidate ``warmup`` times, then ``repeats`` rounds of each in turn;
     returns the wall-clock seconds of every timed call."""
     for _ in range(warmup):
@@ -166,11 +175,12 @@ def print_table(headers: list[str], rows: list[list[object]], title: str | None 
 
 # ----------------------------------------------------------------- π-nets
 @torch.no_grad()
-def random_rows(M: int, r: int, r_out: int, generator: torch.Generator, dtype=torch.float32,
-                coef_scale: float = 1e-2):
+def random_rows(
+    M: int, r: int, r_out: int, generator: torch.Generator, dtype=torch.float32, coef_scale: float = 1e-2
+):
     """``M`` rows shaped like trained ones: Gaussian ``A`` (scale r_out^-½), unit ``B`` rows,
     small coefficients of either sign (the ``-η`` of appended rows)."""
-    A = torch.randn(M, r_out, generator=generator) * r_out ** -0.5
+    A = torch.randn(M, r_out, generator=generator) * r_out**-0.5
     B = torch.nn.functional.normalize(torch.randn(M, r, generator=generator), dim=1)
     c = torch.randn(M, generator=generator) * coef_scale
     return A.to(dtype), c, B.to(dtype)
@@ -205,8 +215,9 @@ def template_data(n: int, d_in: int, classes: int, generator: torch.Generator, t
     return x, y, templates
 
 
-def trained_inf_mlp(steps: int, d_in: int = 3072, d_out: int = 10, r: int = 400, L: int = 2,
-                    batch: int = 8, seed: int = 0):
+def trained_inf_mlp(
+    steps: int, d_in: int = 3072, d_out: int = 10, r: int = 400, L: int = 2, batch: int = 8, seed: int = 0
+):
     """An InfMLP trained for ``steps`` SGD steps with the paper's CIFAR-10 settings (lr 1.0,
     per-parameter clipping 0.4, bias α 0.5, last-layer α 0.5, lr multipliers 0.1 / 4.0,
     weight decay 1e-5) on class-template data, so that its rows are shaped by training.
@@ -218,15 +229,21 @@ def trained_inf_mlp(steps: int, d_in: int = 3072, d_out: int = 10, r: int = 400,
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = InfMLP(d_in, d_out, r, L=L, bias_alpha=0.5, first_layer_alpha=1.0, last_layer_alpha=0.5)
-    groups = pi_param_groups(net, lr=1.0, weight_decay=1e-5, first_layer_lr_mult=0.1,
-                             last_layer_lr_mult=4.0, apply_lr_mult_to_wd=False)
+    groups = pi_param_groups(
+        net,
+        lr=1.0,
+        weight_decay=1e-5,
+        first_layer_lr_mult=0.1,
+        last_layer_lr_mult=4.0,
+        apply_lr_mult_to_wd=False,
+    )
     opt = InfSGD(groups, lr=1.0, weight_decay=1e-5)
     x_train, y_train, templates = template_data(steps * batch, d_in, d_out, gen)
     for i in range(steps):
-        xb, yb = x_train[i * batch:(i + 1) * batch], y_train[i * batch:(i + 1) * batch]
+        xb, yb = x_train[i * batch : (i + 1) * batch], y_train[i * batch : (i + 1) * batch]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(xb), yb).backward()
         clip_grad_norm_(net.parameters(), 0.4, per_param=True)
         opt.step()
     x_test, _, _ = template_data(512, d_in, d_out, gen, templates)
-    return net, x_test, x_train[: 512]
+    return net, x_test, x_train[:512]

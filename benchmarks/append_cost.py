@@ -17,6 +17,7 @@ and exactly one reallocation). This benchmark measures, for stores that hold
     python -m benchmarks.append_cost --quick    # 1M row store only up to its first reallocation + 2000 steps
     python -m benchmarks.append_cost --r 400 --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,8 +103,12 @@ def time_optimizer_steps(M: int, r: int, batch: int, steps: int, dtype, momentum
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--r", type=int, default=128, help="row width (A and B); default 128 keeps the "
-                        "1M-row store with its doubled buffer near 3 GB")
+    parser.add_argument(
+        "--r",
+        type=int,
+        default=128,
+        help="row width (A and B); default 128 keeps the 1M-row store with its doubled buffer near 3 GB",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 1_000_000])
@@ -121,24 +126,47 @@ def main(argv=None):
         times, realloc_at = time_appends(store, args.batch, quick_steps=quick)
         plain = [t for i, t in enumerate(times) if i not in realloc_at]
         amortized = sum(times) / len(times) if quick is None else None
-        res[M] = dict(median=median(plain), mean=amortized, max=max(times),
-                      realloc=[times[i] for i in realloc_at])
-        rows.append([f"{M:,}", f"{cap0:,}", len(times), f"{median(plain) * 1e6:.1f}",
-                     "n/a (--quick)" if amortized is None else f"{amortized * 1e6:.1f}",
-                     f"{max(times) * 1e3:.2f} ms", len(realloc_at), store.reallocations,
-                     f"{store.num_rows:,}"])
+        res[M] = dict(
+            median=median(plain), mean=amortized, max=max(times), realloc=[times[i] for i in realloc_at]
+        )
+        rows.append(
+            [
+                f"{M:,}",
+                f"{cap0:,}",
+                len(times),
+                f"{median(plain) * 1e6:.1f}",
+                "n/a (--quick)" if amortized is None else f"{amortized * 1e6:.1f}",
+                f"{max(times) * 1e3:.2f} ms",
+                len(realloc_at),
+                store.reallocations,
+                f"{store.num_rows:,}",
+            ]
+        )
         print(f"  M={M:,}: done ({len(times)} steps)", flush=True)
         del store
     print()
-    print_table(["rows at start", "capacity", "steps timed", "median µs", "amortized mean µs",
-                 "max (realloc)", "reallocs in window", "reallocs total", "rows at end"], rows,
-                title="RowStore.append (window = one doubling period: C → 2C rows, one reallocation)")
+    print_table(
+        [
+            "rows at start",
+            "capacity",
+            "steps timed",
+            "median µs",
+            "amortized mean µs",
+            "max (realloc)",
+            "reallocs in window",
+            "reallocs total",
+            "rows at end",
+        ],
+        rows,
+        title="RowStore.append (window = one doubling period: C → 2C rows, one reallocation)",
+    )
     if len(args.sizes) >= 2:
         a, b = args.sizes[0], args.sizes[-1]
-        print(f"\nratio {b:,} / {a:,} rows: median {res[b]['median'] / res[a]['median']:.2f}"
-              + ("" if res[a]["mean"] is None else
-                 f", amortized mean {res[b]['mean'] / res[a]['mean']:.2f}")
-              + "  (target: within 2×)")
+        print(
+            f"\nratio {b:,} / {a:,} rows: median {res[b]['median'] / res[a]['median']:.2f}"
+            + ("" if res[a]["mean"] is None else f", amortized mean {res[b]['mean'] / res[a]['mean']:.2f}")
+            + "  (target: within 2×)"
+        )
 
     # the optimizer step on top of the append
     steps = 50 if args.quick else 200
@@ -149,13 +177,18 @@ def main(argv=None):
             opt_res[(M, momentum)] = median(t)
             opt_rows.append([f"{M:,}", momentum, f"{median(t) * 1e6:.1f}", f"{statistics.mean(t) * 1e6:.1f}"])
     print()
-    print_table(["rows", "momentum", "median µs", "mean µs"], opt_rows,
-                title=f"InfSGD.step on one layer ({steps} steps, capacity already reserved)")
+    print_table(
+        ["rows", "momentum", "median µs", "mean µs"],
+        opt_rows,
+        title=f"InfSGD.step on one layer ({steps} steps, capacity already reserved)",
+    )
     if len(args.sizes) >= 2:
         a, b = args.sizes[0], args.sizes[-1]
-        print(f"ratio {b:,} / {a:,} rows: plain {opt_res[(b, 0.0)] / opt_res[(a, 0.0)]:.1f}, "
-              f"momentum {opt_res[(b, 0.9)] / opt_res[(a, 0.9)]:.1f}  (O(M) on 4-byte coefficients: "
-              "the gradient vector of Amult, the momentum buffer)")
+        print(
+            f"ratio {b:,} / {a:,} rows: plain {opt_res[(b, 0.0)] / opt_res[(a, 0.0)]:.1f}, "
+            f"momentum {opt_res[(b, 0.9)] / opt_res[(a, 0.9)]:.1f}  (O(M) on 4-byte coefficients: "
+            "the gradient vector of Amult, the momentum buffer)"
+        )
     print(machine_line())
 
 

@@ -20,6 +20,7 @@ the figures of docs/compression.md from it.
 
 All runs use one torch thread unless --threads says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,12 +93,14 @@ def make_net(d_in, r, seed, depth=2):
 
 @torch.no_grad()
 def accuracy(net, X, y, bs=512):
-    return sum((net(X[i:i + bs]).argmax(1) == y[i:i + bs]).sum().item() for i in range(0, len(X), bs)) / len(X)
+    return sum(
+        (net(X[i : i + bs]).argmax(1) == y[i : i + bs]).sum().item() for i in range(0, len(X), bs)
+    ) / len(X)
 
 
 @torch.no_grad()
 def outputs(net, X, bs=512):
-    return torch.cat([net(X[i:i + bs]) for i in range(0, len(X), bs)])
+    return torch.cat([net(X[i : i + bs]) for i in range(0, len(X), bs)])
 
 
 def train(net, opt, Xtr, ytr, epochs, seed, budget=None, batch=16, progress="", test=None):
@@ -109,7 +112,7 @@ def train(net, opt, Xtr, ytr, epochs, seed, budget=None, batch=16, progress="", 
     for epoch in range(epochs):
         order = torch.randperm(len(Xtr), generator=gen)
         for i in range(steps):
-            idx = order[i * batch:(i + 1) * batch]
+            idx = order[i * batch : (i + 1) * batch]
             t = time.perf_counter()
             loss = F.cross_entropy(net(Xtr[idx]), ytr[idx])
             opt.zero_grad()
@@ -125,9 +128,12 @@ def train(net, opt, Xtr, ytr, epochs, seed, budget=None, batch=16, progress="", 
         if test is not None:
             accs.append(accuracy(net, *test))
         if progress:
-            print(f"  {progress} epoch {epoch + 1}/{epochs}: rows {net.rows_per_layer()} "
-                  f"time {sum(times):.1f}s" + (f" test accuracy {accs[-1]:.4f}" if accs else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {progress} epoch {epoch + 1}/{epochs}: rows {net.rows_per_layer()} "
+                f"time {sum(times):.1f}s" + (f" test accuracy {accs[-1]:.4f}" if accs else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     return {"step_times": times, "rows": rows, "compressions": comp, "epoch_accuracy": accs}
 
 
@@ -136,7 +142,9 @@ def part_error(args):
     out = []
     datasets = [("digits", lambda: digits_vectors(), args.digits_epochs)]
     name = "CIFAR-10" if args.data else "synthetic CIFAR-format"
-    datasets.append((name, lambda: cifar_vectors(args.data, args.cifar_train, args.cifar_test), args.cifar_epochs))
+    datasets.append(
+        (name, lambda: cifar_vectors(args.data, args.cifar_train, args.cifar_test), args.cifar_epochs)
+    )
     for dname, load, epochs in datasets:
         Xtr, ytr, Xte, yte = load()
         for r in args.ranks:
@@ -146,8 +154,15 @@ def part_error(args):
             t_train = time.perf_counter() - t
             ref = outputs(net, Xte)
             acc = accuracy(net, Xte, yte)
-            entry = {"data": dname, "r": r, "epochs": epochs, "rows": net.rows_per_layer(),
-                     "train_seconds": t_train, "accuracy": acc, "results": []}
+            entry = {
+                "data": dname,
+                "r": r,
+                "epochs": epochs,
+                "rows": net.rows_per_layer(),
+                "train_seconds": t_train,
+                "accuracy": acc,
+                "results": [],
+            }
             for method in METHODS:
                 per_layer = {}
                 for lname, layer in infinite_layers(net):
@@ -155,8 +170,15 @@ def part_error(args):
                     M = st.num_rows
                     sizes = [max(1, round(f * M)) for f in FRACTIONS]
                     per_layer[lname] = nested_compressions(
-                        st.A, st.coefficients.detach(), st.B, sizes, method=method, block=64,
-                        generator=torch.Generator().manual_seed(0), name=lname)
+                        st.A,
+                        st.coefficients.detach(),
+                        st.B,
+                        sizes,
+                        method=method,
+                        block=64,
+                        generator=torch.Generator().manual_seed(0),
+                        name=lname,
+                    )
                 for j, frac in enumerate(FRACTIONS):
                     comp = copy.deepcopy(net)
                     for lname, layer in infinite_layers(comp):
@@ -164,15 +186,21 @@ def part_error(args):
                         layer.rows.set_rows(A_new, c_new, B_new)
                     o = outputs(comp, Xte)
                     reps = [per_layer[n][j][3] for n in per_layer]
-                    row = {"method": method, "fraction": frac,
-                           "rel_eps": [rp.rel_eps for rp in reps],
-                           "out_rel_err": ((o - ref).norm() / ref.norm()).item(),
-                           "accuracy": accuracy(comp, Xte, yte),
-                           "seconds": [rp.seconds for rp in reps]}
+                    row = {
+                        "method": method,
+                        "fraction": frac,
+                        "rel_eps": [rp.rel_eps for rp in reps],
+                        "out_rel_err": ((o - ref).norm() / ref.norm()).item(),
+                        "accuracy": accuracy(comp, Xte, yte),
+                        "seconds": [rp.seconds for rp in reps],
+                    }
                     entry["results"].append(row)
-                    print(f"{dname:>22} r={r:<4} {method:>10} keep {frac:5.0%}: ε/‖h‖ "
-                          f"{', '.join(f'{e:.4f}' for e in row['rel_eps'])}  output err "
-                          f"{row['out_rel_err']:.4f}  acc {row['accuracy']:.4f} (exact {acc:.4f})", flush=True)
+                    print(
+                        f"{dname:>22} r={r:<4} {method:>10} keep {frac:5.0%}: ε/‖h‖ "
+                        f"{', '.join(f'{e:.4f}' for e in row['rel_eps'])}  output err "
+                        f"{row['out_rel_err']:.4f}  acc {row['accuracy']:.4f} (exact {acc:.4f})",
+                        flush=True,
+                    )
             out.append(entry)
     return out
 
@@ -185,26 +213,60 @@ def part_train(args):
             net, opt = make_net(Xtr.shape[1], args.r, seed=seed)
             budget = None
             if mode != "exact":
-                budget = RowBudget(net, max_rows=args.max_rows, keep_fraction=args.keep_fraction, optimizer=opt,
-                                   method=mode.split("-", 1)[1], seed=seed,
-                                   dtype=torch.float64 if args.budget_float64 else torch.float32)
+                budget = RowBudget(
+                    net,
+                    max_rows=args.max_rows,
+                    keep_fraction=args.keep_fraction,
+                    optimizer=opt,
+                    method=mode.split("-", 1)[1],
+                    seed=seed,
+                    dtype=torch.float64 if args.budget_float64 else torch.float32,
+                )
             rss0 = rss_bytes()
-            h = train(net, opt, Xtr, ytr, args.epochs, seed=seed, budget=budget, progress=f"{mode} seed {seed}",
-                      test=(Xte, yte))
+            h = train(
+                net,
+                opt,
+                Xtr,
+                ytr,
+                args.epochs,
+                seed=seed,
+                budget=budget,
+                progress=f"{mode} seed {seed}",
+                test=(Xte, yte),
+            )
             total = sum(h["step_times"])
-            bytes_rows = sum(layer.rows.num_rows * (layer.r + layer.r_out + 1) * 4 for _, layer in infinite_layers(net))
-            run = {"seed": seed, "mode": mode, "accuracy": accuracy(net, Xte, yte), "total_seconds": total,
-                   "final_rows": net.rows_per_layer(), "row_bytes": bytes_rows,
-                   "rss_growth": None if rss0 is None else rss_bytes() - rss0, **h}
+            bytes_rows = sum(
+                layer.rows.num_rows * (layer.r + layer.r_out + 1) * 4 for _, layer in infinite_layers(net)
+            )
+            run = {
+                "seed": seed,
+                "mode": mode,
+                "accuracy": accuracy(net, Xte, yte),
+                "total_seconds": total,
+                "final_rows": net.rows_per_layer(),
+                "row_bytes": bytes_rows,
+                "rss_growth": None if rss0 is None else rss_bytes() - rss0,
+                **h,
+            }
             if budget is not None:
                 run["budget"] = budget.metrics()
             runs.append(run)
-            print(f"{mode:>7} seed {seed}: accuracy {run['accuracy']:.4f}, total {total:.1f}s, "
-                  f"rows {run['final_rows']}", flush=True)
+            print(
+                f"{mode:>7} seed {seed}: accuracy {run['accuracy']:.4f}, total {total:.1f}s, "
+                f"rows {run['final_rows']}",
+                flush=True,
+            )
             if mode != "exact" and args.save_net:
                 torch.save(net.state_dict(), args.save_net)
-    return {"r": args.r, "epochs": args.epochs, "max_rows": args.max_rows, "keep_fraction": args.keep_fraction,
-            "runs": runs, "peak_rss": peak_rss_bytes(), "budget_float64": args.budget_float64}
+    return {
+        "r": args.r,
+        "epochs": args.epochs,
+        "max_rows": args.max_rows,
+        "keep_fraction": args.keep_fraction,
+        "runs": runs,
+        "peak_rss": peak_rss_bytes(),
+        "budget_float64": args.budget_float64,
+    }
 
 
 def part_finite(args):
@@ -214,10 +276,22 @@ def part_finite(args):
     comp = copy.deepcopy(net)
     reps = []
     for _name, layer in infinite_layers(comp):
-        reps.append(compress_layer(layer, max(1, round(args.finite_fraction * layer.rows.num_rows)),
-                                   method="rpcholesky", generator=torch.Generator().manual_seed(0)).as_dict())
-    res = {"r": args.r, "rows": net.rows_per_layer(), "compressed_rows": comp.rows_per_layer(),
-           "fraction": args.finite_fraction, "reports": reps, "widths": {}}
+        reps.append(
+            compress_layer(
+                layer,
+                max(1, round(args.finite_fraction * layer.rows.num_rows)),
+                method="rpcholesky",
+                generator=torch.Generator().manual_seed(0),
+            ).as_dict()
+        )
+    res = {
+        "r": args.r,
+        "rows": net.rows_per_layer(),
+        "compressed_rows": comp.rows_per_layer(),
+        "fraction": args.finite_fraction,
+        "reports": reps,
+        "widths": {},
+    }
     ref, ref_c = outputs(net, Xte), outputs(comp, Xte)
     res["compression_output_gap"] = ((ref_c - ref).norm() / ref.norm()).item()
     for n in args.widths:
@@ -228,14 +302,18 @@ def part_finite(args):
             gaps.append(((outputs(fin, Xte) - ref).norm() / ref.norm()).item())
             gaps_c.append(((outputs(fin_c, Xte) - ref_c).norm() / ref_c.norm()).item())
         res["widths"][str(n)] = {"exact": gaps, "compressed": gaps_c}
-        print(f"n={n:5d}: finite-vs-infinite gap, uncompressed {sum(gaps) / len(gaps):.4f}, "
-              f"compressed {sum(gaps_c) / len(gaps_c):.4f}", flush=True)
+        print(
+            f"n={n:5d}: finite-vs-infinite gap, uncompressed {sum(gaps) / len(gaps):.4f}, "
+            f"compressed {sum(gaps_c) / len(gaps_c):.4f}",
+            flush=True,
+        )
     return res
 
 
 # ----------------------------------------------------------------------- plots
 def _fig(width_px=1400, height_px=560, ncols=2):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -266,12 +344,19 @@ def summarize_train(tr) -> list[dict]:
     exact = {r["seed"]: r for r in by_mode.get("exact", [])}
     out = []
     for mode, runs in by_mode.items():
-        row = {"mode": mode, "seeds": sorted(r["seed"] for r in runs),
-               "accuracy": st.mean(r["accuracy"] for r in runs),
-               "accuracy_last5": (st.mean(st.mean(r["epoch_accuracy"][-5:]) for r in runs)
-                                  if all(r.get("epoch_accuracy") for r in runs) else None),
-               "total_seconds": st.mean(r["total_seconds"] for r in runs),
-               "final_rows": runs[0]["final_rows"], "row_bytes": st.mean(r["row_bytes"] for r in runs)}
+        row = {
+            "mode": mode,
+            "seeds": sorted(r["seed"] for r in runs),
+            "accuracy": st.mean(r["accuracy"] for r in runs),
+            "accuracy_last5": (
+                st.mean(st.mean(r["epoch_accuracy"][-5:]) for r in runs)
+                if all(r.get("epoch_accuracy") for r in runs)
+                else None
+            ),
+            "total_seconds": st.mean(r["total_seconds"] for r in runs),
+            "final_rows": runs[0]["final_rows"],
+            "row_bytes": st.mean(r["row_bytes"] for r in runs),
+        }
         ratios = [exact[r["seed"]]["total_seconds"] / r["total_seconds"] for r in runs if r["seed"] in exact]
         if ratios and mode != "exact":
             row["speedup_vs_exact"] = ratios
@@ -280,8 +365,8 @@ def summarize_train(tr) -> list[dict]:
             steps = [c["step"] for c in r["compressions"]]
             t = r["step_times"]
             if len(steps) >= 3:
-                first = st.mean(t[steps[0]:steps[1]])
-                last = st.mean(t[steps[-2]:steps[-1]])
+                first = st.mean(t[steps[0] : steps[1]])
+                last = st.mean(t[steps[-2] : steps[-1]])
                 growth.append(last / first)
             comp_s.append(sum(rep["seconds"] for c in r["compressions"] for rep in c["reports"]))
             if "budget" in r:
@@ -299,6 +384,7 @@ def plot(results, outdir):
     outdir.mkdir(parents=True, exist_ok=True)
     if "error" in results:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import matplotlib.ticker
@@ -316,22 +402,37 @@ def plot(results, outdir):
                     continue
                 fr = [100 * x["fraction"] for x in pts]
                 label = f"r={entry['r']}, {method}"
-                axes[row, 0].plot(fr, [max(x["rel_eps"]) for x in pts], styles[method], color=color,
-                                  marker="o", label=label)
-                axes[row, 1].plot(fr, [max(x["out_rel_err"], 1e-6) for x in pts], styles[method],
-                                  color=color, marker="o", label=label)
-            for col, yl in enumerate(["relative RKHS error ε/‖h‖_H (worst layer)",
-                                      "relative error of the test outputs"]):
+                axes[row, 0].plot(
+                    fr, [max(x["rel_eps"]) for x in pts], styles[method], color=color, marker="o", label=label
+                )
+                axes[row, 1].plot(
+                    fr,
+                    [max(x["out_rel_err"], 1e-6) for x in pts],
+                    styles[method],
+                    color=color,
+                    marker="o",
+                    label=label,
+                )
+            for col, yl in enumerate(
+                ["relative RKHS error ε/‖h‖_H (worst layer)", "relative error of the test outputs"]
+            ):
                 ax = axes[row, col]
-                ax.set(xscale="log", yscale="log", xlabel="rows kept (% of the trained net's rows)",
-                       ylabel=yl, title=f"{entry['data']} ({entry['epochs']} epochs of exact training)")
+                ax.set(
+                    xscale="log",
+                    yscale="log",
+                    xlabel="rows kept (% of the trained net's rows)",
+                    ylabel=yl,
+                    title=f"{entry['data']} ({entry['epochs']} epochs of exact training)",
+                )
                 ax.grid(True, which="both", alpha=0.3)
         for ax in axes.flat:
             ticks = [100 * f for f in FRACTIONS]
             ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.legend(fontsize=8, ncol=3)
-        fig.suptitle("One compression of every infinite layer of a trained InfMLP (depth 2): error vs rows kept")
+        fig.suptitle(
+            "One compression of every infinite layer of a trained InfMLP (depth 2): error vs rows kept"
+        )
         tmp_fig = (plt, fig)
         _save(*tmp_fig, outdir / "compression_error.png")
     if "train" in results:
@@ -352,30 +453,45 @@ def plot(results, outdir):
             axes[0].plot(x, smooth, ls, color=color, label=label)
             axes[1].plot([sum(rw) for rw in run["rows"]], ls, color=color, label=label)
             if run.get("epoch_accuracy"):
-                axes[2].plot(range(1, len(run["epoch_accuracy"]) + 1), run["epoch_accuracy"], ls, color=color,
-                             marker=".", label=label)
-        axes[0].set(xlabel="step", yscale="log",
-                    ylabel="step time, ms (mean over 50 steps, compressions included)")
+                axes[2].plot(
+                    range(1, len(run["epoch_accuracy"]) + 1),
+                    run["epoch_accuracy"],
+                    ls,
+                    color=color,
+                    marker=".",
+                    label=label,
+                )
+        axes[0].set(
+            xlabel="step", yscale="log", ylabel="step time, ms (mean over 50 steps, compressions included)"
+        )
         axes[1].set(xlabel="step", yscale="log", ylabel="rows, all infinite layers")
         axes[2].set(xlabel="epoch", ylabel="test accuracy")
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        fig.suptitle(f"Digits, r={tr['r']}, depth 2, {tr['epochs']} epochs: exact vs RowBudget(max_rows="
-                     f"{tr['max_rows']}, keep_fraction={tr['keep_fraction']})")
+        fig.suptitle(
+            f"Digits, r={tr['r']}, depth 2, {tr['epochs']} epochs: exact vs RowBudget(max_rows="
+            f"{tr['max_rows']}, keep_fraction={tr['keep_fraction']})"
+        )
         _save(plt, fig, outdir / "compression_training.png")
     if "finite" in results:
         fi = results["finite"]
         plt, fig, axes = _fig(1200, 520, 1)
         ns = sorted(int(n) for n in fi["widths"])
-        for key, label in (("exact", "sampled from the exact net, gap to it"),
-                           ("compressed", f"sampled from the net compressed to {fi['fraction']:.0%}, gap to it")):
+        for key, label in (
+            ("exact", "sampled from the exact net, gap to it"),
+            ("compressed", f"sampled from the net compressed to {fi['fraction']:.0%}, gap to it"),
+        ):
             m = [sum(fi["widths"][str(n)][key]) / len(fi["widths"][str(n)][key]) for n in ns]
             axes.plot(ns, m, marker="o", label=label)
         g0 = sum(fi["widths"][str(ns[0])]["exact"]) / len(fi["widths"][str(ns[0])]["exact"])
         axes.plot(ns, [g0 * (ns[0] / n) ** 0.5 for n in ns], ":", color="gray", label="∝ n^-½")
-        axes.set(xscale="log", yscale="log", xlabel="width n of the finite π-net",
-                 ylabel="relative output gap to the infinite net (test set)")
+        axes.set(
+            xscale="log",
+            yscale="log",
+            xlabel="width n of the finite π-net",
+            ylabel="relative output gap to the infinite net (test set)",
+        )
         axes.grid(True, which="both", alpha=0.3)
         axes.legend()
         fig.suptitle(f"Finite π-nets sampled from an infinite net (digits, r={fi['r']})")
@@ -385,9 +501,15 @@ def plot(results, outdir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["error", "train", "finite", "plot"])
-    p.add_argument("--json", nargs="+", default=[DEFAULT_JSON],
-                   help="results file (read, updated, written); plot reads and merges several")
-    p.add_argument("--data", default=None, help="CIFAR-10 python-version folder; synthetic CIFAR-format if absent")
+    p.add_argument(
+        "--json",
+        nargs="+",
+        default=[DEFAULT_JSON],
+        help="results file (read, updated, written); plot reads and merges several",
+    )
+    p.add_argument(
+        "--data", default=None, help="CIFAR-10 python-version folder; synthetic CIFAR-format if absent"
+    )
     p.add_argument("--ranks", type=int, nargs="+", default=[32, 128, 400])
     p.add_argument("--digits-epochs", type=int, default=3)
     p.add_argument("--cifar-epochs", type=int, default=2)
@@ -396,8 +518,12 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--modes", nargs="+", default=["exact", "budget-adaptive"],
-                   choices=["exact"] + [f"budget-{m}" for m in METHODS])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["exact", "budget-adaptive"],
+        choices=["exact"] + [f"budget-{m}" for m in METHODS],
+    )
     p.add_argument("--max-rows", type=int, default=4000)
     p.add_argument("--keep-fraction", type=float, default=0.25)
     p.add_argument("--save-net", default=None)
@@ -424,11 +550,17 @@ def main(argv=None):
     results = json.loads(path.read_text()) if path.exists() else {}
     print(machine_line())
     part = {"error": part_error, "train": part_train, "finite": part_finite}[args.part](args)
-    if args.part == "train" and "train" in results and results["train"].get("r") == part["r"] \
-            and all(results["train"].get(k) == part[k] for k in ("epochs", "max_rows", "keep_fraction")):
+    if (
+        args.part == "train"
+        and "train" in results
+        and results["train"].get("r") == part["r"]
+        and all(results["train"].get(k) == part[k] for k in ("epochs", "max_rows", "keep_fraction"))
+    ):
         # runs of other seeds/modes measured separately are kept
         done = {(r["seed"], r["mode"]) for r in part["runs"]}
-        part["runs"] = [r for r in results["train"]["runs"] if (r["seed"], r["mode"]) not in done] + part["runs"]
+        part["runs"] = [r for r in results["train"]["runs"] if (r["seed"], r["mode"]) not in done] + part[
+            "runs"
+        ]
     results[args.part] = part
     results["machine"] = machine_line()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ best of the first two is the ratio the target (≥ 60 %) refers to.
     python -m benchmarks.eval_throughput            # M = 50k (≈ 1 min)
     python -m benchmarks.eval_throughput --quick    # M = 20k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,10 @@ def mm_products(g, A, B, row_block: int, batch_block: int | None):
     out = torch.zeros(b, A.shape[1])
     bb = batch_block or b
     for lo in range(0, M, row_block):
-        Bc, Ac = B[lo:lo + row_block], A[lo:lo + row_block]
+        Bc, Ac = B[lo : lo + row_block], A[lo : lo + row_block]
         for blo in range(0, b, bb):
-            q = g[blo:blo + bb] @ Bc.T
-            out[blo:blo + bb].addmm_(q, Ac)
+            q = g[blo : blo + bb] @ Bc.T
+            out[blo : blo + bb].addmm_(q, Ac)
     return out
 
 
@@ -83,20 +84,26 @@ def main(argv=None):
         "mm, cache blocks": lambda: mm_products(ghat, A, B, row_block, batch_block),
         "mm 2048³": lambda: torch.mm(sq, sq),
     }
-    print(f"evaluation of {b} inputs against M = {M} rows, r = r_out = {r}, float32; budget chunk "
-          f"{chunk} rows, CPU blocks {batch_block or b} inputs × {row_block} rows; median of {repeats}")
+    print(
+        f"evaluation of {b} inputs against M = {M} rows, r = r_out = {r}, float32; budget chunk "
+        f"{chunk} rows, CPU blocks {batch_block or b} inputs × {row_block} rows; median of {repeats}"
+    )
     print(machine_line())
     times = interleaved(cands, repeats=repeats, warmup=1)
     flops = {k: 2.0 * b * M * (r + r) for k in cands}
-    flops["mm 2048³"] = 2.0 * 2048 ** 3
+    flops["mm 2048³"] = 2.0 * 2048**3
     gflops = {k: flops[k] / median(v) / 1e9 for k, v in times.items()}
     ref = max(gflops["mm, budget shapes"], gflops["mm, cache blocks"])
-    rows = [[k, f"{median(v):.3f}", f"{gflops[k]:.1f}", f"{gflops['π-layer forward'] / gflops[k]:.2f}"]
-            for k, v in times.items()]
+    rows = [
+        [k, f"{median(v):.3f}", f"{gflops[k]:.1f}", f"{gflops['π-layer forward'] / gflops[k]:.2f}"]
+        for k, v in times.items()
+    ]
     print()
     print_table(["candidate", "seconds", "GFLOP/s", "layer GFLOP/s ÷ this"], rows)
-    print(f"\nlayer / best torch.mm on the same products: {gflops['π-layer forward'] / ref:.2f} "
-          f"(target ≥ 0.60 → {'met' if gflops['π-layer forward'] / ref >= 0.6 else 'NOT met'})")
+    print(
+        f"\nlayer / best torch.mm on the same products: {gflops['π-layer forward'] / ref:.2f} "
+        f"(target ≥ 0.60 → {'met' if gflops['π-layer forward'] / ref >= 0.6 else 'NOT met'})"
+    )
     print("(peak memory of evaluation under the budget: python -m benchmarks.memory)")
     print(machine_line())
 

@@ -19,6 +19,7 @@ Measured in one process, in alternating turns, at n = 8192 and r = 400:
     python -m benchmarks.finite_projection            # ≈ 2 min
     python -m benchmarks.finite_projection --quick    # projection alone, 2 repeats
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,21 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from inf.layers import set_gradient_projection
 from inf.networks import FinPiMLPSample, InfMLP
 from inf.optim import InfSGD
-from inf.layers import set_gradient_projection
 from inf.parameters import FinPiParameter, owner_of
 
-from ._util import (PeakRSS, add_common_args, apply_threads, fmt_bytes, interleaved, machine_line, median,
-                    print_table)
+from ._util import (
+    PeakRSS,
+    add_common_args,
+    apply_threads,
+    fmt_bytes,
+    interleaved,
+    machine_line,
+    median,
+    print_table,
+)
 
 
 def dense_projector(omega: torch.Tensor) -> torch.Tensor:
@@ -63,7 +72,9 @@ def measure_projection(n: int, r: int, repeats: int, seed: int):
     a = G.clone()
     dense()
     rel = ((a - G).norm() / G.norm()).item()
-    times = interleaved({"Q(QᵀG), in place": basis, "P @ G (P precomputed)": dense}, repeats=repeats, warmup=1)
+    times = interleaved(
+        {"Q(QᵀG), in place": basis, "P @ G (P precomputed)": dense}, repeats=repeats, warmup=1
+    )
     mems = {}
     for name, fn in (("Q(QᵀG), in place", basis), ("P @ G (P precomputed)", dense)):
         with PeakRSS() as m:
@@ -127,24 +138,41 @@ def main(argv=None):
 
     times, mems, rel, nn_bytes, P_bytes = measure_projection(n, r, repeats, args.seed)
     tb, td = median(times["Q(QᵀG), in place"]), median(times["P @ G (P precomputed)"])
-    rows = [["Q(QᵀG), in place", f"{tb:.3f}", fmt_bytes(mems["Q(QᵀG), in place"]), f"{4 * n * r * n / tb / 1e9:.0f}"],
-            ["P @ G (P precomputed)", f"{td:.3f}", fmt_bytes(mems["P @ G (P precomputed)"]),
-             f"{2 * n ** 3 / td / 1e9:.0f}"]]
+    rows = [
+        [
+            "Q(QᵀG), in place",
+            f"{tb:.3f}",
+            fmt_bytes(mems["Q(QᵀG), in place"]),
+            f"{4 * n * r * n / tb / 1e9:.0f}",
+        ],
+        [
+            "P @ G (P precomputed)",
+            f"{td:.3f}",
+            fmt_bytes(mems["P @ G (P precomputed)"]),
+            f"{2 * n**3 / td / 1e9:.0f}",
+        ],
+    ]
     print()
     print_table(["projection of one n × n gradient", "seconds", "peak RSS growth", "GFLOP/s"], rows)
-    print(f"speed-up {td / tb:.1f}× (target ≥ 10×; the flop ratio n/(2r) is {n / (2 * r):.1f}); "
-          f"relative difference of the results {rel:.1e}")
-    print(f"one n × n float32 matrix: {fmt_bytes(nn_bytes)}; Q(QᵀG) peak growth "
-          f"{fmt_bytes(mems['Q(QᵀG), in place'])} ({mems['Q(QᵀG), in place'] / nn_bytes:.2f} of it; "
-          f"the r × n temporary is {fmt_bytes(r * n * 4)}); the dense way also keeps P "
-          f"({fmt_bytes(P_bytes)}) per layer, forming it grew the peak by {fmt_bytes(mems['forming P'])}")
+    print(
+        f"speed-up {td / tb:.1f}× (target ≥ 10×; the flop ratio n/(2r) is {n / (2 * r):.1f}); "
+        f"relative difference of the results {rel:.1e}"
+    )
+    print(
+        f"one n × n float32 matrix: {fmt_bytes(nn_bytes)}; Q(QᵀG) peak growth "
+        f"{fmt_bytes(mems['Q(QᵀG), in place'])} ({mems['Q(QᵀG), in place'] / nn_bytes:.2f} of it; "
+        f"the r × n temporary is {fmt_bytes(r * n * 4)}); the dense way also keeps P "
+        f"({fmt_bytes(P_bytes)}) per layer, forming it grew the peak by {fmt_bytes(mems['forming P'])}"
+    )
 
     if not args.quick:
         st = measure_step(n, r, args.batch, repeats, args.seed)
         sb, sd = median(st["step, Q(QᵀG)"]), median(st["step, P @ G"])
         print()
-        print_table(["training step (batch %d)" % args.batch, "seconds"],
-                    [["InfSGD, Q(QᵀG)", f"{sb:.3f}"], ["dense P @ G", f"{sd:.3f}"]])
+        print_table(
+            [f"training step (batch {args.batch})", "seconds"],
+            [["InfSGD, Q(QᵀG)", f"{sb:.3f}"], ["dense P @ G", f"{sd:.3f}"]],
+        )
         print(f"step speed-up {sd / sb:.1f}×")
     print(machine_line())
 

@@ -42,6 +42,7 @@ the end) is extrapolated.
 
 Exit status 1 if a correctness check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,9 @@ class Report:
         ok = all(values[k] <= limits[k] for k in limits if values.get(k) is not None)
         ok = ok and all(math.isfinite(v) for v in values.values() if isinstance(v, float))
         self.checks.append(dict(name=name, passed=bool(ok), values=values, limits=limits))
-        worst = ", ".join(f"{k} {v:.1e} (≤ {limits[k]:.0e})" if k in limits else f"{k} {v}"
-                          for k, v in values.items())
+        worst = ", ".join(
+            f"{k} {v:.1e} (≤ {limits[k]:.0e})" if k in limits else f"{k} {v}" for k, v in values.items()
+        )
         print(f"  [{'ok' if ok else 'FAIL'}] {name}: {worst}", flush=True)
 
     def error(self, name: str, exc: BaseException):
@@ -154,8 +156,15 @@ def _train(net, xs, ys, device, dtype, steps, lr=0.1, momentum=0.9, wd=1e-4, cli
 def check_storage(rep: Report, device, storage: str, small: bool, steps: int = 20, seed: int = 0):
     cfg = _net_cfg(small)
     torch.manual_seed(seed)
-    ref = InfMLP(cfg["d_in"], cfg["d_out"], cfg["r"], L=cfg["L"], bias_alpha=0.5, last_layer_alpha=0.5,
-                 dtype=torch.float64)
+    ref = InfMLP(
+        cfg["d_in"],
+        cfg["d_out"],
+        cfg["r"],
+        L=cfg["L"],
+        bias_alpha=0.5,
+        last_layer_alpha=0.5,
+        dtype=torch.float64,
+    )
     dev = to_device(ref, device, DTYPES[storage])
     xs, ys, x_test = _data(cfg, steps, 8, seed)
     f_ref, f_dev = {}, {}
@@ -170,9 +179,15 @@ def check_storage(rep: Report, device, storage: str, small: bool, steps: int = 2
             if a.shape != b.shape:
                 raise AssertionError(f"row counts differ: {tuple(a.shape)} vs {tuple(b.shape)}")
             rows = max(rows, rel_fro(a, b))
-    values = dict(out=rel(f_dev["out"], f_ref["out"]), grad=rel(f_dev["grad"], f_ref["grad"]), rows=rows,
-                  out_after=rel(o_dev, o_ref))
-    rep.add(f"{storage} rows on {device}: step 2 and after {steps} steps vs float64 CPU", values, TOL[storage])
+    values = dict(
+        out=rel(f_dev["out"], f_ref["out"]),
+        grad=rel(f_dev["grad"], f_ref["grad"]),
+        rows=rows,
+        out_after=rel(o_dev, o_ref),
+    )
+    rep.add(
+        f"{storage} rows on {device}: step 2 and after {steps} steps vs float64 CPU", values, TOL[storage]
+    )
 
 
 def check_tract(rep: Report, device, small: bool, seed: int = 1):
@@ -184,13 +199,18 @@ def check_tract(rep: Report, device, small: bool, seed: int = 1):
     _train(ref, xs, ys, "cpu", torch.float64, 3, momentum=0.0, wd=0.0, clip=0.0)
     _train(dev, xs, ys, device, torch.float32, 3, momentum=0.0, wd=0.0, clip=0.0)
     with torch.no_grad():
-        values = dict(out_after=rel(dev(x_test.to(device, torch.float32)), ref(x_test)),
-                      input_weight=rel(dev.input_layer.A if hasattr(dev.input_layer, "A") else
-                                       next(dev.input_layer.parameters()),
-                                       ref.input_layer.A if hasattr(ref.input_layer, "A") else
-                                       next(ref.input_layer.parameters())))
-    rep.add(f"TrAct input layer on {device}, 3 steps vs float64 CPU", values,
-            dict(out_after=1e-4, input_weight=1e-4))
+        values = dict(
+            out_after=rel(dev(x_test.to(device, torch.float32)), ref(x_test)),
+            input_weight=rel(
+                dev.input_layer.A if hasattr(dev.input_layer, "A") else next(dev.input_layer.parameters()),
+                ref.input_layer.A if hasattr(ref.input_layer, "A") else next(ref.input_layer.parameters()),
+            ),
+        )
+    rep.add(
+        f"TrAct input layer on {device}, 3 steps vs float64 CPU",
+        values,
+        dict(out_after=1e-4, input_weight=1e-4),
+    )
 
 
 def check_finite(rep: Report, device, small: bool, seed: int = 2):
@@ -207,14 +227,18 @@ def check_finite(rep: Report, device, small: bool, seed: int = 2):
     _train(ref, xs, ys, "cpu", torch.float64, 3, momentum=0.0, wd=0.0, clip=0.0)
     _train(dev, xs, ys, device, torch.float32, 3, momentum=0.0, wd=0.0, clip=0.0)
     # float32 weights round at ~6e-8 |W|, which is ~1e-5 of this |ΔW|: hence the 1e-3 limit
-    dW = (dev.hidden_layers[0].weight.detach().double().cpu() - w0)
+    dW = dev.hidden_layers[0].weight.detach().double().cpu() - w0
     Q = orthonormal_basis(layer.omega.double())
     outside = float((dW - Q @ (Q.T @ dW)).norm() / dW.norm().clamp_min(1e-300))
     with torch.no_grad():
-        values = dict(out_after=rel(dev(x_test.to(device, torch.float32)), ref(x_test)),
-                      update_outside_span=outside)
-    rep.add(f"finite π-net (projected SGD) on {device}, 3 steps vs float64 CPU", values,
-            dict(out_after=1e-4, update_outside_span=1e-3))
+        values = dict(
+            out_after=rel(dev(x_test.to(device, torch.float32)), ref(x_test)), update_outside_span=outside
+        )
+    rep.add(
+        f"finite π-net (projected SGD) on {device}, 3 steps vs float64 CPU",
+        values,
+        dict(out_after=1e-4, update_outside_span=1e-3),
+    )
 
 
 def check_maml(rep: Report, device, small: bool, seed: int = 3):
@@ -225,21 +249,30 @@ def check_maml(rep: Report, device, small: bool, seed: int = 3):
     ref = InfMLP(cfg["d_in"], 5, cfg["r"], L=1, dtype=torch.float64)
     dev = to_device(ref, device)
     gen = torch.Generator().manual_seed(seed)
-    xs, xq = torch.randn(5, cfg["d_in"], generator=gen, dtype=torch.float64), \
-        torch.randn(15, cfg["d_in"], generator=gen, dtype=torch.float64)
+    xs, xq = (
+        torch.randn(5, cfg["d_in"], generator=gen, dtype=torch.float64),
+        torch.randn(15, cfg["d_in"], generator=gen, dtype=torch.float64),
+    )
     ys = torch.arange(5)
     outs = {}
     for name, net, dt, dv in (("ref", ref, torch.float64, "cpu"), ("dev", dev, torch.float32, device)):
         with torch.no_grad():
             hs, hq = body_features(net, xs.to(dv, dt)), body_features(net, xq.to(dv, dt))
-        outs[name], _, _ = inf_readout_adapt(net, hs, ys.to(dv), hq, step_size=0.5, num_steps=2,
-                                             first_order=True)
+        outs[name], _, _ = inf_readout_adapt(
+            net, hs, ys.to(dv), hq, step_size=0.5, num_steps=2, first_order=True
+        )
         with inf_readout_rows_adapted(net, hs, ys.to(dv), step_size=0.5, num_steps=2) as adapted:
             outs[name + " rows"] = adapted.logits(hq).detach()
-    values = dict(adapt=rel(outs["dev"], outs["ref"]), rows_adapted=rel(outs["dev rows"], outs["ref"]),
-                  rows_vs_adapt=rel(outs["dev rows"], outs["dev"]))
-    rep.add(f"MAML inner step (readout, 2 steps) on {device} vs float64 CPU", values,
-            dict(adapt=1e-4, rows_adapted=1e-4, rows_vs_adapt=1e-4))
+    values = dict(
+        adapt=rel(outs["dev"], outs["ref"]),
+        rows_adapted=rel(outs["dev rows"], outs["ref"]),
+        rows_vs_adapt=rel(outs["dev rows"], outs["dev"]),
+    )
+    rep.add(
+        f"MAML inner step (readout, 2 steps) on {device} vs float64 CPU",
+        values,
+        dict(adapt=1e-4, rows_adapted=1e-4, rows_vs_adapt=1e-4),
+    )
 
 
 def check_compress(rep: Report, device, small: bool, seed: int = 4):
@@ -268,13 +301,21 @@ def check_compress(rep: Report, device, small: bool, seed: int = 4):
         after = layer(g)
     bound = g.norm(dim=1).double().cpu() * r_dev.eps / math.sqrt(2.0)
     moved = (after - before).double().cpu().norm(dim=1)
-    values = dict(bound_used=float((moved / bound.clamp_min(1e-300)).max()),
-                  rel_eps_device=r_dev.rel_eps, rel_eps_cpu64=r_ref.rel_eps)
-    rep.add(f"row compression to {keep} rows (greedy) on {device}: stated bound, error vs float64 CPU", values,
-            dict(bound_used=1.01, rel_eps_device=2 * r_ref.rel_eps + 1e-3))
+    values = dict(
+        bound_used=float((moved / bound.clamp_min(1e-300)).max()),
+        rel_eps_device=r_dev.rel_eps,
+        rel_eps_cpu64=r_ref.rel_eps,
+    )
+    rep.add(
+        f"row compression to {keep} rows (greedy) on {device}: stated bound, error vs float64 CPU",
+        values,
+        dict(bound_used=1.01, rel_eps_device=2 * r_ref.rel_eps + 1e-3),
+    )
 
 
-def _sharded_worker(rank: int, world: int, init_file: str, device: str, small: bool, seed: int, out_path: str):
+def _sharded_worker(
+    rank: int, world: int, init_file: str, device: str, small: bool, seed: int, out_path: str
+):
     """One of ``world`` processes training the check's net with rows sharded by ``inf.distributed``
     (gloo: its all-reduce takes CUDA tensors, and the processes may share one GPU)."""
     import torch.distributed as dist
@@ -327,13 +368,20 @@ def check_distributed(rep: Report, device, small: bool, seed: int = 5, world: in
         ref = plain(x_test.to(device, torch.float32)).cpu()
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "out.pt")
-        mp.spawn(_sharded_worker, args=(world, os.path.join(tmp, "init"), str(device), small, seed, out_path),
-                 nprocs=world, join=True)
+        mp.spawn(
+            _sharded_worker,
+            args=(world, os.path.join(tmp, "init"), str(device), small, seed, out_path),
+            nprocs=world,
+            join=True,
+        )
         res = torch.load(out_path, weights_only=True)
     share = float(res["rows"].sum()) / sum(plain.rows_per_layer())
     values = dict(out_after=rel(res["out"], ref), rows_share_of_rank0=share)
-    rep.add(f"sharded net ({world} processes, gloo) on {device}, 3 steps vs one process", values,
-            dict(out_after=1e-5, rows_share_of_rank0=1.0 / world + 0.05))
+    rep.add(
+        f"sharded net ({world} processes, gloo) on {device}, 3 steps vs one process",
+        values,
+        dict(out_after=1e-5, rows_share_of_rank0=1.0 / world + 0.05),
+    )
 
 
 # ---------------------------------------------------------------------------------------- part 2
@@ -342,10 +390,14 @@ def device_bandwidth(device, gib: float) -> dict:
     n = int(gib * 2**30 / 4)
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    times = interleaved({"copy": lambda: dst.copy_(src), "sum": lambda: src.sum()}, repeats=7, warmup=2,
-                        device=device)
-    out = dict(copy_GBps=2 * n * 4 / median(times["copy"]) / 1e9, read_GBps=n * 4 / median(times["sum"]) / 1e9,
-               bytes=n * 4)
+    times = interleaved(
+        {"copy": lambda: dst.copy_(src), "sum": lambda: src.sum()}, repeats=7, warmup=2, device=device
+    )
+    out = dict(
+        copy_GBps=2 * n * 4 / median(times["copy"]) / 1e9,
+        read_GBps=n * 4 / median(times["sum"]) / 1e9,
+        bytes=n * 4,
+    )
     return out
 
 
@@ -360,8 +412,12 @@ def fill_rows(net, M: int, storage, seed: int, slab: int = 1 << 16):
         gen = torch.Generator(device=dev).manual_seed(seed)
         for lo in range(0, M, slab):
             hi = min(M, lo + slab)
-            A[lo:hi] = (torch.randn(hi - lo, A.shape[1], generator=gen, device=dev) * A.shape[1] ** -0.5).to(storage)
-            B[lo:hi] = F.normalize(torch.randn(hi - lo, B.shape[1], generator=gen, device=dev), dim=1).to(storage)
+            A[lo:hi] = (torch.randn(hi - lo, A.shape[1], generator=gen, device=dev) * A.shape[1] ** -0.5).to(
+                storage
+            )
+            B[lo:hi] = F.normalize(torch.randn(hi - lo, B.shape[1], generator=gen, device=dev), dim=1).to(
+                storage
+            )
         c.normal_(0.0, 1e-2, generator=gen)
 
 
@@ -404,9 +460,15 @@ def measure_size(M: int, args, device, storage) -> dict:
         A, B = A.detach(), B.detach()
         if mm_dt != A.dtype:
             A, B = A.to(mm_dt), B.to(mm_dt)
-        prods.append((A, B, torch.randn(8, B.shape[1], device=device, dtype=mm_dt),
-                      torch.randn(8, A.shape[1], device=device, dtype=mm_dt),
-                      torch.rand(8, A.shape[0], device=device, dtype=mm_dt)))
+        prods.append(
+            (
+                A,
+                B,
+                torch.randn(8, B.shape[1], device=device, dtype=mm_dt),
+                torch.randn(8, A.shape[1], device=device, dtype=mm_dt),
+                torch.rand(8, A.shape[0], device=device, dtype=mm_dt),
+            )
+        )
     A0 = net.input_layer.A.detach()
 
     def products():
@@ -423,8 +485,14 @@ def measure_size(M: int, args, device, storage) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     times = interleaved({"step": step, "products": products}, repeats=args.repeats, warmup=1, device=device)
     ts, tp = median(times["step"]), median(times["products"])
-    res = dict(M=M, rows=net.rows_per_layer()[0], step_s=ts, steps_per_s=1 / ts, products_s=tp,
-               read_bytes=row_read_bytes(net))
+    res = dict(
+        M=M,
+        rows=net.rows_per_layer()[0],
+        step_s=ts,
+        steps_per_s=1 / ts,
+        products_s=tp,
+        read_bytes=row_read_bytes(net),
+    )
     res["row_read_GBps"] = res["read_bytes"] / ts / 1e9
     if device.type == "cuda":  # peak of the timed steps, and of the first step's reallocation
         res["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -455,13 +523,20 @@ def eval_throughput(net, args, device) -> dict:
             q = g_mm @ Bc.T
             q @ Ac
 
-    times = interleaved({"layer": lambda: layer(g), "mm": mm}, repeats=max(3, args.repeats // 2), warmup=1,
-                        device=device)
+    times = interleaved(
+        {"layer": lambda: layer(g), "mm": mm}, repeats=max(3, args.repeats // 2), warmup=1, device=device
+    )
     tl, tm = median(times["layer"]), median(times["mm"])
     # with low-precision products the layer multiplies two half-precision parts of its inputs
     # (split_mm), i.e. twice the flops of the plain products timed here
-    return dict(M=M, batch=b, layer_GFLOPs=flops / tl / 1e9, mm_GFLOPs=flops / tm / 1e9, ratio=tm / tl,
-                policy=str(current_block_policy()))
+    return dict(
+        M=M,
+        batch=b,
+        layer_GFLOPs=flops / tl / 1e9,
+        mm_GFLOPs=flops / tm / 1e9,
+        ratio=tm / tl,
+        policy=str(current_block_policy()),
+    )
 
 
 def extrapolate(sizes: list[dict]) -> dict | None:
@@ -475,16 +550,27 @@ def extrapolate(sizes: list[dict]) -> dict | None:
     t0 = my - c * mx
     S = PAPER_STEPS
     total = S * t0 + c * 8 * S * (S - 1) / 2  # Σ_k t0 + c·8k
-    return dict(t0_s=t0, c_s_per_row=c, paper_steps=S, paper_rows_end=8 * S, paper_run_s=total,
-                paper_run_h=total / 3600)
+    return dict(
+        t0_s=t0,
+        c_s_per_row=c,
+        paper_steps=S,
+        paper_rows_end=8 * S,
+        paper_run_s=total,
+        paper_run_h=total / 3600,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="small sizes (a CPU test of the code path)")
-    parser.add_argument("--sizes", type=float, nargs="*", default=None,
-                        help="rows per π-layer, in millions (default 0.25 1 4; --small: 0.002 0.008)")
+    parser.add_argument(
+        "--sizes",
+        type=float,
+        nargs="*",
+        default=None,
+        help="rows per π-layer, in millions (default 0.25 1 4; --small: 0.002 0.008)",
+    )
     parser.add_argument("--storage", default="float16", choices=sorted(DTYPES), help="row storage for part 2")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-correctness", action="store_true")
@@ -495,8 +581,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing to check. "
-              "Run it on a machine with a GPU, or test the code path with --device cpu --small.")
+        print(
+            "gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing to check. "
+            "Run it on a machine with a GPU, or test the code path with --device cpu --small."
+        )
         return 0
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -513,21 +601,29 @@ def _main(args, device) -> int:
     args.repeats = args.repeats or (3 if args.small else 10)
     args.eval_M = min(Ms, key=lambda m: abs(m - 1_000_000))
     args.eval_batch = 256 if args.small else 4096
-    result = dict(machine=machine_line(str(device)), device=str(device), torch=torch.__version__,
-                  policy=str(current_block_policy()),
-                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  tolerances=TOL)
+    result = dict(
+        machine=machine_line(str(device)),
+        device=str(device),
+        torch=torch.__version__,
+        policy=str(current_block_policy()),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        tolerances=TOL,
+    )
     print(f"gpu_check on {device}: {result['machine']}")
     rep = Report()
     if not args.skip_correctness:
         print("part 1: correctness against float64 CPU runs")
-        checks = [(f"storage {s}", lambda s=s: check_storage(rep, device, s, args.small))
-                  for s in ("float32", "float16", "bfloat16")]
-        checks += [("TrAct", lambda: check_tract(rep, device, args.small)),
-                   ("finite π-net", lambda: check_finite(rep, device, args.small)),
-                   ("MAML", lambda: check_maml(rep, device, args.small)),
-                   ("compression", lambda: check_compress(rep, device, args.small)),
-                   ("distributed", lambda: check_distributed(rep, device, args.small))]
+        checks = [
+            (f"storage {s}", lambda s=s: check_storage(rep, device, s, args.small))
+            for s in ("float32", "float16", "bfloat16")
+        ]
+        checks += [
+            ("TrAct", lambda: check_tract(rep, device, args.small)),
+            ("finite π-net", lambda: check_finite(rep, device, args.small)),
+            ("MAML", lambda: check_maml(rep, device, args.small)),
+            ("compression", lambda: check_compress(rep, device, args.small)),
+            ("distributed", lambda: check_distributed(rep, device, args.small)),
+        ]
         if args.skip_sharded:
             checks = checks[:-1]
         for name, fn in checks:
@@ -541,7 +637,9 @@ def _main(args, device) -> int:
         print(f"part 2: InfMLP(3072, 10, r=400, L=2), batch 8, {args.storage} rows")
         bw = device_bandwidth(device, 0.125 if args.small else 2.0)
         result["bandwidth"] = bw
-        print(f"  device memory: copy {bw['copy_GBps']:.0f} GB/s (read + write), sum {bw['read_GBps']:.0f} GB/s")
+        print(
+            f"  device memory: copy {bw['copy_GBps']:.0f} GB/s (read + write), sum {bw['read_GBps']:.0f} GB/s"
+        )
         sizes = []
         for M in Ms:
             try:
@@ -552,8 +650,11 @@ def _main(args, device) -> int:
                     torch.cuda.empty_cache()
             sizes.append(res)
             if "step_s" in res:
-                print(f"  M={M:,}: {res['steps_per_s']:.2f} steps/s, {res['row_read_GBps']:.3g} GB/s of row reads "
-                      f"({res['row_read_GBps'] / bw['copy_GBps']:.2f} of the copy bandwidth)", flush=True)
+                print(
+                    f"  M={M:,}: {res['steps_per_s']:.2f} steps/s, {res['row_read_GBps']:.3g} GB/s of row reads "
+                    f"({res['row_read_GBps'] / bw['copy_GBps']:.2f} of the copy bandwidth)",
+                    flush=True,
+                )
             else:
                 print(f"  M={M:,}: {res['error']}", flush=True)
         result["sizes"] = sizes
@@ -564,34 +665,58 @@ def _main(args, device) -> int:
             if "step_s" not in s:
                 rows.append([f"{s['M']:,}", s["error"], "", "", "", "", ""])
                 continue
-            rows.append([f"{s['M']:,}", f"{s['step_s'] * 1e3:.2f}", f"{s['steps_per_s']:.1f}",
-                         f"{s['row_read_GBps']:.3g}", f"{s['row_read_GBps'] / bw['copy_GBps']:.2f}",
-                         f"{s['step_s'] / s['products_s']:.2f}",
-                         f"{s['peak_memory_GiB']:.1f} / {s['realloc_peak_memory_GiB']:.1f}"
-                         if "peak_memory_GiB" in s else "-"])
+            rows.append(
+                [
+                    f"{s['M']:,}",
+                    f"{s['step_s'] * 1e3:.2f}",
+                    f"{s['steps_per_s']:.1f}",
+                    f"{s['row_read_GBps']:.3g}",
+                    f"{s['row_read_GBps'] / bw['copy_GBps']:.2f}",
+                    f"{s['step_s'] / s['products_s']:.2f}",
+                    f"{s['peak_memory_GiB']:.1f} / {s['realloc_peak_memory_GiB']:.1f}"
+                    if "peak_memory_GiB" in s
+                    else "-",
+                ]
+            )
         print()
-        print_table(["rows per layer", "step ms", "steps/s", "row reads GB/s", "÷ copy GB/s", "step/products",
-                     "peak GiB (steps / growth)"], rows)
+        print_table(
+            [
+                "rows per layer",
+                "step ms",
+                "steps/s",
+                "row reads GB/s",
+                "÷ copy GB/s",
+                "step/products",
+                "peak GiB (steps / growth)",
+            ],
+            rows,
+        )
         ev = next((s["eval"] for s in sizes if s.get("eval")), None)
         if ev:
-            print(f"evaluation, one hidden π-layer, {ev['batch']} inputs × {ev['M']:,} rows: "
-                  f"{ev['layer_GFLOPs']:.0f} GFLOP/s vs torch.mm {ev['mm_GFLOPs']:.0f} GFLOP/s "
-                  f"(ratio {ev['ratio']:.2f}; with float16/bfloat16 rows on CUDA the layer's products "
-                  f"carry twice these flops: its inputs are split into two half-precision parts)")
+            print(
+                f"evaluation, one hidden π-layer, {ev['batch']} inputs × {ev['M']:,} rows: "
+                f"{ev['layer_GFLOPs']:.0f} GFLOP/s vs torch.mm {ev['mm_GFLOPs']:.0f} GFLOP/s "
+                f"(ratio {ev['ratio']:.2f}; with float16/bfloat16 rows on CUDA the layer's products "
+                f"carry twice these flops: its inputs are split into two half-precision parts)"
+            )
         if fit and fit["c_s_per_row"] <= 0:
             print("fit t(M) = t0 + c·M: no growth with M measured (sizes too small or timings too noisy)")
         elif fit:
-            print(f"fit t(M) = {fit['t0_s'] * 1e3:.2f} ms + M × {fit['c_s_per_row'] * 1e9:.2f} ns; the paper's "
-                  f"CIFAR-10 run ({fit['paper_steps']:,} steps, {fit['paper_rows_end']:,} rows per layer at the end): "
-                  f"{fit['paper_run_h']:.1f} h")
+            print(
+                f"fit t(M) = {fit['t0_s'] * 1e3:.2f} ms + M × {fit['c_s_per_row'] * 1e9:.2f} ns; the paper's "
+                f"CIFAR-10 run ({fit['paper_steps']:,} steps, {fit['paper_rows_end']:,} rows per layer at the end): "
+                f"{fit['paper_run_h']:.1f} h"
+            )
     result["seconds"] = time.perf_counter() - t_start
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1, default=str)
     os.replace(tmp, args.out)
     failed = rep.failed
-    print(f"\n{len(rep.checks)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"{result['seconds']:.0f} s; wrote {args.out}")
+    print(
+        f"\n{len(rep.checks)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+        f"{result['seconds']:.0f} s; wrote {args.out}"
+    )
     return 1 if failed else 0
 
 

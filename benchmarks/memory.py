@@ -21,6 +21,7 @@
     python -m benchmarks.memory            # M = 250k per layer, eval at 200k rows (≈ 2.5 min)
     python -m benchmarks.memory --quick    # M = 100k, eval at 50k rows
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,19 @@ import inf.functional as functional
 from inf.layers import InfPiLinearReLU
 from inf.optim import InfSGD
 
-from ._util import (PeakRSS, add_common_args, apply_threads, fmt_bytes, machine_line, print_table,
-                    random_rows, rss_bytes, trained_inf_mlp)
+from ._util import (
+    PeakRSS,
+    add_common_args,
+    apply_threads,
+    fmt_bytes,
+    machine_line,
+    print_table,
+    random_rows,
+    rss_bytes,
+    trained_inf_mlp,
+)
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def bytes_per_row_table(M: int, r: int, batch: int):
@@ -63,11 +73,20 @@ def bytes_per_row_table(M: int, r: int, batch: int):
             layer(g).square().sum().backward()
             opt.step()
         per_m = 1e6 / n
-        rows.append([str(dtype).replace("torch.", ""), f"{n:,}", f"{need * per_m / MIB:.0f}",
-                     f"{resident * per_m / MIB:.0f}", f"{resident / need:.2f}",
-                     f"{grow.peak * per_m / MIB:.0f}", f"{grow.peak / need:.2f}",
-                     f"{cap * (2 * r * item + 4) * per_m / MIB:.0f}",
-                     f"{step.peak * per_m / MIB:.0f}", f"{step.peak / need:.3f}"])
+        rows.append(
+            [
+                str(dtype).replace("torch.", ""),
+                f"{n:,}",
+                f"{need * per_m / MIB:.0f}",
+                f"{resident * per_m / MIB:.0f}",
+                f"{resident / need:.2f}",
+                f"{grow.peak * per_m / MIB:.0f}",
+                f"{grow.peak / need:.2f}",
+                f"{cap * (2 * r * item + 4) * per_m / MIB:.0f}",
+                f"{step.peak * per_m / MIB:.0f}",
+                f"{step.peak / need:.3f}",
+            ]
+        )
         del layer, opt
     return rows
 
@@ -87,8 +106,16 @@ def eval_budget_table(M: int, r: int, batch: int):
         policy = {} if blocks else dict(cpu_block_rows=None, cpu_block_batch=None)
         with functional.block_policy(**policy), PeakRSS() as m, torch.no_grad():
             outs[label] = layer(g)
-        rows.append([label, f"{chunk}", fmt_bytes(m.peak), fmt_bytes(layer.chunk_bytes),
-                     fmt_bytes(batch * r * 4), fmt_bytes(batch * M * 4)])
+        rows.append(
+            [
+                label,
+                f"{chunk}",
+                fmt_bytes(m.peak),
+                fmt_bytes(layer.chunk_bytes),
+                fmt_bytes(batch * r * 4),
+                fmt_bytes(batch * M * 4),
+            ]
+        )
     a, b = outs.values()
     rel = ((a - b).norm() / a.norm()).item()
     return rows, rel, M * (2 * r * 4 + 4)
@@ -106,10 +133,15 @@ def accuracy_table(steps: int):
             for name, x in (("held-out", x_test), ("training", x_train)):
                 out, h = low(x, return_hidden=True)
                 out0, h0 = ref[name]
-                rows.append([str(dtype).replace("torch.", ""), name,
-                             f"{((out - out0).norm() / out0.norm()).item():.2e}",
-                             f"{((out - out0).abs().max() / out0.abs().max()).item():.2e}",
-                             f"{((h - h0).norm() / h0.norm()).item():.2e}"])
+                rows.append(
+                    [
+                        str(dtype).replace("torch.", ""),
+                        name,
+                        f"{((out - out0).norm() / out0.norm()).item():.2e}",
+                        f"{((out - out0).abs().max() / out0.abs().max()).item():.2e}",
+                        f"{((h - h0).norm() / h0.norm()).item():.2e}",
+                    ]
+                )
     return rows, net.rows_per_layer()[0]
 
 
@@ -128,22 +160,41 @@ def main(argv=None):
 
     rows = bytes_per_row_table(M, args.r, batch=8)
     print()
-    print_table(["storage", "rows", "need MiB/1M", "resident MiB/1M", "resident÷need", "peak growing MiB/1M",
-                 "peak÷need", "capacity MiB/1M", "step peak MiB/1M", "step÷need"], rows,
-                title=f"1. one hidden π-layer, r = r_out = {args.r}, grown 8 rows at a time (per million rows)")
+    print_table(
+        [
+            "storage",
+            "rows",
+            "need MiB/1M",
+            "resident MiB/1M",
+            "resident÷need",
+            "peak growing MiB/1M",
+            "peak÷need",
+            "capacity MiB/1M",
+            "step peak MiB/1M",
+            "step÷need",
+        ],
+        rows,
+        title=f"1. one hidden π-layer, r = r_out = {args.r}, grown 8 rows at a time (per million rows)",
+    )
 
     rows, rel, rows_bytes = eval_budget_table(eval_M, args.r, batch=10_000)
     print()
-    print_table(["path", "budget chunk rows", "peak RSS growth", "budget", "output", "one unchunked b×M tensor"],
-                rows, title=f"2. evaluation of 10k inputs against {eval_M:,} rows (rows themselves "
-                            f"{fmt_bytes(rows_bytes)}, resident before)")
+    print_table(
+        ["path", "budget chunk rows", "peak RSS growth", "budget", "output", "one unchunked b×M tensor"],
+        rows,
+        title=f"2. evaluation of 10k inputs against {eval_M:,} rows (rows themselves "
+        f"{fmt_bytes(rows_bytes)}, resident before)",
+    )
     print(f"the two paths agree to {rel:.1e} (relative)")
 
     rows, n_rows = accuracy_table(args.steps)
     print()
-    print_table(["storage", "inputs", "rel. error (norm)", "max error / max |out|", "rel. error of h_L"], rows,
-                title=f"3. low-precision rows vs float32 rows, trained InfMLP (r = 400, L = 2, "
-                      f"{n_rows} rows per layer), 512 inputs")
+    print_table(
+        ["storage", "inputs", "rel. error (norm)", "max error / max |out|", "rel. error of h_L"],
+        rows,
+        title=f"3. low-precision rows vs float32 rows, trained InfMLP (r = 400, L = 2, "
+        f"{n_rows} rows per layer), 512 inputs",
+    )
     print(machine_line())
 
 

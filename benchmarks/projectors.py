@@ -18,6 +18,7 @@
     python -m benchmarks.projectors                 # full sizes (BasicProjector: minutes per call)
     python -m benchmarks.projectors --quick         # 4 of BasicProjector's 41 blocks, 2 seeds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ def speed(P: int, K: int, batch: int, repeats: int, basic_blocks: int | None, se
     grads = torch.randn(batch, P, generator=g)
     sparse = SparseJLProjector(P, K, seed=seed)
     import time
+
     t0 = time.perf_counter()
     sparse.project(grads, model_id=0)
     first = time.perf_counter() - t0
@@ -45,14 +47,27 @@ def speed(P: int, K: int, batch: int, repeats: int, basic_blocks: int | None, se
     block = 100  # BasicProjector's default, the one TRAKer uses on the CPU
     n_blocks = math.ceil(K / block)
     timed_blocks = n_blocks if basic_blocks is None else max(1, min(n_blocks, basic_blocks))
-    basic = BasicProjector(P, timed_blocks * block, seed, "normal", torch.device("cpu"), block_size=block,
-                           dtype=torch.float32)
-    times = interleaved({"sparse": lambda: sparse.project(grads, model_id=0),
-                         "basic": lambda: basic.project(grads, model_id=0)}, repeats=repeats, warmup=0)
+    basic = BasicProjector(
+        P, timed_blocks * block, seed, "normal", torch.device("cpu"), block_size=block, dtype=torch.float32
+    )
+    times = interleaved(
+        {
+            "sparse": lambda: sparse.project(grads, model_id=0),
+            "basic": lambda: basic.project(grads, model_id=0),
+        },
+        repeats=repeats,
+        warmup=0,
+    )
     t_sparse = median(times["sparse"]) / batch
     t_basic = median(times["basic"]) * (n_blocks / timed_blocks) / batch
-    return {"first_call_per_example": first / batch, "sparse": t_sparse, "basic": t_basic,
-            "ratio": t_basic / t_sparse, "n_blocks": n_blocks, "timed_blocks": timed_blocks}
+    return {
+        "first_call_per_example": first / batch,
+        "sparse": t_sparse,
+        "basic": t_basic,
+        "ratio": t_basic / t_sparse,
+        "n_blocks": n_blocks,
+        "timed_blocks": timed_blocks,
+    }
 
 
 def digits_jacobians(width: int, n: int, seed: int) -> torch.Tensor:
@@ -63,8 +78,13 @@ def digits_jacobians(width: int, n: int, seed: int) -> torch.Tensor:
 
     X = torch.tensor(load_digits().data[:n], dtype=torch.float64) / 16.0
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                              torch.nn.ReLU(), torch.nn.Linear(width, 10)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
+    ).double()
     J = pntk_features(net, X, None).array  # (n, 10, P), exact
     return torch.from_numpy(np.asarray(J)).reshape(-1, J.shape[2])
 
@@ -100,8 +120,13 @@ def main(argv=None):
     p.add_argument("--P", type=int, default=1 << 20, help="gradient coordinates for the speed test")
     p.add_argument("--K", type=int, default=4096, help="projection dimension for the speed test")
     p.add_argument("--batch", type=int, default=16, help="gradients per projector call")
-    p.add_argument("--basic-blocks", dest="basic_blocks", type=int, default=None,
-                   help="time only this many of BasicProjector's column blocks and scale up")
+    p.add_argument(
+        "--basic-blocks",
+        dest="basic_blocks",
+        type=int,
+        default=None,
+        help="time only this many of BasicProjector's column blocks and scale up",
+    )
     p.add_argument("--seeds", type=int, default=None, help="projection seeds per K in the accuracy test")
     p.add_argument("--width", type=int, default=64, help="hidden width of the digits MLP")
     p.add_argument("--n", type=int, default=100, help="digits in the kernel")
@@ -116,17 +141,24 @@ def main(argv=None):
     r = speed(args.P, args.K, args.batch, repeats, args.basic_blocks, args.seed)
     nb, tb = r["n_blocks"], r["timed_blocks"]
     note = "" if tb == nb else f" (BasicProjector: {tb} of its {nb} blocks timed, scaled by {nb}/{tb})"
-    print_table(["projector", "ms / example"],
-                [["SparseJLProjector (nnz=1)", f"{1e3 * r['sparse']:.2f}"],
-                 ["  its first call (draws the hashes)", f"{1e3 * r['first_call_per_example']:.2f}"],
-                 ["trak BasicProjector (CPU default)", f"{1e3 * r['basic']:.1f}"]],
-                title=f"Speed: P = {args.P}, K = {args.K}, batch {args.batch}, median of {repeats}{note}")
+    print_table(
+        ["projector", "ms / example"],
+        [
+            ["SparseJLProjector (nnz=1)", f"{1e3 * r['sparse']:.2f}"],
+            ["  its first call (draws the hashes)", f"{1e3 * r['first_call_per_example']:.2f}"],
+            ["trak BasicProjector (CPU default)", f"{1e3 * r['basic']:.1f}"],
+        ],
+        title=f"Speed: P = {args.P}, K = {args.K}, batch {args.batch}, median of {repeats}{note}",
+    )
     print(f"ratio BasicProjector / SparseJLProjector: {r['ratio']:.0f}x (target >= 50x)")
     print()
     rows, P = accuracy([256, 1024, 4096], seeds, args.width, args.n)
-    print_table(["K", "sparse error", "Gaussian error", "sparse / Gaussian"], rows,
-                title=f"Relative Frobenius error of the projected trace-NTK, digits MLP 64-{args.width}-"
-                      f"{args.width}-10 (P = {P}), {args.n} examples, mean of {seeds} seeds")
+    print_table(
+        ["K", "sparse error", "Gaussian error", "sparse / Gaussian"],
+        rows,
+        title=f"Relative Frobenius error of the projected trace-NTK, digits MLP 64-{args.width}-"
+        f"{args.width}-10 (P = {P}), {args.n} examples, mean of {seeds} seeds",
+    )
     print("target: sparse / Gaussian <= 1.5")
     return r, rows
 

@@ -29,6 +29,7 @@ naive reference at M = 20k.
     python -m benchmarks.step_time --block-sweep     # also: other CPU block sizes, no blocking
     python -m benchmarks.step_time --threads 0       # torch's default thread count
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,12 +96,22 @@ class Floors:
             A, B = A.detach().clone(), B.detach().clone()
             M, r, r_out = B.shape[0], B.shape[1], A.shape[1]
             cdt = torch.float32
-            self.layers.append(dict(
-                A=A, B=B, A32=A.to(cdt), B32=B.to(cdt),
-                ghat=torch.randn(batch, r, generator=gen), delta=torch.randn(batch, r_out, generator=gen),
-                F=torch.rand(batch, M, generator=gen), G=torch.rand(batch, M, generator=gen),
-                Q=torch.empty(batch, M), Gam=torch.empty(batch, M), out=torch.empty(batch, r_out),
-                v=torch.empty(batch, r)))
+            self.layers.append(
+                dict(
+                    A=A,
+                    B=B,
+                    A32=A.to(cdt),
+                    B32=B.to(cdt),
+                    ghat=torch.randn(batch, r, generator=gen),
+                    delta=torch.randn(batch, r_out, generator=gen),
+                    F=torch.rand(batch, M, generator=gen),
+                    G=torch.rand(batch, M, generator=gen),
+                    Q=torch.empty(batch, M),
+                    Gam=torch.empty(batch, M),
+                    out=torch.empty(batch, r_out),
+                    v=torch.empty(batch, r),
+                )
+            )
 
     def mm(self):
         torch.mm(self.x, self.A0, out=self.h0)
@@ -160,15 +171,19 @@ def run_one(M: int, args) -> dict:
     if naive is not None:
         cands["naive"] = naive_step
     if args.compare_save:
+
         def step_recompute():
             with settings(save=False):
                 step()
+
         cands["step, recompute F11/F02"] = step_recompute
     if args.block_sweep:
         for b in args.block_sizes:
+
             def step_b(b=b):
                 with settings(block=b):
                     step()
+
             cands[f"step, CPU block {b or 'none'}"] = step_b
     # the first step copies the loaded rows into capacity buffers (one reallocation): warm-up
     times = interleaved(cands, repeats=args.repeats, warmup=2)
@@ -187,17 +202,25 @@ def main(argv=None):
     parser.add_argument("--L", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="row storage")
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive reference")
-    parser.add_argument("--compare-save", action="store_true",
-                        help="also time steps that recompute F11/F02 in backward")
+    parser.add_argument(
+        "--compare-save", action="store_true", help="also time steps that recompute F11/F02 in backward"
+    )
     parser.add_argument("--block-sweep", action="store_true", help="also time other CPU block sizes")
-    parser.add_argument("--block-sizes", type=int, nargs="*", default=[256, 1024, 4096, 16384, 0],
-                        help="CPU block rows for --block-sweep (0: no blocks)")
+    parser.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="*",
+        default=[256, 1024, 4096, 16384, 0],
+        help="CPU block rows for --block-sweep (0: no blocks)",
+    )
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     Ms = args.M or ([20000, 40000] if args.quick else [5000, 20000, 40000, 100000])
     args.repeats = args.repeats or (5 if args.quick else 9)
-    print(f"step time of InfMLP(3072, 10, r={args.r}, L={args.L}), batch {args.batch}, {args.dtype} rows; "
-          f"median of {args.repeats} interleaved repeats; CPU block rows {current_block_rows()}")
+    print(
+        f"step time of InfMLP(3072, 10, r={args.r}, L={args.L}), batch {args.batch}, {args.dtype} rows; "
+        f"median of {args.repeats} interleaved repeats; CPU block rows {current_block_rows()}"
+    )
     print(machine_line())
     results = []
     for M in Ms:
@@ -205,40 +228,70 @@ def main(argv=None):
         results.append((M, res))
         extra = {k: v for k, v in res.items() if k.startswith("step,")}
         naive = f", step/naive {res['step'] / res['naive']:.2f}" if "naive" in res else ""
-        print(f"  M={M}: step {res['step'] * 1e3:.1f} ms, bandwidth floor {res['bandwidth floor'] * 1e3:.1f} ms, "
-              f"step/floor {res['step'] / res['bandwidth floor']:.2f}{naive}"
-              + "".join(f"; {k[6:]} {v / res['step']:.2f}× step" for k, v in extra.items()), flush=True)
-    headers = ["M", "step ms", "floor ms", "products ms", "naive ms", "step/floor", "step/naive",
-               "step/products", "products/floor", "step GB/s", "floor GB/s"]
+        print(
+            f"  M={M}: step {res['step'] * 1e3:.1f} ms, bandwidth floor {res['bandwidth floor'] * 1e3:.1f} ms, "
+            f"step/floor {res['step'] / res['bandwidth floor']:.2f}{naive}"
+            + "".join(f"; {k[6:]} {v / res['step']:.2f}× step" for k, v in extra.items()),
+            flush=True,
+        )
+    headers = [
+        "M",
+        "step ms",
+        "floor ms",
+        "products ms",
+        "naive ms",
+        "step/floor",
+        "step/naive",
+        "step/products",
+        "products/floor",
+        "step GB/s",
+        "floor GB/s",
+    ]
     rows = []
     for M, res in results:
         nv = res.get("naive")
-        rows.append([M, f"{res['step'] * 1e3:.1f}", f"{res['bandwidth floor'] * 1e3:.1f}",
-                     f"{res['products floor'] * 1e3:.1f}", "-" if nv is None else f"{nv * 1e3:.1f}",
-                     f"{res['step'] / res['bandwidth floor']:.2f}",
-                     "-" if nv is None else f"{res['step'] / nv:.2f}",
-                     f"{res['step'] / res['products floor']:.2f}",
-                     f"{res['products floor'] / res['bandwidth floor']:.2f}",
-                     f"{res['bytes'] / res['step'] / 1e9:.1f}", f"{res['bytes'] / res['bandwidth floor'] / 1e9:.1f}"])
+        rows.append(
+            [
+                M,
+                f"{res['step'] * 1e3:.1f}",
+                f"{res['bandwidth floor'] * 1e3:.1f}",
+                f"{res['products floor'] * 1e3:.1f}",
+                "-" if nv is None else f"{nv * 1e3:.1f}",
+                f"{res['step'] / res['bandwidth floor']:.2f}",
+                "-" if nv is None else f"{res['step'] / nv:.2f}",
+                f"{res['step'] / res['products floor']:.2f}",
+                f"{res['products floor'] / res['bandwidth floor']:.2f}",
+                f"{res['bytes'] / res['step'] / 1e9:.1f}",
+                f"{res['bytes'] / res['bandwidth floor'] / 1e9:.1f}",
+            ]
+        )
     print()
     print_table(headers, rows)
-    print("floor: the step's row reads (A and B of every π-layer, twice each) streamed by sum(); products: the "
-          "step's matrix products alone (torch.mm); GB/s: bytes of row reads per second")
+    print(
+        "floor: the step's row reads (A and B of every π-layer, twice each) streamed by sum(); products: the "
+        "step's matrix products alone (torch.mm); GB/s: bytes of row reads per second"
+    )
     if any("naive max rel diff" in res for _, res in results):
         worst = max(res.get("naive max rel diff", 0.0) for _, res in results)
         print(f"naive reference vs library, outputs on the same rows: max relative difference {worst:.1e}")
     extra_keys = [k for k in results[0][1] if k.startswith("step,")]
     if extra_keys:
         print()
-        print_table(["M"] + [f"{k[6:]} / step" for k in extra_keys],
-                    [[M] + [f"{res[k] / res['step']:.2f}" for k in extra_keys] for M, res in results])
-    big = [res['step'] / res['bandwidth floor'] for M, res in results if M >= 40000]
+        print_table(
+            ["M"] + [f"{k[6:]} / step" for k in extra_keys],
+            [[M] + [f"{res[k] / res['step']:.2f}" for k in extra_keys] for M, res in results],
+        )
+    big = [res["step"] / res["bandwidth floor"] for M, res in results if M >= 40000]
     if big:
-        print(f"\ntarget step ≤ 1.5 × bandwidth floor at M ≥ 40k: worst {max(big):.2f} → "
-              f"{'met' if max(big) <= 1.5 else 'NOT met'}")
-    at20 = [res['step'] / res['naive'] for M, res in results if M == 20000 and "naive" in res]
+        print(
+            f"\ntarget step ≤ 1.5 × bandwidth floor at M ≥ 40k: worst {max(big):.2f} → "
+            f"{'met' if max(big) <= 1.5 else 'NOT met'}"
+        )
+    at20 = [res["step"] / res["naive"] for M, res in results if M == 20000 and "naive" in res]
     if at20:
-        print(f"target step ≤ 0.4 × naive at M = 20k: {at20[0]:.2f} → {'met' if at20[0] <= 0.4 else 'NOT met'}")
+        print(
+            f"target step ≤ 0.4 × naive at M = 20k: {at20[0]:.2f} → {'met' if at20[0] <= 0.4 else 'NOT met'}"
+        )
     print(machine_line())
     return results
 

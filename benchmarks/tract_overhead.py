@@ -16,6 +16,7 @@ the table reports medians and the ratio TrAct / plain.
     python -m benchmarks.tract_overhead --threads 1   # steadier on a loaded machine
     python -m benchmarks.tract_overhead --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,11 @@ def _branch(layer: nn.Module, shape) -> tuple[str, int, int]:
 
 def _step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
     """One forward + backward of ``layer``, as a callable for :func:`benchmarks._util.interleaved`."""
+
     def step():
         layer.zero_grad(set_to_none=True)
         layer(x).backward(grad_out)
+
     return step
 
 
@@ -67,8 +70,12 @@ def run(warmup: int, repeats: int, seed: int = 0, device: str = "cpu"):
         with torch.no_grad():
             grad_out = torch.randn_like(plain(x))
         # alternating calls, so drifts in machine load hit both alike
-        times = interleaved({"plain": _step(plain, x, grad_out), "tract": _step(wrapped, x, grad_out)},
-                            repeats, warmup, device)
+        times = interleaved(
+            {"plain": _step(plain, x, grad_out), "tract": _step(wrapped, x, grad_out)},
+            repeats,
+            warmup,
+            device,
+        )
         branch, b, d = _branch(plain, shape)
         mp, mt = median(times["plain"]), median(times["tract"])
         rows.append((name, branch, b, d, mp, mt, mt / mp))
@@ -80,9 +87,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1 warm-up step and 3 timed steps per layer")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's choice); on a loaded shared "
-                             "machine 1 thread gives steadier numbers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's choice); on a loaded shared "
+        "machine 1 thread gives steadier numbers",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -90,8 +101,10 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
 
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32, "
-          f"{warmup} warm-up + {repeats} timed steps per layer (median), λ = 0.1")
+    print(
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32, "
+        f"{warmup} warm-up + {repeats} timed steps per layer (median), λ = 0.1"
+    )
     rows = run(warmup, repeats, device=args.device)
     header = f"{'layer':<36} {'branch':<9} {'b':>7} {'d':>5} {'plain ms':>9} {'TrAct ms':>9} {'ratio':>6}"
     print(header)
@@ -99,8 +112,10 @@ def main(argv=None):
     for name, branch, b, d, mp, mt, ratio in rows:
         print(f"{name:<36} {branch:<9} {b:>7} {d:>5} {mp * 1e3:>9.1f} {mt * 1e3:>9.1f} {ratio:>6.2f}")
     if hasattr(os, "getloadavg"):
-        print(f"load average after the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
-              "(a load above the CPU count means shared cores and noisier timings)")
+        print(
+            f"load average after the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+            "(a load above the CPU count means shared cores and noisier timings)"
+        )
     return rows
 
 

@@ -16,6 +16,7 @@ Option helpers: argparse ``type=`` validators (:func:`positive_float`, :func:`no
 :func:`apply_threads`, :func:`resolve_device_flag` (``--cuda`` / ``--device`` without a GPU says
 "drop --cuda"), and :func:`progress_bar` (tqdm that stays quiet when stderr is not a terminal).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,23 @@ from tqdm.auto import tqdm
 from inf.utils import resolve_device
 
 __all__ = [
-    "ConfigError", "USER_ERRORS", "ArgumentParser", "HelpFormatter", "fail", "run_main",
+    "ConfigError",
+    "USER_ERRORS",
+    "ArgumentParser",
+    "HelpFormatter",
+    "fail",
+    "run_main",
     "user_error_message",
-    "positive_float", "nonnegative_float", "positive_int", "nonnegative_int", "existing_path",
-    "add_threads_arg", "apply_threads", "resolve_device_flag", "progress_bar", "is_tty",
+    "positive_float",
+    "nonnegative_float",
+    "positive_int",
+    "nonnegative_int",
+    "existing_path",
+    "add_threads_arg",
+    "apply_threads",
+    "resolve_device_flag",
+    "progress_bar",
+    "is_tty",
 ]
 
 
@@ -50,11 +64,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError]
     try:
         from experiments.data.cifar import DatasetError
+
         errors.append(DatasetError)
     except ImportError:  # pragma: no cover - the data package is part of the repository
         pass
     try:
         from experiments.data.omniglot import OmniglotError
+
         errors.append(OmniglotError)
     except ImportError:  # pragma: no cover
         pass
@@ -81,8 +97,10 @@ def user_error_message(err: BaseException) -> str | None:
     if isinstance(err, USER_ERRORS):
         return str(err)
     if isinstance(err, OSError) and err.filename:
-        return (f"{err.filename}: {err.strerror or type(err).__name__} — check the path, its "
-                f"permissions and the free space")
+        return (
+            f"{err.filename}: {err.strerror or type(err).__name__} — check the path, its "
+            f"permissions and the free space"
+        )
     return None
 
 
@@ -130,6 +148,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- validators
+
 
 def _number(text: str, kind: type, what: str):
     try:
@@ -184,11 +203,17 @@ def existing_path(text: str) -> Path:
 
 # --------------------------------------------------------------------------- threads, device
 
+
 def add_threads_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--threads N``: torch CPU threads (default: torch's choice)."""
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice, usually one per "
-                             "core); results can differ in the last bits between thread counts")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice, usually one per "
+        "core); results can differ in the last bits between thread counts",
+    )
 
 
 def apply_threads(threads: int | None) -> None:
@@ -214,11 +239,14 @@ def resolve_device_flag(device: str | None, flag: str = "--cuda") -> torch.devic
     if dev.type == "cuda":
         fix = f"drop {flag}" if flag != "--device" else "use --device cpu"
         if not torch.cuda.is_available():
-            raise ConfigError(f"{flag}: this machine has no CUDA GPU that torch can use — "
-                              f"{fix} to run on the CPU")
+            raise ConfigError(
+                f"{flag}: this machine has no CUDA GPU that torch can use — {fix} to run on the CPU"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) — "
-                              f"pick an index below {torch.cuda.device_count()}")
+            raise ConfigError(
+                f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) — "
+                f"pick an index below {torch.cuda.device_count()}"
+            )
     try:
         return resolve_device(dev)
     except RuntimeError as err:  # pragma: no cover - resolve_device agrees with the checks
@@ -226,6 +254,7 @@ def resolve_device_flag(device: str | None, flag: str = "--cuda") -> torch.devic
 
 
 # --------------------------------------------------------------------------- progress
+
 
 def is_tty(stream=None) -> bool:
     """Whether ``stream`` (default stderr, where tqdm draws) is a terminal."""

@@ -17,6 +17,7 @@ module                         what lives there
 
 New code imports from those modules.
 """
+
 from __future__ import annotations
 
 from experiments.cli import ConfigError
@@ -73,16 +74,50 @@ from experiments.training import (
 )
 
 __all__ = [
-    "ConfigError", "CIFAR10_PIXEL_MEAN", "CIFAR10_PIXEL_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "IntListAction", "add_model_args", "add_optim_args", "add_run_args", "add_krr_args",
-    "check_args", "setup_logging", "device_from_args", "seed_everything",
-    "ImageSet", "fixed_subset", "load_cifar10_set",
-    "model_kind", "build_model", "apply_precision", "make_optimizer",
-    "make_scheduler", "gclip_at", "batch_loss", "Trainer", "fit",
-    "atomic_write", "save_checkpoint", "load_checkpoint", "checkpoint_model", "MetricsLog",
-    "plot_curves", "ARCH_KEYS", "adopt_architecture", "feature_kernel_inputs",
-    "feature_kernel_accuracy", "memory_text", "rows_text", "rng_state", "set_rng_state",
-    "CHECKPOINT_NAME", "METRICS_CSV", "METRICS_JSON", "CURVES_PNG",
+    "ConfigError",
+    "CIFAR10_PIXEL_MEAN",
+    "CIFAR10_PIXEL_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IntListAction",
+    "add_model_args",
+    "add_optim_args",
+    "add_run_args",
+    "add_krr_args",
+    "check_args",
+    "setup_logging",
+    "device_from_args",
+    "seed_everything",
+    "ImageSet",
+    "fixed_subset",
+    "load_cifar10_set",
+    "model_kind",
+    "build_model",
+    "apply_precision",
+    "make_optimizer",
+    "make_scheduler",
+    "gclip_at",
+    "batch_loss",
+    "Trainer",
+    "fit",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_model",
+    "MetricsLog",
+    "plot_curves",
+    "ARCH_KEYS",
+    "adopt_architecture",
+    "feature_kernel_inputs",
+    "feature_kernel_accuracy",
+    "memory_text",
+    "rows_text",
+    "rng_state",
+    "set_rng_state",
+    "CHECKPOINT_NAME",
+    "METRICS_CSV",
+    "METRICS_JSON",
+    "CURVES_PNG",
 ]
 
 

@@ -12,6 +12,7 @@ processes.
 
 Without torchrun every function here is a no-op, so the programs behave as before.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,17 @@ import inf.distributed as idist
 from experiments.cli import ConfigError, user_error_message
 from inf.networks import InfMLP
 
-__all__ = ["init", "world", "is_main", "prepare", "on_main", "model_state", "optimizer_state",
-           "load_optimizer_state", "rows_report"]
+__all__ = [
+    "init",
+    "world",
+    "is_main",
+    "prepare",
+    "on_main",
+    "model_state",
+    "optimizer_state",
+    "load_optimizer_state",
+    "rows_report",
+]
 
 
 def init() -> int:
@@ -56,11 +66,15 @@ def prepare(net: nn.Module, args=None) -> nn.Module:
     if world() <= 1 or idist.is_sharded(net):
         return net
     if not isinstance(net, InfMLP):
-        raise ConfigError(f"{type(net).__name__}: only infinite nets (--width 0) shard their rows over "
-                          "processes; run finite and μP nets without torchrun")
+        raise ConfigError(
+            f"{type(net).__name__}: only infinite nets (--width 0) shard their rows over "
+            "processes; run finite and μP nets without torchrun"
+        )
     if getattr(args, "row_budget", 0):
-        raise ConfigError("--row-budget compresses whole layers and cannot run on rows sharded over "
-                          "processes; drop it or run without torchrun")
+        raise ConfigError(
+            "--row-budget compresses whole layers and cannot run on rows sharded over "
+            "processes; drop it or run without torchrun"
+        )
     return idist.shard_(net)
 
 
@@ -115,4 +129,3 @@ def rows_report(net: nn.Module) -> dict:
 def global_rows(net: nn.Module) -> list[int]:
     """Rows per infinite layer of the whole net (not of this process's share)."""
     return idist.global_rows_per_layer(net)
-

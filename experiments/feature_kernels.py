@@ -11,6 +11,7 @@ mup         ``φ(h)·φ(h')`` (empirical)
 
 (with ``--layernorm`` the feature is normalised first: ``s = 1``, ``h ← h/|h|``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ def _linear_kernel(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feature_kernel_inputs(net: nn.Module, kind: str, data: ImageSet, batch_size: int,
-                          normalize_features: bool = False):
+def feature_kernel_inputs(
+    net: nn.Module, kind: str, data: ImageSet, batch_size: int, normalize_features: bool = False
+):
     """``(features, kernel_fn)`` of the last hidden layer, for kernel ridge regression.
 
     * infinite net: ``features`` = ``g`` (N × r), the preactivation entering the output layer,
@@ -59,20 +61,31 @@ def feature_kernel_inputs(net: nn.Module, kind: str, data: ImageSet, batch_size:
 
         def kernel_fn(A, B):
             return feature_kernel(A, B, layernorm=unit)
+
         return features, kernel_fn
     return features, _linear_kernel
 
 
-def feature_kernel_accuracy(net: nn.Module, kind: str, train: ImageSet, test: ImageSet, args,
-                            progress: bool = True) -> float:
+def feature_kernel_accuracy(
+    net: nn.Module, kind: str, train: ImageSet, test: ImageSet, args, progress: bool = True
+) -> float:
     """Test accuracy of kernel ridge regression with the net's feature kernel (``--kernel-reg``,
     ``--krr-method``, ``--krr-float64``, ``--krr-block-size``)."""
-    X_train, kernel_fn = feature_kernel_inputs(net, kind, train, args.test_batch_size,
-                                               args.normalize_features)
-    X_test, _ = feature_kernel_inputs(net, kind, test, args.test_batch_size,
-                                      args.normalize_features)
+    X_train, kernel_fn = feature_kernel_inputs(
+        net, kind, train, args.test_batch_size, args.normalize_features
+    )
+    X_test, _ = feature_kernel_inputs(net, kind, test, args.test_batch_size, args.normalize_features)
     dtype = torch.float64 if args.krr_float64 else None
     return kernel_ridge_regression(
-        kernel_fn, X_train, train.labels, X_test, test.labels, num_classes=train.num_classes,
-        kernel_reg=args.kernel_reg, method=args.krr_method, dtype=dtype,
-        block_size=args.krr_block_size, progress=progress)
+        kernel_fn,
+        X_train,
+        train.labels,
+        X_test,
+        test.labels,
+        num_classes=train.num_classes,
+        kernel_reg=args.kernel_reg,
+        method=args.krr_method,
+        dtype=dtype,
+        block_size=args.krr_block_size,
+        progress=progress,
+    )

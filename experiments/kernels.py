@@ -73,6 +73,7 @@ Kernel ridge regression
 See :func:`kernel_ridge_regression` for the targets, the regularisation and
 the two solvers, and :func:`krr_memory_bytes` for memory estimates.
 """
+
 from __future__ import annotations
 
 import functools
@@ -100,7 +101,6 @@ __all__ = [
 KernelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-
 def _std_floor(dtype: torch.dtype) -> float:
     """Smallest standard-deviation product used to form a correlation, for ``dtype``.
 
@@ -114,6 +114,7 @@ def _std_floor(dtype: torch.dtype) -> float:
 # ---------------------------------------------------------------------------
 # NNGP / NTK of a deep ReLU MLP
 # ---------------------------------------------------------------------------
+
 
 def _check_hparams(depth: int, varw: float, varb: float) -> None:
     if int(depth) != depth or depth < 0:
@@ -131,8 +132,9 @@ def _check_variant(ntk_variant: str, depth: int) -> None:
     if ntk_variant not in NTK_VARIANTS:
         raise ValueError(f"ntk_variant must be one of {NTK_VARIANTS}, got {ntk_variant!r}")
     if ntk_variant == "pilim" and depth < 1:
-        raise ValueError("ntk_variant='pilim' needs depth >= 1 (the original formula is "
-                         "undefined for depth 0)")
+        raise ValueError(
+            "ntk_variant='pilim' needs depth >= 1 (the original formula is undefined for depth 0)"
+        )
 
 
 def _as_rows(X: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -142,15 +144,15 @@ def _as_rows(X: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
     return X.to(device=device, dtype=dtype)
 
 
-def _mlp_block(X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float, varb: float,
-               want_ntk: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _mlp_block(
+    X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float, varb: float, want_ntk: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NNGP (and NTK) between row blocks ``X`` (n×d) and ``Y`` (m×d), same dtype/device."""
     d = X.shape[1]
     # self-variances Σˡ(x, x) of the first preactivation
     vx = varw * (X * X).sum(1) / d + varb
     vy = varw * (Y * Y).sum(1) / d + varb
-    sigma = torch.addmm(torch.full((), varb, dtype=X.dtype, device=X.device),
-                        X, Y.T, alpha=varw / d)
+    sigma = torch.addmm(torch.full((), varb, dtype=X.dtype, device=X.device), X, Y.T, alpha=varw / d)
     theta = sigma.clone() if want_ntk else None
     for _ in range(depth):
         std = torch.sqrt(vx)[:, None] * torch.sqrt(vy)[None, :]
@@ -167,8 +169,9 @@ def _mlp_block(X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float, varb: 
     return sigma, theta
 
 
-def _pilim_block(X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float,
-                 varb: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _pilim_block(
+    X: torch.Tensor, Y: torch.Tensor, depth: int, varw: float, varb: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NNGP ``Σᴸ`` and the original library's NTK ``Θ̃ᴸ`` (module docstring) between row blocks."""
     d = X.shape[1]
     floor = _std_floor(X.dtype)
@@ -203,10 +206,19 @@ def _kernel_block(X, Y, depth, varw, varb, want_ntk, ntk_variant):
     return _mlp_block(X, Y, depth, varw, varb, want_ntk)
 
 
-def mlp_kernels(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw: float = 2.0,
-                varb: float = 0.0, block_size: int = 4096, dtype: torch.dtype = torch.float64,
-                device=None, progress: bool = False,
-                ntk_variant: str = "correct") -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_kernels(
+    X: torch.Tensor,
+    Y: torch.Tensor | None = None,
+    *,
+    depth: int,
+    varw: float = 2.0,
+    varb: float = 0.0,
+    block_size: int = 4096,
+    dtype: torch.dtype = torch.float64,
+    device=None,
+    progress: bool = False,
+    ntk_variant: str = "correct",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NNGP ``Σᴸ`` and NTK ``Θᴸ`` between the rows of ``X`` (N×d) and ``Y`` (M×d).
 
     Conventions in the module docstring (readout layer included).  Inputs with
@@ -216,30 +228,46 @@ def mlp_kernels(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, v
     ``ntk_variant="pilim"`` returns the original library's NTK formula instead
     (module docstring); the NNGP is the same for both.
     """
-    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress,
-                      ntk_variant)
+    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress, ntk_variant)
 
 
-def mlp_nngp(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw: float = 2.0,
-             varb: float = 0.0, block_size: int = 4096, dtype: torch.dtype = torch.float64,
-             device=None, progress: bool = False) -> torch.Tensor:
+def mlp_nngp(
+    X: torch.Tensor,
+    Y: torch.Tensor | None = None,
+    *,
+    depth: int,
+    varw: float = 2.0,
+    varb: float = 0.0,
+    block_size: int = 4096,
+    dtype: torch.dtype = torch.float64,
+    device=None,
+    progress: bool = False,
+) -> torch.Tensor:
     """NNGP kernel ``Σᴸ(x, y) = Cov[f(x), f(y)]`` of the depth-``L`` ReLU MLP (see module docstring)."""
     return _blockwise(X, Y, depth, varw, varb, False, block_size, dtype, device, progress)[0]
 
 
-def mlp_ntk(X: torch.Tensor, Y: torch.Tensor | None = None, *, depth: int, varw: float = 2.0,
-            varb: float = 0.0, block_size: int = 4096, dtype: torch.dtype = torch.float64,
-            device=None, progress: bool = False, ntk_variant: str = "correct") -> torch.Tensor:
+def mlp_ntk(
+    X: torch.Tensor,
+    Y: torch.Tensor | None = None,
+    *,
+    depth: int,
+    varw: float = 2.0,
+    varb: float = 0.0,
+    block_size: int = 4096,
+    dtype: torch.dtype = torch.float64,
+    device=None,
+    progress: bool = False,
+    ntk_variant: str = "correct",
+) -> torch.Tensor:
     """NTK ``Θᴸ(x, y)`` of the depth-``L`` ReLU MLP in NTK parametrization (see module docstring).
 
     ``ntk_variant="pilim"``: the formula of the original library instead (module docstring).
     """
-    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress,
-                      ntk_variant)[1]
+    return _blockwise(X, Y, depth, varw, varb, True, block_size, dtype, device, progress, ntk_variant)[1]
 
 
-def _blockwise(X, Y, depth, varw, varb, want_ntk, block_size, dtype, device, progress,
-               ntk_variant="correct"):
+def _blockwise(X, Y, depth, varw, varb, want_ntk, block_size, dtype, device, progress, ntk_variant="correct"):
     _check_hparams(depth, varw, varb)
     _check_variant(ntk_variant, depth)
     if device is None:
@@ -253,11 +281,12 @@ def _blockwise(X, Y, depth, varw, varb, want_ntk, block_size, dtype, device, pro
     ntk = torch.empty(N, M, dtype=dtype, device=device) if want_ntk else None
     blocks = [(i, j) for i in range(0, N, block_size) for j in range(0, M, block_size)]
     for i, j in tqdm(blocks, desc="kernel blocks", disable=not progress, leave=False):
-        s, t = _kernel_block(X[i:i + block_size], Y[j:j + block_size], depth, varw, varb,
-                             want_ntk, ntk_variant)
-        nngp[i:i + block_size, j:j + block_size] = s
+        s, t = _kernel_block(
+            X[i : i + block_size], Y[j : j + block_size], depth, varw, varb, want_ntk, ntk_variant
+        )
+        nngp[i : i + block_size, j : j + block_size] = s
         if want_ntk:
-            ntk[i:i + block_size, j:j + block_size] = t
+            ntk[i : i + block_size, j : j + block_size] = t
     return nngp, ntk
 
 
@@ -268,8 +297,15 @@ def _mlp_kernel_fn(A, B, *, kind, depth, varw, varb, dtype, ntk_variant="correct
     return t if kind == "ntk" else s
 
 
-def make_mlp_kernel(kind: str = "nngp", *, depth: int, varw: float = 2.0, varb: float = 0.0,
-                    dtype: torch.dtype = torch.float64, ntk_variant: str = "correct") -> KernelFn:
+def make_mlp_kernel(
+    kind: str = "nngp",
+    *,
+    depth: int,
+    varw: float = 2.0,
+    varb: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+    ntk_variant: str = "correct",
+) -> KernelFn:
     """A ``kernel_fn(A, B)`` (one block, no further blocking) for :func:`kernel_ridge_regression`.
 
     ``kind`` is ``"nngp"`` or ``"ntk"``; the other arguments are as in :func:`mlp_nngp`
@@ -279,16 +315,23 @@ def make_mlp_kernel(kind: str = "nngp", *, depth: int, varw: float = 2.0, varb: 
         raise ValueError(f"kind must be 'nngp' or 'ntk', got {kind!r}")
     _check_hparams(depth, varw, varb)
     _check_variant(ntk_variant, depth if kind == "ntk" else max(depth, 1))
-    return functools.partial(_mlp_kernel_fn, kind=kind, depth=depth, varw=varw, varb=varb,
-                             dtype=dtype, ntk_variant=ntk_variant)
+    return functools.partial(
+        _mlp_kernel_fn, kind=kind, depth=depth, varw=varw, varb=varb, dtype=dtype, ntk_variant=ntk_variant
+    )
 
 
 # ---------------------------------------------------------------------------
 # π-net feature kernel
 # ---------------------------------------------------------------------------
 
-def feature_kernel(features_X: torch.Tensor, features_Y: torch.Tensor | None = None, *,
-                   layernorm: bool = False, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+
+def feature_kernel(
+    features_X: torch.Tensor,
+    features_Y: torch.Tensor | None = None,
+    *,
+    layernorm: bool = False,
+    dtype: torch.dtype | None = torch.float64,
+) -> torch.Tensor:
     """Kernel of the last hidden layer of an infinite-width π-net.
 
     ``features_X`` (N×r) holds, per input, the finite vector ``g`` that
@@ -316,6 +359,7 @@ def feature_kernel(features_X: torch.Tensor, features_Y: torch.Tensor | None = N
 # ---------------------------------------------------------------------------
 # Blocked linear algebra that never holds a second N×N matrix
 # ---------------------------------------------------------------------------
+
 
 def cholesky_inplace_(A: torch.Tensor, block_size: int = 2048, progress: bool = False) -> torch.Tensor:
     """Overwrite the lower triangle of the SPD matrix ``A`` with its Cholesky factor ``L``.
@@ -346,7 +390,8 @@ def cholesky_inplace_(A: torch.Tensor, block_size: int = 2048, progress: bool = 
         except torch.linalg.LinAlgError as err:
             raise torch.linalg.LinAlgError(
                 f"Cholesky failed in the diagonal block starting at row {k0}: the (regularised) "
-                f"matrix is not numerically positive definite in {A.dtype} ({err})") from None
+                f"matrix is not numerically positive definite in {A.dtype} ({err})"
+            ) from None
         A[k0:k1, k0:k1] = Lkk
         if k1 == n:
             break
@@ -356,7 +401,7 @@ def cholesky_inplace_(A: torch.Tensor, block_size: int = 2048, progress: bool = 
         # trailing update of the lower triangle, one block column at a time
         for j0 in range(k1, n, block_size):
             j1 = min(j0 + block_size, n)
-            A[j0:, j0:j1].addmm_(panel[j0 - k1:], panel[j0 - k1:j1 - k1].T, alpha=-1.0)
+            A[j0:, j0:j1].addmm_(panel[j0 - k1 :], panel[j0 - k1 : j1 - k1].T, alpha=-1.0)
     return A
 
 
@@ -391,6 +436,7 @@ def cholesky_solve_inplace(L: torch.Tensor, B: torch.Tensor, block_size: int = 2
 # Kernel ridge regression
 # ---------------------------------------------------------------------------
 
+
 def krr_targets(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Regression targets: centred one-hot, ``one_hot(y) − 1/C`` (``one_hot − 0.1`` for 10 classes).
 
@@ -401,8 +447,15 @@ def krr_targets(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = tor
     return Y - 1.0 / num_classes
 
 
-def krr_memory_bytes(n_train: int, method: str = "cholesky", *, dtype: torch.dtype = torch.float32,
-                     block_size: int = 2048, num_classes: int = 10, n_features: int = 3072) -> int:
+def krr_memory_bytes(
+    n_train: int,
+    method: str = "cholesky",
+    *,
+    dtype: torch.dtype = torch.float32,
+    block_size: int = 2048,
+    num_classes: int = 10,
+    n_features: int = 3072,
+) -> int:
     """Rough peak memory (bytes) of :func:`kernel_ridge_regression` beyond the data itself.
 
     ``"cholesky"``: the N×N matrix in ``dtype`` plus one N×``block_size``
@@ -422,7 +475,7 @@ def krr_memory_bytes(n_train: int, method: str = "cholesky", *, dtype: torch.dty
 
 
 def _diag_blocks(kernel_fn, X, block_size):
-    return [kernel_fn(X[i:i + block_size], X[i:i + block_size]) for i in range(0, X.shape[0], block_size)]
+    return [kernel_fn(X[i : i + block_size], X[i : i + block_size]) for i in range(0, X.shape[0], block_size)]
 
 
 def _build_train_matrix(kernel_fn, X, block_size, dtype, device, progress):
@@ -432,10 +485,10 @@ def _build_train_matrix(kernel_fn, X, block_size, dtype, device, progress):
     diag_sum = 0.0
     blocks = [(i, j) for i in range(0, n, block_size) for j in range(0, i + 1, block_size)]
     for i, j in tqdm(blocks, desc="train kernel", disable=not progress, leave=False):
-        blk = kernel_fn(X[i:i + block_size], X[j:j + block_size])
+        blk = kernel_fn(X[i : i + block_size], X[j : j + block_size])
         if i == j:
             diag_sum += float(torch.diagonal(blk).sum())
-        K[i:i + block_size, j:j + block_size] = blk
+        K[i : i + block_size, j : j + block_size] = blk
         del blk
     return K, diag_sum / n
 
@@ -451,10 +504,10 @@ def _cg_solve(kernel_fn, X, Y, reg, diag, block_size, tol, maxiter, progress):
             for j in starts:
                 if j > i:
                     break
-                blk = kernel_fn(X[i:i + block_size], X[j:j + block_size]).to(P.dtype)
-                out[i:i + block_size] += blk @ P[j:j + block_size]
+                blk = kernel_fn(X[i : i + block_size], X[j : j + block_size]).to(P.dtype)
+                out[i : i + block_size] += blk @ P[j : j + block_size]
                 if j != i:  # use symmetry: the (j, i) block is blkᵀ
-                    out[j:j + block_size] += blk.T @ P[i:i + block_size]
+                    out[j : j + block_size] += blk.T @ P[i : i + block_size]
         return out
 
     minv = 1.0 / (diag + reg)[:, None]
@@ -480,18 +533,33 @@ def _cg_solve(kernel_fn, X, Y, reg, diag, block_size, tol, maxiter, progress):
         P = Z + (rz_new / rz.clamp_min(1e-300)) * P
         rz = rz_new
     else:
-        raise RuntimeError(f"CG did not reach relative residual {tol:g} in {maxiter} iterations "
-                           f"(reached {rel:.3g}); raise cg_maxiter or kernel_reg")
+        raise RuntimeError(
+            f"CG did not reach relative residual {tol:g} in {maxiter} iterations "
+            f"(reached {rel:.3g}); raise cg_maxiter or kernel_reg"
+        )
     return A
 
 
-def kernel_ridge_regression(kernel_fn: KernelFn, X_train: torch.Tensor, y_train: torch.Tensor,
-                            X_test: torch.Tensor, y_test: torch.Tensor | None = None, *,
-                            num_classes: int | None = None, kernel_reg: float = 1e-4,
-                            method: str = "cholesky", dtype: torch.dtype | None = None,
-                            block_size: int = 2048, train_subset: int | None = None, seed: int = 0,
-                            device=None, cg_tol: float = 1e-6, cg_maxiter: int = 2000,
-                            progress: bool = True, return_outputs: bool = False):
+def kernel_ridge_regression(
+    kernel_fn: KernelFn,
+    X_train: torch.Tensor,
+    y_train: torch.Tensor,
+    X_test: torch.Tensor,
+    y_test: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    kernel_reg: float = 1e-4,
+    method: str = "cholesky",
+    dtype: torch.dtype | None = None,
+    block_size: int = 2048,
+    train_subset: int | None = None,
+    seed: int = 0,
+    device=None,
+    cg_tol: float = 1e-6,
+    cg_maxiter: int = 2000,
+    progress: bool = True,
+    return_outputs: bool = False,
+):
     """Kernel ridge regression classifier; returns the test accuracy.
 
     * ``kernel_fn(A, B)`` returns the (float64) kernel block between row sets
@@ -561,22 +629,24 @@ def kernel_ridge_regression(kernel_fn: KernelFn, X_train: torch.Tensor, y_train:
             del K
             raise torch.linalg.LinAlgError(
                 f"{err}. Try a larger kernel_reg (now {kernel_reg:g}), dtype=torch.float64 with "
-                f"train_subset, or method='cg'.") from None
+                f"train_subset, or method='cg'."
+            ) from None
         alpha = cholesky_solve_inplace(K, Y, block_size)
         del K
     else:
         diag = torch.cat([torch.diagonal(b) for b in _diag_blocks(kernel_fn, X_train, block_size)])
         diag = diag.to(device=device, dtype=dtype)
         reg = kernel_reg * float(diag.mean())
-        alpha = _cg_solve(kernel_fn, X_train, Y.to(dtype), reg, diag, block_size, cg_tol,
-                          cg_maxiter, progress).to(torch.float64)
+        alpha = _cg_solve(
+            kernel_fn, X_train, Y.to(dtype), reg, diag, block_size, cg_tol, cg_maxiter, progress
+        ).to(torch.float64)
 
     m = X_test.shape[0]
     outputs = torch.zeros(m, num_classes, dtype=torch.float64, device=device)
     blocks = [(i, j) for i in range(0, m, block_size) for j in range(0, n, block_size)]
     for i, j in tqdm(blocks, desc="test kernel", disable=not progress, leave=False):
-        blk = kernel_fn(X_test[i:i + block_size], X_train[j:j + block_size]).to(torch.float64)
-        outputs[i:i + block_size] += blk @ alpha[j:j + block_size]
+        blk = kernel_fn(X_test[i : i + block_size], X_train[j : j + block_size]).to(torch.float64)
+        outputs[i : i + block_size] += blk @ alpha[j : j + block_size]
     outputs = outputs.cpu()
     acc = None
     if y_test is not None:

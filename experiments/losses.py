@@ -8,6 +8,7 @@
 Both are per-example losses; :func:`loss_sum` sums them over the batch, :func:`loss_mean`
 averages them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 __all__ = ["LOSSES", "LOSS_HELP", "per_example_loss", "loss_sum", "loss_mean"]
 
 LOSSES = ("xent", "mse")
-LOSS_HELP = ("xent: cross-entropy; mse: mean over the C classes of (f_c - t_c)² with centred "
-             "one-hot targets t = onehot(y) - 1/C; both averaged over the examples of a step")
+LOSS_HELP = (
+    "xent: cross-entropy; mse: mean over the C classes of (f_c - t_c)² with centred "
+    "one-hot targets t = onehot(y) - 1/C; both averaged over the examples of a step"
+)
 
 
 def per_example_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ precision, seed) and call :func:`build_model`. Code that needs a net's parts use
 layout (``net.input_layer``, ``net.hidden_layers``, ``net.output_layer``, ``net.features(x)``,
 ``net.param_roles()``), never positions in ``net.layers``.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
@@ -26,14 +27,30 @@ from torch import nn
 from experiments.cli import ConfigError
 from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 
-__all__ = ["KINDS", "KIND_ALIASES", "canonical_kind", "kind_of", "ModelSpec", "build_model",
-           "set_rows_dtype", "infinite_layers", "describe"]
+__all__ = [
+    "KINDS",
+    "KIND_ALIASES",
+    "canonical_kind",
+    "kind_of",
+    "ModelSpec",
+    "build_model",
+    "set_rows_dtype",
+    "infinite_layers",
+    "describe",
+]
 
 KINDS = ("infinite", "finite", "mup")
 KIND_ALIASES = {
-    "infinite": "infinite", "inf": "infinite",
-    "finite": "finite", "fin": "finite", "pi": "finite",
-    "mup": "mup", "mu": "mup", "mu-net": "mup", "μp": "mup", "mu_p": "mup",
+    "infinite": "infinite",
+    "inf": "infinite",
+    "finite": "finite",
+    "fin": "finite",
+    "pi": "finite",
+    "mup": "mup",
+    "mu": "mup",
+    "mu-net": "mup",
+    "μp": "mup",
+    "mu_p": "mup",
 }
 
 
@@ -89,8 +106,10 @@ class ModelSpec:
     def __post_init__(self):
         object.__setattr__(self, "kind", canonical_kind(self.kind))
         if self.kind != "infinite" and (self.width is None or self.width < 1):
-            raise ConfigError(f"a {self.kind} net needs a width >= 1 (got {self.width}) — give "
-                              f"a positive width, or build the infinite net")
+            raise ConfigError(
+                f"a {self.kind} net needs a width >= 1 (got {self.width}) — give "
+                f"a positive width, or build the infinite net"
+            )
         if self.kind != "mup" and self.r < 1:
             raise ConfigError(f"rank r = {self.r} — give r >= 1")
         if self.depth < 0:
@@ -103,8 +122,7 @@ class ModelSpec:
         """Plain data (dtypes as strings), e.g. for a checkpoint or metrics.json."""
         doc = asdict(self)
         doc["dtype"] = str(self.dtype).replace("torch.", "")
-        doc["rows_dtype"] = None if self.rows_dtype is None else str(self.rows_dtype).replace(
-            "torch.", "")
+        doc["rows_dtype"] = None if self.rows_dtype is None else str(self.rows_dtype).replace("torch.", "")
         return doc
 
     @classmethod
@@ -129,24 +147,45 @@ def build_model(spec: ModelSpec, device=None) -> nn.Module:
     if spec.seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    shape = dict(first_layer_alpha=spec.first_layer_alpha, last_layer_alpha=spec.last_layer_alpha,
-                 bias_alpha=spec.bias_alpha, last_bias_alpha=spec.last_bias_alpha,
-                 layernorm=spec.layernorm)
+    shape = dict(
+        first_layer_alpha=spec.first_layer_alpha,
+        last_layer_alpha=spec.last_layer_alpha,
+        bias_alpha=spec.bias_alpha,
+        last_bias_alpha=spec.last_bias_alpha,
+        layernorm=spec.layernorm,
+    )
     tract = spec.tract_lambda or None
     if spec.kind == "mup":
-        net = MuMLP(spec.d_in, spec.d_out, spec.width, L=spec.depth, generator=generator,
-                    readout_zero_init=spec.readout_zero_init, tract_lambda=tract, dtype=spec.dtype,
-                    **shape)
+        net = MuMLP(
+            spec.d_in,
+            spec.d_out,
+            spec.width,
+            L=spec.depth,
+            generator=generator,
+            readout_zero_init=spec.readout_zero_init,
+            tract_lambda=tract,
+            dtype=spec.dtype,
+            **shape,
+        )
         return net.to(device)
     if spec.kind == "infinite":
-        net = InfMLP(spec.d_in, spec.d_out, spec.r, L=spec.depth, tract_lambda=tract,
-                     device=device, dtype=spec.dtype, **shape)
+        net = InfMLP(
+            spec.d_in,
+            spec.d_out,
+            spec.r,
+            L=spec.depth,
+            tract_lambda=tract,
+            device=device,
+            dtype=spec.dtype,
+            **shape,
+        )
         if spec.rows_dtype is not None and spec.rows_dtype != spec.dtype:
             set_rows_dtype(net, spec.rows_dtype)
         return net
     # a finite π-net: sampled (in float64, on the CPU) from a fresh infinite net
-    source = InfMLP(spec.d_in, spec.d_out, spec.r, L=spec.depth, tract_lambda=tract,
-                    dtype=torch.float64, **shape)
+    source = InfMLP(
+        spec.d_in, spec.d_out, spec.r, L=spec.depth, tract_lambda=tract, dtype=torch.float64, **shape
+    )
     net = FinPiMLPSample(source, spec.width, generator=generator, dtype=spec.dtype)
     return net.to(device)
 

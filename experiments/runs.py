@@ -15,6 +15,7 @@
   ``metrics.json`` (``config``, ``summary``, ``epochs``) and ``curves.png``; :func:`plot_curves`
   draws every curve with markers, so a one-epoch run shows its points.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,10 +34,25 @@ import torch
 from experiments.cli import ConfigError
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "METRICS_CSV", "METRICS_JSON",
-    "CURVES_PNG", "atomic_write", "write_json", "write_csv", "clean_stale_temporaries",
-    "config_hash", "run_name", "run_dir", "RunExists", "save_checkpoint", "load_checkpoint",
-    "safe_load", "MetricsLog", "plot_curves",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CHECKPOINT_NAME",
+    "METRICS_CSV",
+    "METRICS_JSON",
+    "CURVES_PNG",
+    "atomic_write",
+    "write_json",
+    "write_csv",
+    "clean_stale_temporaries",
+    "config_hash",
+    "run_name",
+    "run_dir",
+    "RunExists",
+    "save_checkpoint",
+    "load_checkpoint",
+    "safe_load",
+    "MetricsLog",
+    "plot_curves",
 ]
 
 log = logging.getLogger("experiments")
@@ -55,6 +71,7 @@ _TMP = re.compile(r"^\..+\.tmp(\d+)$")
 
 
 # =========================================================================== atomic files
+
 
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
@@ -87,8 +104,12 @@ def clean_stale_temporaries(folder) -> list[Path]:
             except OSError:
                 pass
     if removed:
-        log.info("removed %d stale temporary file(s) of an interrupted run in %s: %s",
-                 len(removed), folder, ", ".join(p.name for p in removed))
+        log.info(
+            "removed %d stale temporary file(s) of an interrupted run in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 
@@ -129,12 +150,14 @@ def write_csv(path, rows: list[dict], columns: Iterable[str] = ()) -> None:
     writer = csv.DictWriter(text, fieldnames=names, lineterminator="\n", restval="")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, list) else v
-                         for k, v in row.items()})
+        writer.writerow(
+            {k: "" if v is None else json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
+        )
     atomic_write(path, lambda fh: fh.write(text.getvalue().encode()))
 
 
 # =========================================================================== run folders
+
 
 def config_hash(config: dict, ignore: Iterable[str] = (), length: int = 8) -> str:
     """A short hash of ``config`` without the ``ignore`` keys (stable across processes)."""
@@ -154,8 +177,15 @@ class RunExists(ConfigError):
     """The run folder already holds a run (and neither ``--overwrite`` nor a resume asked for it)."""
 
 
-def run_dir(save_dir, name: str, *, overwrite: bool = False, resume: bool = False,
-            marker: str = METRICS_JSON, flag: str = "--save-dir") -> Path:
+def run_dir(
+    save_dir,
+    name: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    marker: str = METRICS_JSON,
+    flag: str = "--save-dir",
+) -> Path:
     """The run folder ``save_dir/name``, created; stale temporaries in it are removed.
 
     If it already holds a run (``marker`` exists) it is used only with ``resume`` (continuing
@@ -164,14 +194,17 @@ def run_dir(save_dir, name: str, *, overwrite: bool = False, resume: bool = Fals
     """
     folder = Path(save_dir) / name
     if (folder / marker).exists() and not (overwrite or resume):
-        raise RunExists(f"{folder} already holds a run with these options — pass --overwrite to "
-                        f"replace it, or choose another {flag}")
+        raise RunExists(
+            f"{folder} already holds a run with these options — pass --overwrite to "
+            f"replace it, or choose another {flag}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(folder)
     return folder
 
 
 # =========================================================================== checkpoints
+
 
 def save_checkpoint(path, state: dict) -> None:
     """``torch.save`` of ``state`` plus ``format``/``version``, written atomically.
@@ -202,12 +235,15 @@ def safe_load(path, what: str = "checkpoint", flag: str | None = None, map_locat
     except Exception as err:  # noqa: BLE001 - a foreign file fails in many ways; report it once
         unsafe = "Weights only load failed" in str(err) or "Unsupported global" in str(err)
         if unsafe:
-            reason = ("it holds Python objects other than tensors and plain data, which are not "
-                      "loaded because unpickling them could run code")
+            reason = (
+                "it holds Python objects other than tensors and plain data, which are not "
+                "loaded because unpickling them could run code"
+            )
         else:
             reason = f"it is damaged or not a torch file ({type(err).__name__})"
-        raise ConfigError(f"{where} is not a readable {what}: {reason} — pass a file written "
-                          f"by these programs") from None
+        raise ConfigError(
+            f"{where} is not a readable {what}: {reason} — pass a file written by these programs"
+        ) from None
 
 
 def load_checkpoint(path, flag: str | None = None, program: str | None = None) -> dict:
@@ -221,29 +257,38 @@ def load_checkpoint(path, flag: str | None = None, program: str | None = None) -
         path = path / CHECKPOINT_NAME
     where = f"{flag} {path}" if flag else str(path)
     if not path.is_file():
-        raise ConfigError(f"{where}: checkpoint does not exist — a --save-dir run folder of a run "
-                          f"with --save-model holds {CHECKPOINT_NAME}")
+        raise ConfigError(
+            f"{where}: checkpoint does not exist — a --save-dir run folder of a run "
+            f"with --save-model holds {CHECKPOINT_NAME}"
+        )
     ckpt = safe_load(path, "checkpoint", flag)
     if not isinstance(ckpt, dict):
-        raise ConfigError(f"{where} is not a checkpoint of these programs — pass a "
-                          f"{CHECKPOINT_NAME} they wrote")
+        raise ConfigError(
+            f"{where} is not a checkpoint of these programs — pass a {CHECKPOINT_NAME} they wrote"
+        )
     fmt = ckpt.get("format")
     if isinstance(fmt, (str, int)) and fmt in _LEGACY_FORMATS:
         ckpt = {**ckpt, "format": CHECKPOINT_FORMAT, "version": _LEGACY_FORMATS[fmt]}
     elif fmt != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{where} is not a checkpoint of these programs (no "
-                          f"{CHECKPOINT_FORMAT!r} format field) — pass a {CHECKPOINT_NAME} "
-                          f"they wrote")
+        raise ConfigError(
+            f"{where} is not a checkpoint of these programs (no "
+            f"{CHECKPOINT_FORMAT!r} format field) — pass a {CHECKPOINT_NAME} "
+            f"they wrote"
+        )
     if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
-        raise ConfigError(f"{where} has checkpoint version {ckpt['version']}, newer than this "
-                          f"code's {CHECKPOINT_VERSION} — update the code")
+        raise ConfigError(
+            f"{where} has checkpoint version {ckpt['version']}, newer than this "
+            f"code's {CHECKPOINT_VERSION} — update the code"
+        )
     if program is not None and ckpt.get("program", program) != program:
-        raise ConfigError(f"{where} was written by {ckpt.get('program')}, not {program} — pass "
-                          f"a checkpoint of {program}")
+        raise ConfigError(
+            f"{where} was written by {ckpt.get('program')}, not {program} — pass a checkpoint of {program}"
+        )
     return ckpt
 
 
 # =========================================================================== metrics
+
 
 class MetricsLog:
     """Per-epoch metrics, written as ``metrics.csv``, ``metrics.json`` and ``curves.png``.
@@ -253,9 +298,16 @@ class MetricsLog:
     CSV). ``columns`` orders the CSV; ``accuracy_key`` is the column the summary is about.
     """
 
-    def __init__(self, save_dir, config: dict, history: list[dict] | None = None,
-                 title: str = "", columns: Iterable[str] = (), accuracy_key: str = "test_acc",
-                 plot: bool = True):
+    def __init__(
+        self,
+        save_dir,
+        config: dict,
+        history: list[dict] | None = None,
+        title: str = "",
+        columns: Iterable[str] = (),
+        accuracy_key: str = "test_acc",
+        plot: bool = True,
+    ):
         self.save_dir = None if save_dir is None else Path(save_dir)
         self.config = config
         self.history = list(history or [])
@@ -274,19 +326,21 @@ class MetricsLog:
         summary: dict = {}
         if trained:
             best = max(trained, key=lambda r: r[key])
-            summary = {"epochs_done": trained[-1]["epoch"], f"final_{key}": trained[-1][key],
-                       f"best_{key}": best[key], "best_epoch": best["epoch"],
-                       "train_time_s": sum(r.get("train_time_s") or 0.0 for r in trained)}
+            summary = {
+                "epochs_done": trained[-1]["epoch"],
+                f"final_{key}": trained[-1][key],
+                f"best_{key}": best[key],
+                "best_epoch": best["epoch"],
+                "train_time_s": sum(r.get("train_time_s") or 0.0 for r in trained),
+            }
         transfer = [r for r in self.history if r.get("transfer_acc") is not None]
         if transfer:
             best = max(transfer, key=lambda r: r["transfer_acc"])
-            summary.update(best_transfer_acc=best["transfer_acc"],
-                           best_transfer_epoch=best["epoch"])
+            summary.update(best_transfer_acc=best["transfer_acc"], best_transfer_epoch=best["epoch"])
         return summary
 
     def document(self) -> dict:
-        return {"config": self.config, "summary": self.summary(), "epochs": self.history,
-                **self.extra}
+        return {"config": self.config, "summary": self.summary(), "epochs": self.history, **self.extra}
 
     def write(self) -> None:
         if self.save_dir is None:
@@ -297,9 +351,12 @@ class MetricsLog:
             plot_curves(self.history, self.save_dir / CURVES_PNG, self.title)
 
 
-def plot_curves(history: list[dict], path, title: str = "",
-                panels=(("loss", ("train_loss", "test_loss")),
-                        ("accuracy", ("train_acc", "test_acc", "transfer_acc")))):
+def plot_curves(
+    history: list[dict],
+    path,
+    title: str = "",
+    panels=(("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc", "transfer_acc"))),
+):
     """One panel per ``(y label, keys)`` of ``panels``, each key a curve against ``epoch``;
     returns the matplotlib Figure.
 
@@ -314,8 +371,11 @@ def plot_curves(history: list[dict], path, title: str = "",
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, keys) in zip(axes, panels):
         for key in keys:
-            pts = [(r["epoch"], r[key]) for r in history
-                   if isinstance(r.get(key), (int, float)) and r.get("epoch") is not None]
+            pts = [
+                (r["epoch"], r[key])
+                for r in history
+                if isinstance(r.get(key), (int, float)) and r.get("epoch") is not None
+            ]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", markersize=5, label=key.replace("_", " "))

@@ -37,6 +37,7 @@ that, not tuned per method; with them the kernels still lead on digits (NNGP 98.
 epochs, 50 000 images) is a GPU job: see docs/experiments_cifar_imagenet.md for the original
 commands.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,7 @@ __all__ = ["METHODS", "build_parser", "load_dataset", "main", "run_table"]
 METHODS = ("infinite π-net", "finite π-net", "μP MLP", "NNGP", "NTK")
 NETWORKS = METHODS[:3]
 #: The paper's Table 1 (CIFAR-10 test accuracy, %), for reference next to a CIFAR-10 run.
-PAPER_CIFAR10 = {"infinite π-net": 61.50, "finite π-net": 60.64, "μP MLP": 61.31,
-                 "NNGP": 58.92, "NTK": 59.63}
+PAPER_CIFAR10 = {"infinite π-net": 61.50, "finite π-net": 60.64, "μP MLP": 61.31, "NNGP": 58.92, "NTK": 59.63}
 RESULTS_JSON = "results.json"
 
 
@@ -73,6 +73,7 @@ class UserError(Exception):
 
 
 # --------------------------------------------------------------------------- data
+
 
 @dataclass
 class Dataset:
@@ -100,8 +101,9 @@ def _standardise(train: torch.Tensor, test: torch.Tensor, mean: torch.Tensor, st
     return ((train - mean) / scale).float(), ((test - mean) / scale).float()
 
 
-def load_dataset(name: str, data: str | None = None, train_size: int | None = None,
-                 test_size: int | None = None) -> Dataset:
+def load_dataset(
+    name: str, data: str | None = None, train_size: int | None = None, test_size: int | None = None
+) -> Dataset:
     """Vectors for the five methods: ``digits`` (no download) or ``cifar10`` from ``data``."""
     if name == "digits":
         from experiments.data.digits import load_digits_split
@@ -113,8 +115,10 @@ def load_dataset(name: str, data: str | None = None, train_size: int | None = No
         from experiments.data.cifar import DatasetError, load_cifar10
 
         if data is None:
-            raise UserError("--dataset cifar10 needs --data DIR (the CIFAR-10 python version: "
-                            "cifar-10-python.tar.gz or the folder unpacked from it)")
+            raise UserError(
+                "--dataset cifar10 needs --data DIR (the CIFAR-10 python version: "
+                "cifar-10-python.tar.gz or the folder unpacked from it)"
+            )
         try:
             xtr, ytr = load_cifar10(data, train=True)
             xte, yte = load_cifar10(data, train=False)
@@ -142,9 +146,13 @@ def load_dataset(name: str, data: str | None = None, train_size: int | None = No
 
 # --------------------------------------------------------------------------- methods
 
+
 def _net_kwargs(args) -> dict:
-    return dict(first_layer_alpha=args.first_layer_alpha, last_layer_alpha=args.last_layer_alpha,
-                bias_alpha=args.bias_alpha)
+    return dict(
+        first_layer_alpha=args.first_layer_alpha,
+        last_layer_alpha=args.last_layer_alpha,
+        bias_alpha=args.bias_alpha,
+    )
 
 
 def build_net(method: str, args, d_in: int, num_classes: int, seed: int) -> torch.nn.Module:
@@ -164,13 +172,13 @@ def build_net(method: str, args, d_in: int, num_classes: int, seed: int) -> torc
 def _accuracy(net, X, y, batch_size: int = 1000) -> float:
     correct = 0
     for i in range(0, len(X), batch_size):
-        correct += int((net(X[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        correct += int((net(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     return correct / len(X)
 
 
 @torch.no_grad()
 def _features(net, X, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([net.features(X[i:i + batch_size]) for i in range(0, len(X), batch_size)])
+    return torch.cat([net.features(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
 
 
 def _finite_feature_kernel(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -189,21 +197,24 @@ def train_network(method: str, args, data: Dataset, seed: int, progress: bool) -
     """Train one network for ``args.epochs`` epochs; its test accuracy and feature-kernel
     accuracy."""
     net = build_net(method, args, data.X_train.shape[1], data.num_classes, seed)
-    groups = pi_param_groups(net, lr=args.lr, first_layer_lr_mult=args.first_layer_lr_mult,
-                             last_layer_lr_mult=args.last_layer_lr_mult)
+    groups = pi_param_groups(
+        net,
+        lr=args.lr,
+        first_layer_lr_mult=args.first_layer_lr_mult,
+        last_layer_lr_mult=args.last_layer_lr_mult,
+    )
     opt = InfSGD(groups, lr=args.lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     batches = torch.Generator().manual_seed(20_000 + seed)  # the same batches for every method
     n = len(data.y_train)
     steps = math.ceil(n / args.batch_size)
     total, done = args.epochs * steps, 0
-    bar = tqdm(total=args.epochs * steps, desc=f"{method}, seed {seed}", leave=False,
-               disable=not progress)
+    bar = tqdm(total=args.epochs * steps, desc=f"{method}, seed {seed}", leave=False, disable=not progress)
     loss = float("nan")
     for _ in range(args.epochs):
         order = torch.randperm(n, generator=batches)
         for i in range(steps):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
             out = net(data.X_train[idx])
             batch_loss = F.cross_entropy(out, data.y_train[idx])
             opt.zero_grad()
@@ -222,9 +233,17 @@ def train_network(method: str, args, data: Dataset, seed: int, progress: bool) -
     # the learned feature kernel of the last hidden layer
     ftr, fte = _features(net, data.X_train), _features(net, data.X_test)
     kernel = feature_kernel if method == "infinite π-net" else _finite_feature_kernel
-    kacc = kernel_ridge_regression(kernel, ftr, data.y_train, fte, data.y_test,
-                                   num_classes=data.num_classes, kernel_reg=args.kernel_reg,
-                                   dtype=_krr_dtype(len(data.y_train)), progress=False)
+    kacc = kernel_ridge_regression(
+        kernel,
+        ftr,
+        data.y_train,
+        fte,
+        data.y_test,
+        num_classes=data.num_classes,
+        kernel_reg=args.kernel_reg,
+        dtype=_krr_dtype(len(data.y_train)),
+        progress=False,
+    )
     return {"test_acc": acc, "feature_kernel_acc": kacc, "final_train_loss": loss}
 
 
@@ -235,13 +254,21 @@ def kernel_method(method: str, args, data: Dataset) -> dict:
     (``--ntk-variant pilim``) does, and is evaluated at the original's varw = 1."""
     kind = "nngp" if method == "NNGP" else "ntk"
     pilim = kind == "ntk" and args.ntk_variant == "pilim"
-    kernel = make_mlp_kernel(kind, depth=args.depth + 1, varw=1.0 if pilim else 2.0, varb=0.0,
-                             ntk_variant=args.ntk_variant)
+    kernel = make_mlp_kernel(
+        kind, depth=args.depth + 1, varw=1.0 if pilim else 2.0, varb=0.0, ntk_variant=args.ntk_variant
+    )
     root_d = math.sqrt(data.X_train.shape[1])
-    acc = kernel_ridge_regression(kernel, data.X_train * root_d, data.y_train, data.X_test * root_d,
-                                  data.y_test,
-                                  num_classes=data.num_classes, kernel_reg=args.kernel_reg,
-                                  dtype=_krr_dtype(len(data.y_train)), progress=False)
+    acc = kernel_ridge_regression(
+        kernel,
+        data.X_train * root_d,
+        data.y_train,
+        data.X_test * root_d,
+        data.y_test,
+        num_classes=data.num_classes,
+        kernel_reg=args.kernel_reg,
+        dtype=_krr_dtype(len(data.y_train)),
+        progress=False,
+    )
     return {"test_acc": acc}
 
 
@@ -258,33 +285,51 @@ def run_table(args, data: Dataset, progress: bool = False, log=print) -> dict:
                 row = kernel_method(method, args, data)
             row.update(seed=seed, time_s=time.perf_counter() - began)
             runs.append(row)
-            extra = (f", feature kernel {100 * row['feature_kernel_acc']:.2f}%"
-                     if "feature_kernel_acc" in row else "")
-            log(f"{method:15s} seed {seed}: test accuracy {100 * row['test_acc']:.2f}%{extra} "
-                f"({row['time_s']:.1f} s)")
+            extra = (
+                f", feature kernel {100 * row['feature_kernel_acc']:.2f}%"
+                if "feature_kernel_acc" in row
+                else ""
+            )
+            log(
+                f"{method:15s} seed {seed}: test accuracy {100 * row['test_acc']:.2f}%{extra} "
+                f"({row['time_s']:.1f} s)"
+            )
         accs = np.array([r["test_acc"] for r in runs])
-        entry = {"runs": runs, "mean": float(accs.mean()),
-                 "sd": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-                 "time_s": float(np.mean([r["time_s"] for r in runs]))}
+        entry = {
+            "runs": runs,
+            "mean": float(accs.mean()),
+            "sd": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+            "time_s": float(np.mean([r["time_s"] for r in runs])),
+        }
         if method in NETWORKS:
             k = np.array([r["feature_kernel_acc"] for r in runs])
-            entry.update(feature_kernel_mean=float(k.mean()),
-                         feature_kernel_sd=float(k.std(ddof=1)) if len(k) > 1 else 0.0)
+            entry.update(
+                feature_kernel_mean=float(k.mean()),
+                feature_kernel_sd=float(k.std(ddof=1)) if len(k) > 1 else 0.0,
+            )
         results[method] = entry
     return results
 
 
 # --------------------------------------------------------------------------- output
 
+
 def format_table(results: dict, dataset: str, n_seeds: int) -> str:
     """The table as aligned text (also valid Markdown)."""
     paper = dataset == "cifar10"
-    head = ["method", f"test accuracy % (mean ± sd, {n_seeds} seeds)",
-            "feature kernel %", "time per seed (s)"] + (["paper (CIFAR-10, full)"] if paper else [])
+    head = [
+        "method",
+        f"test accuracy % (mean ± sd, {n_seeds} seeds)",
+        "feature kernel %",
+        "time per seed (s)",
+    ] + (["paper (CIFAR-10, full)"] if paper else [])
     rows = []
     for method, r in results.items():
-        fk = (f"{100 * r['feature_kernel_mean']:.2f} ± {100 * r['feature_kernel_sd']:.2f}"
-              if "feature_kernel_mean" in r else "—")
+        fk = (
+            f"{100 * r['feature_kernel_mean']:.2f} ± {100 * r['feature_kernel_sd']:.2f}"
+            if "feature_kernel_mean" in r
+            else "—"
+        )
         row = [method, f"{100 * r['mean']:.2f} ± {100 * r['sd']:.2f}", fk, f"{r['time_s']:.1f}"]
         if paper:
             row.append(f"{PAPER_CIFAR10[method]:.2f}")
@@ -298,6 +343,7 @@ def format_table(results: dict, dataset: str, n_seeds: int) -> str:
 def save_plot(results: dict, path: Path, title: str) -> None:
     """Bar chart of the test accuracies (mean ± sd, every seed as a dot), ≥ 1200 px wide."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -307,34 +353,51 @@ def save_plot(results: dict, path: Path, title: str) -> None:
     means = [100 * results[m]["mean"] for m in methods]
     sds = [100 * results[m]["sd"] for m in methods]
     colors = ["tab:blue", "tab:cyan", "tab:green", "tab:orange", "tab:red"]
-    ax.bar(x, means, yerr=sds, capsize=8, color=colors[:len(methods)], alpha=0.8,
-           label="mean ± sd over seeds")
+    ax.bar(
+        x, means, yerr=sds, capsize=8, color=colors[: len(methods)], alpha=0.8, label="mean ± sd over seeds"
+    )
     first = True
     for i, m in enumerate(methods):
         accs = [100 * r["test_acc"] for r in results[m]["runs"]]
         ax.plot([i] * len(accs), accs, "k.", markersize=10, label="one seed" if first else None)
         first = False
-    fk = [(i, 100 * results[m]["feature_kernel_mean"]) for i, m in enumerate(methods)
-          if "feature_kernel_mean" in results[m]]
+    fk = [
+        (i, 100 * results[m]["feature_kernel_mean"])
+        for i, m in enumerate(methods)
+        if "feature_kernel_mean" in results[m]
+    ]
     if fk:
-        ax.plot([i for i, _ in fk], [v for _, v in fk], "D", color="purple", markersize=9,
-                linestyle="none", label="feature kernel of the trained net (mean)")
+        ax.plot(
+            [i for i, _ in fk],
+            [v for _, v in fk],
+            "D",
+            color="purple",
+            markersize=9,
+            linestyle="none",
+            label="feature kernel of the trained net (mean)",
+        )
     every = [100 * r["test_acc"] for m in methods for r in results[m]["runs"]]
     lo = min(every + [v for _, v in fk]) - 5
     hi = max(every + [m + s for m, s in zip(means, sds)] + [v for _, v in fk])
     bottom = max(0.0, lo)
     ax.set_ylim(bottom, min(100.0, hi) + 0.1 * (hi - bottom) + 1)
     for i, mean in enumerate(means):  # the mean, written inside its bar
-        ax.text(i, bottom + 0.04 * (ax.get_ylim()[1] - bottom), f"{mean:.2f}%", ha="center",
-                color="white", fontsize=14, fontweight="bold")
+        ax.text(
+            i,
+            bottom + 0.04 * (ax.get_ylim()[1] - bottom),
+            f"{mean:.2f}%",
+            ha="center",
+            color="white",
+            fontsize=14,
+            fontweight="bold",
+        )
     ax.set_xticks(x, methods, fontsize=13)
     ax.set_ylabel("test accuracy (%)", fontsize=14)
     ax.set_xlabel("method", fontsize=14)
     ax.tick_params(axis="y", labelsize=12)
     ax.set_title(title, fontsize=15)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=12, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
-              frameon=False)
+    ax.legend(fontsize=12, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -342,48 +405,78 @@ def save_plot(results: dict, path: Path, title: str) -> None:
 
 # --------------------------------------------------------------------------- command line
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.table1",
         description="The paper's Table 1 in miniature: infinite π-net, finite π-net, μP MLP, "
-                    "NNGP and NTK on digits (no download) or CIFAR-10, over several seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "NNGP and NTK on digits (no download) or CIFAR-10, over several seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="CIFAR-10 python version (cifar-10-python.tar.gz or its folder); "
-                        "--dataset cifar10 only")
-    p.add_argument("--train-size", type=int, default=None, metavar="N",
-                   help="use a fixed subset of N training examples (default: all)")
-    p.add_argument("--test-size", type=int, default=None, metavar="N",
-                   help="use a fixed subset of N test examples (default: all)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="CIFAR-10 python version (cifar-10-python.tar.gz or its folder); --dataset cifar10 only",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use a fixed subset of N training examples (default: all)",
+    )
+    p.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use a fixed subset of N test examples (default: all)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, …)")
     p.add_argument("--epochs", type=int, default=6, help="training epochs of the networks")
     p.add_argument("--r", type=int, default=32, help="rank of the π-nets")
     p.add_argument("--width", type=int, default=1024, help="width of the finite π-net and μP MLP")
-    p.add_argument("--depth", type=int, default=1,
-                   help="hidden layers of the networks (the kernels get --depth + 1 ReLUs)")
-    p.add_argument("--lr", type=float, default=2.0,
-                   help="initial learning rate of the networks, decayed linearly to 0")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=1,
+        help="hidden layers of the networks (the kernels get --depth + 1 ReLUs)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=2.0, help="initial learning rate of the networks, decayed linearly to 0"
+    )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--gclip", type=float, default=1.0,
-                   help="per-parameter gradient clipping (0: off)")
+    p.add_argument("--gclip", type=float, default=1.0, help="per-parameter gradient clipping (0: off)")
     p.add_argument("--first-layer-alpha", type=float, default=2.0)
     p.add_argument("--last-layer-alpha", type=float, default=1.0)
     p.add_argument("--bias-alpha", type=float, default=0.5)
     p.add_argument("--first-layer-lr-mult", type=float, default=0.5)
     p.add_argument("--last-layer-lr-mult", type=float, default=1.0)
-    p.add_argument("--kernel-reg", type=float, default=1e-3,
-                   help="ridge of every kernel regression, relative to the kernel's mean diagonal")
-    p.add_argument("--ntk-variant", choices=NTK_VARIANTS, default="correct",
-                   help="'pilim': the original library's NTK formula "
-                        "(docs/experiments_cifar_imagenet.md)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated subset of: " + ", ".join(METHODS))
-    p.add_argument("--save-dir", default="./output",
-                   help="results go to SAVE_DIR/table1_<dataset>/ (table.md, results.json, "
-                        "table1.png)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in the same folder")
+    p.add_argument(
+        "--kernel-reg",
+        type=float,
+        default=1e-3,
+        help="ridge of every kernel regression, relative to the kernel's mean diagonal",
+    )
+    p.add_argument(
+        "--ntk-variant",
+        choices=NTK_VARIANTS,
+        default="correct",
+        help="'pilim': the original library's NTK formula (docs/experiments_cifar_imagenet.md)",
+    )
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS)
+    )
+    p.add_argument(
+        "--save-dir",
+        default="./output",
+        help="results go to SAVE_DIR/table1_<dataset>/ (table.md, results.json, table1.png)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in the same folder"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -398,15 +491,19 @@ def _check(args) -> None:
     for flag in ("lr", "kernel_reg", "gclip"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
-            raise UserError(f"--{flag.replace('_', '-')} must be a "
-                            f"{'positive' if flag == 'lr' else 'non-negative'} number, got {value}")
+            raise UserError(
+                f"--{flag.replace('_', '-')} must be a "
+                f"{'positive' if flag == 'lr' else 'non-negative'} number, got {value}"
+            )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     aliases = {m.lower(): m for m in METHODS}
     aliases.update({"infinite": METHODS[0], "finite": METHODS[1], "mup": METHODS[2]})
     unknown = [m for m in methods if m.lower() not in aliases]
     if unknown or not methods:
-        raise UserError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from "
-                        f"{', '.join(METHODS)} (or infinite, finite, mup)")
+        raise UserError(
+            f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from "
+            f"{', '.join(METHODS)} (or infinite, finite, mup)"
+        )
     args.methods = [aliases[m.lower()] for m in methods]
     if args.dataset == "digits" and args.data is not None:
         raise UserError("--data is for --dataset cifar10; digits ship with scikit-learn")
@@ -419,13 +516,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.save_dir).expanduser() / f"table1_{args.dataset}"
     if (out / RESULTS_JSON).exists() and not args.overwrite:
-        raise UserError(f"{out} already holds the results of an earlier run; pass --overwrite to "
-                        f"replace them, or choose another --save-dir")
+        raise UserError(
+            f"{out} already holds the results of an earlier run; pass --overwrite to "
+            f"replace them, or choose another --save-dir"
+        )
     progress = not args.no_progress and sys.stderr.isatty()
     data = load_dataset(args.dataset, args.data, args.train_size, args.test_size)
-    print(f"{args.dataset}: {len(data.y_train)} training and {len(data.y_test)} test examples "
-          f"of dimension {data.X_train.shape[1]}; {args.seeds} seeds, {args.epochs} epochs, "
-          f"r = {args.r}, width {args.width}, depth {args.depth}, {args.threads} thread(s)")
+    print(
+        f"{args.dataset}: {len(data.y_train)} training and {len(data.y_test)} test examples "
+        f"of dimension {data.X_train.shape[1]}; {args.seeds} seeds, {args.epochs} epochs, "
+        f"r = {args.r}, width {args.width}, depth {args.depth}, {args.threads} thread(s)"
+    )
     seeds = args.seeds
     args.seeds = list(range(seeds))
     results = run_table(args, data, progress)
@@ -434,12 +535,19 @@ def main(argv=None) -> dict:
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items()}
-    doc = {"config": config, "results": results, "table": table,
-           "train_size": len(data.y_train), "test_size": len(data.y_test)}
+    doc = {
+        "config": config,
+        "results": results,
+        "table": table,
+        "train_size": len(data.y_train),
+        "test_size": len(data.y_test),
+    }
     _atomic_write_text(out / "table.md", table + "\n")
-    title = (f"Table 1 in miniature: {args.dataset} ({len(data.y_train)} train / "
-             f"{len(data.y_test)} test), {seeds} seeds, {args.epochs} epochs, r = {args.r}, "
-             f"width {args.width}")
+    title = (
+        f"Table 1 in miniature: {args.dataset} ({len(data.y_train)} train / "
+        f"{len(data.y_test)} test), {seeds} seeds, {args.epochs} epochs, r = {args.r}, "
+        f"width {args.width}"
+    )
     tmp_png = out / f".table1.png.tmp{os.getpid()}"
     save_plot(results, tmp_png, title)
     os.replace(tmp_png, out / "table1.png")

@@ -8,6 +8,7 @@
   metrics, plots and checkpoints after every epoch, and a final result line on stdout;
 * :func:`checkpoint_model` / :func:`adopt_architecture` — rebuild or evaluate a saved net.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,21 +35,51 @@ from inf.networks import FinPiMLPSample, InfMLP
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_, pi_param_groups
 
-__all__ = ["apply_precision", "make_optimizer", "make_scheduler", "gclip_at", "batch_loss",
-           "Trainer", "fit", "rng_state", "set_rng_state", "checkpoint_model",
-           "adopt_architecture", "memory_text", "rows_text", "run_folder_name", "METRIC_COLUMNS"]
+__all__ = [
+    "apply_precision",
+    "make_optimizer",
+    "make_scheduler",
+    "gclip_at",
+    "batch_loss",
+    "Trainer",
+    "fit",
+    "rng_state",
+    "set_rng_state",
+    "checkpoint_model",
+    "adopt_architecture",
+    "memory_text",
+    "rows_text",
+    "run_folder_name",
+    "METRIC_COLUMNS",
+]
 
 log = logging.getLogger("experiments")
 
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "transfer_acc",
-                  "lr", "gclip", "rows", "steps", "step_time_ms", "train_time_s", "eval_time_s",
-                  "transfer_time_s", "memory", "compressions", "compression_rel_eps")
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "transfer_acc",
+    "lr",
+    "gclip",
+    "rows",
+    "steps",
+    "step_time_ms",
+    "train_time_s",
+    "eval_time_s",
+    "transfer_time_s",
+    "memory",
+    "compressions",
+    "compression_rel_eps",
+)
 
 
 # =========================================================================== optimization
 
-def apply_precision(net: nn.Module, args, device: torch.device,
-                    half_rows: bool | None = None) -> str:
+
+def apply_precision(net: nn.Module, args, device: torch.device, half_rows: bool | None = None) -> str:
     """float16 rows for infinite nets on CUDA unless ``--float``; returns a description.
 
     Only the rows ``A``/``B`` of the infinite hidden and output layers go to float16;
@@ -60,8 +91,7 @@ def apply_precision(net: nn.Module, args, device: torch.device,
         if args.float:
             return "float32"
         if device.type != "cuda":
-            log.info("notice: float16 rows need CUDA; on %s this run uses float32 (as with "
-                     "--float)", device)
+            log.info("notice: float16 rows need CUDA; on %s this run uses float32 (as with --float)", device)
             return "float32"
         half_rows = True
     if not half_rows:
@@ -69,17 +99,21 @@ def apply_precision(net: nn.Module, args, device: torch.device,
     if isinstance(net, InfMLP):
         set_rows_dtype(net, torch.float16)
         return "float16 rows (A, B), float32 coefficients and arithmetic"
-    log.info("notice: float16 applies to infinite-width rows only; this finite net trains in "
-             "float32")
+    log.info("notice: float16 applies to infinite-width rows only; this finite net trains in float32")
     return "float32"
 
 
 def make_optimizer(args, net: nn.Module) -> InfSGD:
     """InfSGD over :func:`inf.utils.pi_param_groups` (roles: first, hidden, last, biases)."""
-    groups = pi_param_groups(net, args.lr, args.wd, first_layer_lr_mult=args.first_layer_lr_mult,
-                             last_layer_lr_mult=args.last_layer_lr_mult,
-                             bias_lr_mult=args.bias_lr_mult,
-                             apply_lr_mult_to_wd=args.apply_lr_mult_to_wd)
+    groups = pi_param_groups(
+        net,
+        args.lr,
+        args.wd,
+        first_layer_lr_mult=args.first_layer_lr_mult,
+        last_layer_lr_mult=args.last_layer_lr_mult,
+        bias_lr_mult=args.bias_lr_mult,
+        apply_lr_mult_to_wd=args.apply_lr_mult_to_wd,
+    )
     if args.no_Gproj or args.gaussian_init:
         for group in groups:
             group["project"] = False
@@ -89,8 +123,9 @@ def make_optimizer(args, net: nn.Module) -> InfSGD:
 def make_scheduler(args, optimizer):
     """A ``torch.optim.lr_scheduler`` stepped once per epoch, or None."""
     if args.scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_drop_milestones,
-                                                    gamma=args.lr_drop_ratio)
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=args.lr_drop_milestones, gamma=args.lr_drop_ratio
+        )
     if args.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     if args.lr_drop_milestones:
@@ -113,6 +148,7 @@ def batch_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # =========================================================================== progress text
+
 
 def _rss_bytes() -> int:
     try:
@@ -145,8 +181,10 @@ def make_row_budget(args, net: nn.Module, optimizer):
 
     keep = getattr(args, "row_budget_keep", 0.25)
     if n < 2 or not 0.0 < keep < 1.0:
-        raise ConfigError(f"--row-budget must be 0 (off) or at least 2, and --row-budget-keep between 0 "
-                          f"and 1; got {n} and {keep}")
+        raise ConfigError(
+            f"--row-budget must be 0 (off) or at least 2, and --row-budget-keep between 0 "
+            f"and 1; got {n} and {keep}"
+        )
     if not infinite_layers(net):
         raise ConfigError("--row-budget applies to infinite nets only; drop it for this model")
     return RowBudget(net, max_rows=n, keep_fraction=keep, optimizer=optimizer, seed=args.seed)
@@ -159,6 +197,7 @@ def _hms(seconds: float) -> str:
 
 # =========================================================================== training
 
+
 class Trainer:
     """One epoch of SGD and evaluation for a π-MLP (or μP MLP) on an :class:`ImageSet`.
 
@@ -169,15 +208,15 @@ class Trainer:
     the last one possibly smaller.
     """
 
-    def __init__(self, args, net: nn.Module, optimizer, device: torch.device,
-                 generator: torch.Generator):
+    def __init__(self, args, net: nn.Module, optimizer, device: torch.device, generator: torch.Generator):
         self.args, self.net, self.optimizer = args, net, optimizer
         self.device, self.generator = device, generator
         self.budget = make_row_budget(args, net, optimizer)
 
     def _progress(self, total: int, desc: str):
-        enabled = edist.is_main() and not (getattr(self.args, "no_progress", False) or
-                                           getattr(self.args, "human", False))
+        enabled = edist.is_main() and not (
+            getattr(self.args, "no_progress", False) or getattr(self.args, "human", False)
+        )
         return progress_bar(total=total, desc=desc, enabled=enabled, nested=True)
 
     def train_epoch(self, data: ImageSet, epoch: int) -> dict:
@@ -186,8 +225,8 @@ class Trainer:
         gclip = gclip_at(args, epoch)
         n = len(data)
         order = torch.randperm(n, generator=self.generator)
-        batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
-        steps = [batches[i:i + args.accum_steps] for i in range(0, len(batches), args.accum_steps)]
+        batches = [order[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
+        steps = [batches[i : i + args.accum_steps] for i in range(0, len(batches), args.accum_steps)]
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
@@ -216,18 +255,29 @@ class Trainer:
                 bar.update(done - bar.n)
                 if not bar.disable:
                     bar.set_postfix_str(self._status(loss_total, correct, seen), refresh=False)
-            if args.human and not args.no_progress and (done % human_every == 0
-                                                         or done == len(steps)):
+            if args.human and not args.no_progress and (done % human_every == 0 or done == len(steps)):
                 elapsed = time.perf_counter() - began
-                log.info("epoch %d/%d  %3.0f%% (%d/%d steps)  %s  %.1f ms/step  ETA %s",
-                         epoch + 1, args.epochs, 100 * done / len(steps), done, len(steps),
-                         self._status(loss_total, correct, seen), 1e3 * elapsed / done,
-                         _hms(elapsed / done * (len(steps) - done)))
+                log.info(
+                    "epoch %d/%d  %3.0f%% (%d/%d steps)  %s  %.1f ms/step  ETA %s",
+                    epoch + 1,
+                    args.epochs,
+                    100 * done / len(steps),
+                    done,
+                    len(steps),
+                    self._status(loss_total, correct, seen),
+                    1e3 * elapsed / done,
+                    _hms(elapsed / done * (len(steps) - done)),
+                )
         bar.close()
         elapsed = time.perf_counter() - began
-        return {"train_loss": float(loss_total) / seen, "train_acc": int(correct) / seen,
-                "gclip": gclip, "steps": len(steps), "train_time_s": elapsed,
-                "step_time_ms": 1e3 * elapsed / len(steps)}
+        return {
+            "train_loss": float(loss_total) / seen,
+            "train_acc": int(correct) / seen,
+            "gclip": gclip,
+            "steps": len(steps),
+            "train_time_s": elapsed,
+            "step_time_ms": 1e3 * elapsed / len(steps),
+        }
 
     def _status(self, loss_total, correct, seen) -> str:
         parts = [f"loss {float(loss_total) / seen:.4f}", f"acc {int(correct) / seen:.2%}"]
@@ -256,11 +306,15 @@ class Trainer:
 
 # =========================================================================== RNG state
 
+
 def rng_state(generator: torch.Generator, device: torch.device) -> dict:
     """Every random state a resumable run needs: torch, Python, CUDA and the data generator."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "data": generator.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "data": generator.get_state(),
+    }
 
 
 def set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
@@ -276,6 +330,7 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
 
 # =========================================================================== checkpoints
 
+
 def checkpoint_model(ckpt: dict, device: torch.device, width: int | None = None):
     """Rebuild the net a checkpoint holds: ``(net, kind, namespace of its options)``.
 
@@ -287,16 +342,21 @@ def checkpoint_model(ckpt: dict, device: torch.device, width: int | None = None)
     try:
         net.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, ValueError) as err:
-        raise ConfigError(f"the checkpoint's weights do not fit the network its options describe "
-                          f"({str(err).splitlines()[0]}) — pass an unmodified checkpoint") from None
+        raise ConfigError(
+            f"the checkpoint's weights do not fit the network its options describe "
+            f"({str(err).splitlines()[0]}) — pass an unmodified checkpoint"
+        ) from None
     kind = model_kind(saved)
     if width:
         if kind != "infinite":
-            raise ConfigError(f"--width {width} samples a finite net from an infinite one, but "
-                              f"the checkpoint holds a {kind} net — drop --width")
+            raise ConfigError(
+                f"--width {width} samples a finite net from an infinite one, but "
+                f"the checkpoint holds a {kind} net — drop --width"
+            )
         generator = torch.Generator().manual_seed(saved.seed)
-        net = FinPiMLPSample(net.to("cpu").double(), width, generator=generator,
-                             dtype=torch.float32).to(device)
+        net = FinPiMLPSample(net.to("cpu").double(), width, generator=generator, dtype=torch.float32).to(
+            device
+        )
         kind = "finite"
     return net, kind, saved
 
@@ -308,25 +368,47 @@ def adopt_architecture(args, ckpt: dict) -> None:
     for key in ARCH_KEYS:
         setattr(args, key, saved.get(key))
     if changed:
-        log.info("using the checkpoint's network options: %s",
-                 ", ".join(f"{k}={saved.get(k)!r}" for k in changed))
+        log.info(
+            "using the checkpoint's network options: %s", ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        )
 
 
 def _check_resumable(saved: dict, args, path) -> None:
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
-             for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
+    diffs = [
+        f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
+        for k in ARCH_KEYS
+        if saved.get(k) != getattr(args, k)
+    ]
     if diffs:
-        raise ConfigError(f"{path} holds a different network ({'; '.join(diffs)}) — resume with "
-                          f"the options it was trained with")
-    changed = [k for k in ("lr", "wd", "momentum", "batch_size", "scheduler", "seed", "loss",
-                           "lr_drop_milestones", "lr_drop_ratio", "gclip")
-               if k in saved and saved[k] != getattr(args, k, saved[k])]
+        raise ConfigError(
+            f"{path} holds a different network ({'; '.join(diffs)}) — resume with "
+            f"the options it was trained with"
+        )
+    changed = [
+        k
+        for k in (
+            "lr",
+            "wd",
+            "momentum",
+            "batch_size",
+            "scheduler",
+            "seed",
+            "loss",
+            "lr_drop_milestones",
+            "lr_drop_ratio",
+            "gclip",
+        )
+        if k in saved and saved[k] != getattr(args, k, saved[k])
+    ]
     if changed:
-        log.warning("resuming with changed options: %s", ", ".join(
-            f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in changed))
+        log.warning(
+            "resuming with changed options: %s",
+            ", ".join(f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in changed),
+        )
 
 
 # =========================================================================== run folders
+
 
 def run_folder_name(args, program: str) -> str:
     """``<program>_<kind>_<r or width>_L<depth>_s<seed>_<hash>``, the hash over every option
@@ -336,10 +418,8 @@ def run_folder_name(args, program: str) -> str:
     config = dict(vars(args))
     if args.evaluate_only:
         config["model_path"] = str(Path(args.model_path).resolve())
-        return runs.run_name(f"{program}_eval_{kind}_{size}",
-                             config, set(OPERATIONAL_KEYS) - {"model_path"})
-    return runs.run_name(f"{program}_{kind}_{size}_L{args.depth}_s{args.seed}", config,
-                         OPERATIONAL_KEYS)
+        return runs.run_name(f"{program}_eval_{kind}_{size}", config, set(OPERATIONAL_KEYS) - {"model_path"})
+    return runs.run_name(f"{program}_{kind}_{size}_L{args.depth}_s{args.seed}", config, OPERATIONAL_KEYS)
 
 
 def _same_file(a, b) -> bool:
@@ -353,12 +433,16 @@ def _result_line(doc: dict, program: str, run: Path | None) -> str:
     s = doc.get("summary") or {}
     if not s:
         return f"{program}: no epochs trained"
-    text = (f"{program}: {s['epochs_done']} epochs, final test accuracy "
-            f"{100 * s['final_test_acc']:.2f}% (best {100 * s['best_test_acc']:.2f}% at epoch "
-            f"{s['best_epoch']})")
+    text = (
+        f"{program}: {s['epochs_done']} epochs, final test accuracy "
+        f"{100 * s['final_test_acc']:.2f}% (best {100 * s['best_test_acc']:.2f}% at epoch "
+        f"{s['best_epoch']})"
+    )
     if s.get("best_transfer_acc") is not None:
-        text += (f", best transfer accuracy {100 * s['best_transfer_acc']:.2f}% at epoch "
-                 f"{s['best_transfer_epoch']}")
+        text += (
+            f", best transfer accuracy {100 * s['best_transfer_acc']:.2f}% at epoch "
+            f"{s['best_transfer_epoch']}"
+        )
     return text + (f"; files in {run}" if run is not None else "")
 
 
@@ -368,8 +452,11 @@ def _open_run_folder(args, program: str) -> tuple[Path | None, dict | None]:
         return None, None
     name = run_folder_name(args, program)
     folder = Path(args.save_dir) / name
-    resume = bool(args.model_path) and not args.evaluate_only and (
-        _same_file(Path(args.model_path).parent, folder) or _same_file(args.model_path, folder))
+    resume = (
+        bool(args.model_path)
+        and not args.evaluate_only
+        and (_same_file(Path(args.model_path).parent, folder) or _same_file(args.model_path, folder))
+    )
     marker = folder / runs.METRICS_JSON
     if marker.exists() and not args.overwrite and not resume and not args.evaluate_only:
         try:
@@ -380,18 +467,21 @@ def _open_run_folder(args, program: str) -> tuple[Path | None, dict | None]:
         if done >= args.epochs:
             return folder, doc
         if (folder / runs.CHECKPOINT_NAME).is_file():
-            fix = (f"resume it with --model-path {folder / runs.CHECKPOINT_NAME}, or pass "
-                   f"--overwrite to start again")
+            fix = (
+                f"resume it with --model-path {folder / runs.CHECKPOINT_NAME}, or pass "
+                f"--overwrite to start again"
+            )
         else:
             fix = "pass --overwrite to start again (it has no checkpoint to resume)"
-        raise runs.RunExists(f"{folder} holds an unfinished run with these options (epoch {done} "
-                             f"of {args.epochs}) — {fix}")
+        raise runs.RunExists(
+            f"{folder} holds an unfinished run with these options (epoch {done} of {args.epochs}) — {fix}"
+        )
     folder = runs.run_dir(args.save_dir, name, overwrite=True)
     if args.overwrite and not resume:
         for path in folder.iterdir():
-            if path.name in (runs.METRICS_JSON, runs.METRICS_CSV, runs.CURVES_PNG,
-                             "evaluation.json") or (path.name.startswith("checkpoint")
-                                                    and path.suffix == ".pt"):
+            if path.name in (runs.METRICS_JSON, runs.METRICS_CSV, runs.CURVES_PNG, "evaluation.json") or (
+                path.name.startswith("checkpoint") and path.suffix == ".pt"
+            ):
                 path.unlink()
     return folder, None
 
@@ -401,9 +491,19 @@ def _open_run_folder(args, program: str) -> tuple[Path | None, dict | None]:
 EpochHook = Callable[[int, nn.Module], dict]
 
 
-def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: torch.device, *,
-        program: str, precision: str, ckpt: dict | None = None,
-        epoch_hook: EpochHook | None = None, hook_epochs: Iterable[int] = ()) -> dict:
+def fit(
+    args,
+    net: nn.Module,
+    train: ImageSet | None,
+    test: ImageSet,
+    device: torch.device,
+    *,
+    program: str,
+    precision: str,
+    ckpt: dict | None = None,
+    epoch_hook: EpochHook | None = None,
+    hook_epochs: Iterable[int] = (),
+) -> dict:
     """Train ``net`` on ``train`` for ``args.epochs`` epochs, evaluating on ``test`` after each.
 
     * ``--save-dir DIR``: the run's files go to its own folder ``DIR/<name>``
@@ -430,8 +530,10 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
     if finished is not None:
         finished["run_dir"] = str(save_dir)
         if writes:
-            print(_result_line(finished, program, save_dir) + " (already finished; --overwrite to "
-              "train again)", flush=True)
+            print(
+                _result_line(finished, program, save_dir) + " (already finished; --overwrite to train again)",
+                flush=True,
+            )
         return finished
     if ckpt is not None:
         if not args.evaluate_only:
@@ -439,9 +541,11 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
         try:
             net.load_state_dict(ckpt["model"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ConfigError(f"{args.model_path}: the weights do not fit this network "
-                              f"({str(err).splitlines()[0]}) — pass a checkpoint of this "
-                              f"program written with these network options") from None
+            raise ConfigError(
+                f"{args.model_path}: the weights do not fit this network "
+                f"({str(err).splitlines()[0]}) — pass a checkpoint of this "
+                f"program written with these network options"
+            ) from None
     shape = {"d_in": test.dim, "d_out": int(net.d_out)}
     kind = kind_of(net)
     title = f"{program}: {kind} net, {precision}"
@@ -452,13 +556,19 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
         epoch = ckpt["epoch"] if ckpt else 0
         if epoch_hook is not None:
             result.update(epoch_hook(epoch, net))
-        doc = {"config": dict(vars(args)), "evaluation": {"epoch": epoch, **result},
-               "run_dir": None if save_dir is None else str(save_dir)}
+        doc = {
+            "config": dict(vars(args)),
+            "evaluation": {"epoch": epoch, **result},
+            "run_dir": None if save_dir is None else str(save_dir),
+        }
         if save_dir is not None and writes:
             runs.write_json(save_dir / "evaluation.json", doc)
         if writes:
-            print(f"{program}: {args.model_path} after {epoch} epochs: " + "  ".join(
-            f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+            print(
+                f"{program}: {args.model_path} after {epoch} epochs: "
+                + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)),
+                flush=True,
+            )
         return doc
 
     optimizer = make_optimizer(args, net)
@@ -474,21 +584,30 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
             set_rng_state(ckpt["rng"], generator, device)
             budget_state = ckpt.get("row_budget")
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            raise ConfigError(f"{args.model_path}: the optimizer or RNG state cannot be restored "
-                              f"({str(err).splitlines()[0]}) — pass an unmodified checkpoint "
-                              f"of this program") from None
+            raise ConfigError(
+                f"{args.model_path}: the optimizer or RNG state cannot be restored "
+                f"({str(err).splitlines()[0]}) — pass an unmodified checkpoint "
+                f"of this program"
+            ) from None
         history, start_epoch = list(ckpt["metrics"]), int(ckpt["epoch"])
         log.info("resuming %s after epoch %d of %d", args.model_path, start_epoch, args.epochs)
-    metrics = runs.MetricsLog(save_dir if writes else None, dict(vars(args)), history, title,
-                              METRIC_COLUMNS)
+    metrics = runs.MetricsLog(save_dir if writes else None, dict(vars(args)), history, title, METRIC_COLUMNS)
     metrics.extra["run_dir"] = None if save_dir is None else str(save_dir)
     metrics.extra["distributed"] = edist.rows_report(net)
     trainer = Trainer(args, net, optimizer, device, generator)
     if trainer.budget is not None and ckpt is not None and budget_state is not None:
         trainer.budget.load_state_dict(budget_state)
-    log.info("%s: %s net on %s, %d train / %d test examples, %s, %s%s", program, describe(net),
-             train.name, len(train), len(test), device, precision,
-             f"; run folder {save_dir}" if save_dir is not None else "")
+    log.info(
+        "%s: %s net on %s, %d train / %d test examples, %s, %s%s",
+        program,
+        describe(net),
+        train.name,
+        len(train),
+        len(test),
+        device,
+        precision,
+        f"; run folder {save_dir}" if save_dir is not None else "",
+    )
 
     if start_epoch == 0 and 0 in hook_epochs and epoch_hook is not None:
         metrics.append({"epoch": 0, **epoch_hook(0, net)})
@@ -505,12 +624,21 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
         eval_time = time.perf_counter() - evaluated
         if scheduler is not None:
             scheduler.step()
-        row = {"epoch": epoch + 1, "train_loss": stats["train_loss"],
-               "train_acc": stats["train_acc"], "test_loss": stats["test_loss"],
-               "test_acc": stats["test_acc"], "lr": lr, "gclip": stats["gclip"],
-               "rows": rows_text(net), "steps": stats["steps"],
-               "step_time_ms": stats["step_time_ms"], "train_time_s": stats["train_time_s"],
-               "eval_time_s": eval_time, "memory": memory_text(device)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": stats["train_loss"],
+            "train_acc": stats["train_acc"],
+            "test_loss": stats["test_loss"],
+            "test_acc": stats["test_acc"],
+            "lr": lr,
+            "gclip": stats["gclip"],
+            "rows": rows_text(net),
+            "steps": stats["steps"],
+            "step_time_ms": stats["step_time_ms"],
+            "train_time_s": stats["train_time_s"],
+            "eval_time_s": eval_time,
+            "memory": memory_text(device),
+        }
         if trainer.budget is not None:
             m = trainer.budget.metrics()
             row["compressions"] = sum(m["compressions"].values())
@@ -520,19 +648,35 @@ def fit(args, net: nn.Module, train: ImageSet | None, test: ImageSet, device: to
         metrics.append(row)
         metrics.extra["distributed"] = edist.rows_report(net)
         metrics.write()
-        log.info("epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  "
-                 "(%.1f s, %.2f ms/step%s, %s)", epoch + 1, args.epochs, row["train_loss"],
-                 100 * row["train_acc"], row["test_loss"], 100 * row["test_acc"],
-                 f"  transfer acc {100 * row['transfer_acc']:.2f}%"
-                 if row.get("transfer_acc") is not None else "",
-                 row["train_time_s"], row["step_time_ms"],
-                 f", rows {row['rows']}" if row["rows"] else "", row["memory"])
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%%s  "
+            "(%.1f s, %.2f ms/step%s, %s)",
+            epoch + 1,
+            args.epochs,
+            row["train_loss"],
+            100 * row["train_acc"],
+            row["test_loss"],
+            100 * row["test_acc"],
+            f"  transfer acc {100 * row['transfer_acc']:.2f}%" if row.get("transfer_acc") is not None else "",
+            row["train_time_s"],
+            row["step_time_ms"],
+            f", rows {row['rows']}" if row["rows"] else "",
+            row["memory"],
+        )
         if args.save_model:
-            state = {"program": program, "kind": kind, "shape": shape, "args": dict(vars(args)),
-                     "epoch": epoch + 1, "precision": precision, "model": edist.model_state(net),
-                     "optimizer": edist.optimizer_state(net, optimizer),  # gathered when sharded
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "rng": rng_state(generator, device), "metrics": metrics.history}
+            state = {
+                "program": program,
+                "kind": kind,
+                "shape": shape,
+                "args": dict(vars(args)),
+                "epoch": epoch + 1,
+                "precision": precision,
+                "model": edist.model_state(net),
+                "optimizer": edist.optimizer_state(net, optimizer),  # gathered when sharded
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(generator, device),
+                "metrics": metrics.history,
+            }
             if trainer.budget is not None:
                 state["row_budget"] = trainer.budget.state_dict()
             if writes:

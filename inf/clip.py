@@ -5,6 +5,7 @@ An infinite layer's gradient is its pending rows, whose Frobenius norm is
 a finite π-weight's gradient is already projected onto ``span(Ω)`` when backward
 has accumulated it, so both widths clip the same amount.
 """
+
 from __future__ import annotations
 
 import torch

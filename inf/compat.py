@@ -15,9 +15,10 @@ old name                       what it is now
 state-dict key ``…rows.Amult``   ``…rows.coefficients`` (old checkpoints load)
 =============================  ======================================================
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 

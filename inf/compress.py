@@ -41,6 +41,7 @@ exactly as it would from the projected weight and velocity.
 Use :class:`RowBudget` during training (call it after ``optimizer.step()``),
 or :func:`compress_layer` / :func:`compress_rows` directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,21 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["CompressionReport", "Landmarks", "kernel", "kernel_apply", "rkhs_gram", "pivoted_cholesky", "compress_rows",
-           "compress_layer", "nested_compressions", "pivot_threshold", "infinite_layers", "RowBudget", "METHODS"]
+__all__ = [
+    "CompressionReport",
+    "Landmarks",
+    "kernel",
+    "kernel_apply",
+    "rkhs_gram",
+    "pivoted_cholesky",
+    "compress_rows",
+    "compress_layer",
+    "nested_compressions",
+    "pivot_threshold",
+    "infinite_layers",
+    "RowBudget",
+    "METHODS",
+]
 
 METHODS = ("rpcholesky", "greedy", "adaptive")
 _TWO_PI = 2.0 * math.pi
@@ -97,7 +111,7 @@ def kernel_apply(B: torch.Tensor, Z: torch.Tensor, chunk_bytes: int = _CHUNK_BYT
         Kc = kernel(B[lo:hi], B[lo:])
         KZ[lo:hi] += Kc @ Z[lo:]
         if hi < M:
-            KZ[hi:] += Kc[:, hi - lo:].T @ Z[lo:hi]
+            KZ[hi:] += Kc[:, hi - lo :].T @ Z[lo:hi]
     return KZ
 
 
@@ -119,6 +133,7 @@ class Landmarks:
     ``F`` (M × K) with ``F[index]`` lower triangular (``= L``, ``L Lᵀ = K_UU``);
     ``residual``: the diagonal of ``K_BB − F Fᵀ`` (M).
     """
+
     index: torch.Tensor
     factor: torch.Tensor
     residual: torch.Tensor
@@ -178,15 +193,24 @@ def _adaptive_block(G, cand, RZ, Z, nb, threshold):
         RZc -= torch.outer(colc, col @ Z)
         taken[j] = True
         order.append(j)
-    C = C[:, :len(order)]
+    C = C[:, : len(order)]
     RZ -= C @ (C.T @ Z)  # the residual function at every row, after the whole block
     return order, C
 
 
-def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", block: int = 64,
-                     generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
-                     threshold: float | None = None, on_block=None, weights: torch.Tensor | None = None,
-                     applied: torch.Tensor | None = None, pool: int = 4) -> Landmarks:
+def pivoted_cholesky(
+    B: torch.Tensor,
+    rank: int,
+    method: str = "rpcholesky",
+    block: int = 64,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    threshold: float | None = None,
+    on_block=None,
+    weights: torch.Tensor | None = None,
+    applied: torch.Tensor | None = None,
+    pool: int = 4,
+) -> Landmarks:
     """Choose up to ``rank`` landmark rows of ``B`` by pivoted Cholesky of ``K_BB``.
 
     Args:
@@ -234,13 +258,17 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
         if method == "greedy":
             cand = torch.topk(dpos, nb).indices
         elif method == "adaptive":
-            score = torch.where(dpos > threshold, RZ.pow(2).sum(1) / dpos.clamp_min(threshold), torch.zeros_like(d))
+            score = torch.where(
+                dpos > threshold, RZ.pow(2).sum(1) / dpos.clamp_min(threshold), torch.zeros_like(d)
+            )
             # a pool of the best candidates by the current scores; the block's pivots are then
             # chosen one at a time within the pool with exactly updated scores
             cand = torch.topk(score, min(M, pool * nb)).indices
         else:
             # the generator may live on another device than the rows (RowBudget's is a CPU one)
-            probs = dpos if generator is None or generator.device == dpos.device else dpos.to(generator.device)
+            probs = (
+                dpos if generator is None or generator.device == dpos.device else dpos.to(generator.device)
+            )
             cand = torch.multinomial(probs, nb, replacement=True, generator=generator).unique().to(Bc.device)
         cand = cand[dpos[cand] > threshold]
         if cand.numel() == 0:
@@ -269,7 +297,7 @@ def pivoted_cholesky(B: torch.Tensor, rank: int, method: str = "rpcholesky", blo
             # new factor columns: G[:, order] L_s⁻ᵀ, i.e. solve L_s X = G[:, order]ᵀ
             Fn = torch.linalg.solve_triangular(Ls, G[:, order_t].T, upper=False).T
         a = Fn.shape[1]
-        F[:, k:k + a] = Fn
+        F[:, k : k + a] = Fn
         piv = cand[order_t]
         index.append(piv)
         chosen[piv] = True
@@ -304,6 +332,7 @@ class CompressionReport:
     layer's output moves by at most ``|g|·eps/√2`` per input ``g`` (``eps/√2`` under
     layernorm). ``velocity_eps`` / ``velocity_norm``: the same for the momentum velocity.
     """
+
     layer: str
     rows_before: int
     rows_after: int
@@ -334,10 +363,21 @@ def _row_scale(W: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmarks: int | None = None,
-                  tol: float | None = None, velocity: torch.Tensor | None = None,
-                  method: str = "adaptive", block: int = 64, generator: torch.Generator | None = None,
-                  dtype: torch.dtype = torch.float64, name: str = "layer", threshold: float | None = None):
+def compress_rows(
+    A: torch.Tensor,
+    c: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    landmarks: int | None = None,
+    tol: float | None = None,
+    velocity: torch.Tensor | None = None,
+    method: str = "adaptive",
+    block: int = 64,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    name: str = "layer",
+    threshold: float | None = None,
+):
     """Project the rows ``(A, c, B)`` onto ``K`` landmark rows.
 
     Args:
@@ -389,8 +429,18 @@ def compress_rows(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, landmark
 
     if threshold is None:
         threshold = pivot_threshold(A.dtype, B.dtype, compute=dtype)
-    lm = pivoted_cholesky(Bc, K, method=method, block=block, generator=generator, dtype=dtype, on_block=stop,
-                          weights=Z, applied=KZ, threshold=threshold)
+    lm = pivoted_cholesky(
+        Bc,
+        K,
+        method=method,
+        block=block,
+        generator=generator,
+        dtype=dtype,
+        on_block=stop,
+        weights=Z,
+        applied=KZ,
+        threshold=threshold,
+    )
     return _assemble(A, c, B, lm, lm.index.numel(), Z, p, norm2, vnorm2, method, name, t0)
 
 
@@ -403,6 +453,7 @@ _MAX_WEIGHT_RATIO = {False: 1e4, True: 1e10}
 def _conditioned_prefix(lm: Landmarks, K: int, Z, p: int, norm: float, limit: float):
     """``(W, Fᵀ Z, K')`` for the longest prefix ``K' ≤ K`` of the landmarks whose weights satisfy
     ``Σ_k |W_k| ≤ limit·‖h‖`` (prefixes of a pivoted Cholesky factorization are factorizations)."""
+
     def solve(k):
         F = lm.factor[:, :k]
         W, FtZ = _project(F, F[lm.index[:k]], Z)
@@ -425,8 +476,20 @@ def _conditioned_prefix(lm: Landmarks, K: int, Z, p: int, norm: float, limit: fl
     return best[0], best[1], lo
 
 
-def _assemble(A, c, B, lm: Landmarks, K: int, Z, p: int, norm2: float, vnorm2: float | None, method: str,
-              name: str, t0: float):
+def _assemble(
+    A,
+    c,
+    B,
+    lm: Landmarks,
+    K: int,
+    Z,
+    p: int,
+    norm2: float,
+    vnorm2: float | None,
+    method: str,
+    name: str,
+    t0: float,
+):
     """New rows from the first ``K`` landmarks of ``lm`` (nested: a prefix of a pivoted
     Cholesky factorization is the factorization of its pivots)."""
     limit = _MAX_WEIGHT_RATIO[A.dtype == torch.float64]
@@ -462,17 +525,34 @@ def _assemble(A, c, B, lm: Landmarks, K: int, Z, p: int, norm2: float, vnorm2: f
         eps = math.sqrt(max(eps2, 0.0))
     norm = math.sqrt(max(norm2, 0.0))
     report = CompressionReport(
-        layer=name, rows_before=B.shape[0], rows_after=A_new.shape[0], landmarks=int(idx.numel()),
-        eps=eps, norm=norm, rel_eps=eps / norm if norm > 0 else 0.0, velocity_eps=veps,
-        velocity_norm=None if vnorm2 is None else math.sqrt(max(vnorm2, 0.0)), method=method,
-        seconds=time.perf_counter() - t0)
+        layer=name,
+        rows_before=B.shape[0],
+        rows_after=A_new.shape[0],
+        landmarks=int(idx.numel()),
+        eps=eps,
+        norm=norm,
+        rel_eps=eps / norm if norm > 0 else 0.0,
+        velocity_eps=veps,
+        velocity_norm=None if vnorm2 is None else math.sqrt(max(vnorm2, 0.0)),
+        method=method,
+        seconds=time.perf_counter() - t0,
+    )
     return A_new, c_new, B_new, v_new, report
 
 
 @torch.no_grad()
-def nested_compressions(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, sizes, *,
-                        method: str = "adaptive", block: int = 64, generator: torch.Generator | None = None,
-                        dtype: torch.dtype = torch.float64, name: str = "layer"):
+def nested_compressions(
+    A: torch.Tensor,
+    c: torch.Tensor,
+    B: torch.Tensor,
+    sizes,
+    *,
+    method: str = "adaptive",
+    block: int = 64,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    name: str = "layer",
+):
     """Compressions of the rows ``(A, c, B)`` to each number of landmarks in ``sizes`` from one
     factorization (the landmarks of a smaller size are a prefix of those of a larger one).
 
@@ -485,8 +565,17 @@ def nested_compressions(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, sizes
     KZ = kernel_apply(Bc, Z)
     norm2 = float((Z * KZ).sum())
     sizes = [max(1, min(int(k), B.shape[0])) for k in sizes]
-    lm = pivoted_cholesky(Bc, max(sizes), method=method, block=block, generator=generator, dtype=dtype,
-                          weights=Z, applied=KZ, threshold=pivot_threshold(A.dtype, B.dtype, compute=dtype))
+    lm = pivoted_cholesky(
+        Bc,
+        max(sizes),
+        method=method,
+        block=block,
+        generator=generator,
+        dtype=dtype,
+        weights=Z,
+        applied=KZ,
+        threshold=pivot_threshold(A.dtype, B.dtype, compute=dtype),
+    )
     out = []
     for k in sizes:
         k = min(k, lm.index.numel())
@@ -499,8 +588,10 @@ def nested_compressions(A: torch.Tensor, c: torch.Tensor, B: torch.Tensor, sizes
 def _store(layer):
     store = getattr(layer, "rows", None)
     if store is None or not hasattr(store, "B"):
-        raise TypeError(f"{type(layer).__name__} is not an infinite π-layer with rows; "
-                        "compress InfPiLinearReLU layers (InfMLP.hidden_layers, output_layer)")
+        raise TypeError(
+            f"{type(layer).__name__} is not an infinite π-layer with rows; "
+            "compress InfPiLinearReLU layers (InfMLP.hidden_layers, output_layer)"
+        )
     return store
 
 
@@ -516,9 +607,18 @@ def infinite_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def compress_layer(layer, rows: int | None = None, *, tol: float | None = None, optimizer=None,
-                   method: str = "adaptive", block: int = 64, generator: torch.Generator | None = None,
-                   dtype: torch.dtype = torch.float64, name: str | None = None) -> CompressionReport:
+def compress_layer(
+    layer,
+    rows: int | None = None,
+    *,
+    tol: float | None = None,
+    optimizer=None,
+    method: str = "adaptive",
+    block: int = 64,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    name: str | None = None,
+) -> CompressionReport:
     """Compress an infinite π-layer in place to at most ``rows`` rows (and/or to relative error ``tol``).
 
     With an ``optimizer`` (InfSGD) whose state holds a momentum buffer for the layer's
@@ -527,9 +627,11 @@ def compress_layer(layer, rows: int | None = None, *, tol: float | None = None, 
     """
     store = _store(layer)
     if getattr(store, "sharded", False):
-        raise ValueError(f"{getattr(store, 'name', 'layer')}: its rows are sharded over processes; compression "
-                         "works on a whole layer: gather it first (inf.distributed.gather_) or compress before "
-                         "sharding")
+        raise ValueError(
+            f"{getattr(store, 'name', 'layer')}: its rows are sharded over processes; compression "
+            "works on a whole layer: gather it first (inf.distributed.gather_) or compress before "
+            "sharding"
+        )
     coef = _coefficients(store)
     M = store.num_rows
     state = optimizer.state.get(coef) if optimizer is not None else None
@@ -545,8 +647,18 @@ def compress_layer(layer, rows: int | None = None, *, tol: float | None = None, 
             raise ValueError(f"rows must be >= 1, got {rows}")
         K = max(1, rows // 2) if buf is not None else rows
     A_new, c_new, B_new, v_new, report = compress_rows(
-        store.A, coef.detach(), store.B, landmarks=K, tol=tol, velocity=buf, method=method, block=block,
-        generator=generator, dtype=dtype, name=name or getattr(store, "name", "layer"))
+        store.A,
+        coef.detach(),
+        store.B,
+        landmarks=K,
+        tol=tol,
+        velocity=buf,
+        method=method,
+        block=block,
+        generator=generator,
+        dtype=dtype,
+        name=name or getattr(store, "name", "layer"),
+    )
     store.set_rows(A_new, c_new, B_new)  # pending gradient rows (if any) are kept
     if buf is not None:
         state["momentum_buffer"] = v_new.to(device=buf.device, dtype=buf.dtype)
@@ -582,12 +694,21 @@ class RowBudget:
             (it is ``sqrt(‖h‖² − ‖Ph‖²)``, a difference of float32 sums).
     """
 
-    def __init__(self, net: nn.Module, max_rows: int, keep_fraction: float = 0.25, optimizer=None,
-                 method: str = "adaptive", block: int = 64, seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        net: nn.Module,
+        max_rows: int,
+        keep_fraction: float = 0.25,
+        optimizer=None,
+        method: str = "adaptive",
+        block: int = 64,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
         if max_rows < 2:
-            raise ValueError(f"max_rows must be >= 2 (got {max_rows}); use 0/None in programs to turn "
-                             "the budget off")
+            raise ValueError(
+                f"max_rows must be >= 2 (got {max_rows}); use 0/None in programs to turn the budget off"
+            )
         if not 0.0 < keep_fraction < 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1), got {keep_fraction}")
         if method not in METHODS:
@@ -616,8 +737,16 @@ class RowBudget:
         for name, layer in self.layers:
             if layer.rows.num_rows <= self.max_rows:
                 continue
-            rep = compress_layer(layer, self.keep_rows, optimizer=self.optimizer, method=self.method,
-                                 block=self.block, generator=self.generator, dtype=self.dtype, name=name)
+            rep = compress_layer(
+                layer,
+                self.keep_rows,
+                optimizer=self.optimizer,
+                method=self.method,
+                block=self.block,
+                generator=self.generator,
+                dtype=self.dtype,
+                name=name,
+            )
             self.compressions[name] += 1
             self.eps_sum[name] += rep.eps
             self.rel_eps_sum[name] += rep.rel_eps
@@ -633,16 +762,27 @@ class RowBudget:
 
     def metrics(self) -> dict:
         """Rows per layer, compressions done, accumulated ε (absolute and relative) per layer."""
-        return {"rows": self.rows(), "compressions": dict(self.compressions),
-                "eps_sum": dict(self.eps_sum), "rel_eps_sum": dict(self.rel_eps_sum),
-                "compress_seconds": self.seconds}
+        return {
+            "rows": self.rows(),
+            "compressions": dict(self.compressions),
+            "eps_sum": dict(self.eps_sum),
+            "rel_eps_sum": dict(self.rel_eps_sum),
+            "compress_seconds": self.seconds,
+        }
 
     def state_dict(self) -> dict:
-        return {"max_rows": self.max_rows, "keep_fraction": self.keep_fraction, "method": self.method,
-                "block": self.block, "generator": self.generator.get_state(),
-                "compressions": dict(self.compressions), "eps_sum": dict(self.eps_sum),
-                "rel_eps_sum": dict(self.rel_eps_sum), "seconds": self.seconds,
-                "history": list(self.history)}
+        return {
+            "max_rows": self.max_rows,
+            "keep_fraction": self.keep_fraction,
+            "method": self.method,
+            "block": self.block,
+            "generator": self.generator.get_state(),
+            "compressions": dict(self.compressions),
+            "eps_sum": dict(self.eps_sum),
+            "rel_eps_sum": dict(self.rel_eps_sum),
+            "seconds": self.seconds,
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict):
         self.max_rows = int(state["max_rows"])

@@ -1,4 +1,5 @@
 """Device selection with an error that says how to fix a missing GPU."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,9 @@ def resolve_device(device) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} was requested but no CUDA GPU is available "
-                           "(torch.cuda.is_available() is False): use device='cpu' (drop --cuda), or "
-                           "install a CUDA build of torch on a machine with a GPU")
+        raise RuntimeError(
+            f"device {str(device)!r} was requested but no CUDA GPU is available "
+            "(torch.cuda.is_available() is False): use device='cpu' (drop --cuda), or "
+            "install a CUDA build of torch on a machine with a GPU"
+        )
     return dev

@@ -41,6 +41,7 @@ folder, atomically; :func:`load_checkpoint` loads it into any number of shards
 
 Launch with ``torchrun``; :func:`init_from_env` joins the job it started.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,11 +59,30 @@ from torch import nn
 
 from .rows import RowStore, rows_of
 
-__all__ = ["DistributedRowStore", "shard_", "gather_", "gathered", "data_parallel_", "process_grid",
-           "full_state_dict", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-           "is_sharded", "global_rows_per_layer", "rows_report", "save_checkpoint", "load_checkpoint",
-           "read_manifest", "init_from_env", "is_main_process", "rank", "world_size", "owned_indices",
-           "CheckpointError", "MANIFEST"]
+__all__ = [
+    "DistributedRowStore",
+    "shard_",
+    "gather_",
+    "gathered",
+    "data_parallel_",
+    "process_grid",
+    "full_state_dict",
+    "full_optimizer_state_dict",
+    "load_full_optimizer_state_dict",
+    "is_sharded",
+    "global_rows_per_layer",
+    "rows_report",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_manifest",
+    "init_from_env",
+    "is_main_process",
+    "rank",
+    "world_size",
+    "owned_indices",
+    "CheckpointError",
+    "MANIFEST",
+]
 
 MANIFEST = "manifest.json"
 _FORMAT = "pilimit-sharded-checkpoint"
@@ -77,8 +97,10 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- process groups
 def _check_initialized(what: str):
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{what} needs torch.distributed: launch with torchrun and call "
-                           "inf.distributed.init_from_env() (or dist.init_process_group) first")
+        raise RuntimeError(
+            f"{what} needs torch.distributed: launch with torchrun and call "
+            "inf.distributed.init_from_env() (or dist.init_process_group) first"
+        )
 
 
 def rank(group=None) -> int:
@@ -161,9 +183,11 @@ def _group(key: int | None):
     try:
         return _GROUPS[key]
     except KeyError:
-        raise RuntimeError("this sharded net was copied from another process: its process group is "
-                           "unknown here; build the net in this process and load a checkpoint "
-                           "(inf.distributed.load_checkpoint) instead") from None
+        raise RuntimeError(
+            "this sharded net was copied from another process: its process group is "
+            "unknown here; build the net in this process and load a checkpoint "
+            "(inf.distributed.load_checkpoint) instead"
+        ) from None
 
 
 # --------------------------------------------------------------------------- autograd pieces
@@ -216,7 +240,7 @@ def _all_gather_rows(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
     counts = [int(c) for c in counts]
     top = max(counts)
     padded = t.new_zeros((top,) + tuple(t.shape[1:]))
-    padded[:t.shape[0]] = t
+    padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return [p[:c] for p, c in zip(parts, counts)]
@@ -238,8 +262,15 @@ class DistributedRowStore(RowStore):
 
     sharded = False
 
-    def _init_distributed(self, shard_group=None, shards: int = 1, shard: int = 0, global_rows: int = 0,
-                          data_group=None, data_size: int = 1):
+    def _init_distributed(
+        self,
+        shard_group=None,
+        shards: int = 1,
+        shard: int = 0,
+        global_rows: int = 0,
+        data_group=None,
+        data_size: int = 1,
+    ):
         self._shard_key = _group_key(shard_group)
         self.shards, self.shard = shards, shard
         self.sharded = shards > 1
@@ -321,9 +352,11 @@ class DistributedRowStore(RowStore):
         """Replace this process's rows by its share ``(A, coefficients, B)`` of ``global_rows``
         rows (global indices ≡ shard mod shards, in order); no communication."""
         if A.shape[0] != _rows_on(self.shard, self.shards, global_rows):
-            raise ValueError(f"{self.name}: shard {self.shard} of {self.shards} holds "
-                             f"{_rows_on(self.shard, self.shards, global_rows)} of {global_rows} rows, "
-                             f"got {A.shape[0]}")
+            raise ValueError(
+                f"{self.name}: shard {self.shard} of {self.shards} holds "
+                f"{_rows_on(self.shard, self.shards, global_rows)} of {global_rows} rows, "
+                f"got {A.shape[0]}"
+            )
         RowStore.set_rows(self, A, coefficients, B)
         self.global_rows = global_rows
 
@@ -340,7 +373,7 @@ class DistributedRowStore(RowStore):
         parts = _all_gather_rows(t.contiguous(), self.shard_group, self.shards)
         full = t.new_empty((self.global_rows,) + tuple(t.shape[1:]))
         for s, part in enumerate(parts):
-            full[s::self.shards] = part
+            full[s :: self.shards] = part
         return full
 
     def gather_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -351,7 +384,7 @@ class DistributedRowStore(RowStore):
         """This process's entries of a per-row tensor over all rows (zero-padded if shorter)."""
         if t.shape[0] < self.global_rows:
             t = torch.cat([t, t.new_zeros((self.global_rows - t.shape[0],) + tuple(t.shape[1:]))])
-        return t[self.shard::self.shards].clone()
+        return t[self.shard :: self.shards].clone()
 
     # ------------------------------------------------------------ gradient: data parallel
     def record(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -360,10 +393,11 @@ class DistributedRowStore(RowStore):
         if self.data_size > 1:
             A, B = A.detach(), B.detach()
             cdt = torch.promote_types(A.dtype, B.dtype)
-            both = torch.cat(_all_gather_rows(torch.cat([A.to(cdt), B.to(cdt)], 1), self.data_group,
-                                              self.data_size))
-            A = (both[:, :A.shape[1]] / self.data_size).to(A.dtype)
-            B = both[:, A.shape[1]:].to(B.dtype)
+            both = torch.cat(
+                _all_gather_rows(torch.cat([A.to(cdt), B.to(cdt)], 1), self.data_group, self.data_size)
+            )
+            A = (both[:, : A.shape[1]] / self.data_size).to(A.dtype)
+            B = both[:, A.shape[1] :].to(B.dtype)
         super().record(A, B)
 
     # ------------------------------------------------------------ save / load
@@ -371,8 +405,9 @@ class DistributedRowStore(RowStore):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + _SHARD_KEY] = torch.tensor([self.shard, self.shards, self.global_rows])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         info = state_dict.get(prefix + _SHARD_KEY)
         own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k != prefix + _SHARD_KEY}
         if info is not None:
@@ -381,7 +416,8 @@ class DistributedRowStore(RowStore):
                 error_msgs.append(
                     f"{prefix}: this state holds shard {shard} of {shards} but this process holds "
                     f"shard {self.shard} of {self.shards}; load it with inf.distributed.load_checkpoint, "
-                    "which reshards")
+                    "which reshards"
+                )
                 return
         else:
             # a single-process state: global rows, keep this process's share
@@ -395,9 +431,10 @@ class DistributedRowStore(RowStore):
                 total = own[keys[0]].shape[0]
                 for k in keys:
                     if own[k].shape[0] == total:
-                        own[k] = own[k][self.shard::self.shards]
-        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                        own[k] = own[k][self.shard :: self.shards]
+        super()._load_from_state_dict(
+            own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self.global_rows = total
 
     def extra_repr(self) -> str:
@@ -423,8 +460,10 @@ def _make_distributed(store: RowStore):
     if isinstance(store, DistributedRowStore):
         return store
     if type(store) is not RowStore:
-        raise TypeError(f"{store.name}: cannot distribute a {type(store).__name__}; only plain RowStore "
-                        "rows can be sharded or gathered over processes")
+        raise TypeError(
+            f"{store.name}: cannot distribute a {type(store).__name__}; only plain RowStore "
+            "rows can be sharded or gathered over processes"
+        )
     store.__class__ = DistributedRowStore
     store._init_distributed(global_rows=store.num_rows)
     return store
@@ -450,8 +489,9 @@ def shard_(net: nn.Module, group=None) -> nn.Module:
         total = A.shape[0]
         store = _make_distributed(store)
         store._init_distributed(group, shards, shard, total, store.data_group, store.data_size)
-        store.set_local_rows(A[shard::shards].clone(), c[shard::shards].clone(), B[shard::shards].clone(),
-                              total)
+        store.set_local_rows(
+            A[shard::shards].clone(), c[shard::shards].clone(), B[shard::shards].clone(), total
+        )
     return net
 
 
@@ -544,7 +584,9 @@ def rows_report(net: nn.Module) -> dict:
         shards = getattr(m, "shards", 1)
         total = getattr(m, "global_rows", m.num_rows)
         layers[m.name if m.name != "RowStore" else name] = {
-            "rows_total": total, "rows_per_process": [_rows_on(s, shards, total) for s in range(shards)]}
+            "rows_total": total,
+            "rows_per_process": [_rows_on(s, shards, total) for s in range(shards)],
+        }
     return {"world_size": world_size(), "layers": layers}
 
 
@@ -568,8 +610,10 @@ def data_parallel_(net: nn.Module, group=None) -> nn.Module:
     if world_size(group) <= 1:
         return net
     if any(isinstance(m, TrAct) for m in net.modules()):
-        raise ValueError("data_parallel_: TrAct preconditions with the whole batch's inputs, which "
-                         "data parallelism splits; use row sharding (inf.distributed.shard_) instead")
+        raise ValueError(
+            "data_parallel_: TrAct preconditions with the whole batch's inputs, which "
+            "data parallelism splits; use row sharding (inf.distributed.shard_) instead"
+        )
     if net in _DP_HOOKS:
         raise RuntimeError("data_parallel_ was applied to this net already")
     size = dist.get_world_size(group)
@@ -615,15 +659,19 @@ def read_manifest(path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a sharded checkpoint (no {MANIFEST}); it is written by "
-                              "inf.distributed.save_checkpoint") from None
+        raise CheckpointError(
+            f"{path} is not a sharded checkpoint (no {MANIFEST}); it is written by "
+            "inf.distributed.save_checkpoint"
+        ) from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / MANIFEST} is corrupt ({err})") from None
     if manifest.get("format") != _FORMAT:
         raise CheckpointError(f"{path / MANIFEST} is not a pilimit sharded checkpoint manifest")
     if manifest.get("version", 0) > _VERSION:
-        raise CheckpointError(f"{path} was written by a newer pilimit (checkpoint version "
-                              f"{manifest['version']}); update pilimit to load it")
+        raise CheckpointError(
+            f"{path} was written by a newer pilimit (checkpoint version "
+            f"{manifest['version']}); update pilimit to load it"
+        )
     return manifest
 
 
@@ -654,8 +702,10 @@ def save_checkpoint(path, net: nn.Module, optimizer=None, extra: dict | None = N
     error = None
     try:
         if data_rank == 0:
-            state = {"model": net.state_dict(),
-                     "optimizer": optimizer.state_dict() if optimizer is not None else None}
+            state = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            }
             torch.save(state, tmp / _shard_file(shard, shards))
         if me == 0:
             torch.save({"extra": extra}, tmp / "extra.pt")
@@ -674,17 +724,26 @@ def save_checkpoint(path, net: nn.Module, optimizer=None, extra: dict | None = N
         missing = [f for f in (_shard_file(s, shards) for s in range(shards)) if not (tmp / f).exists()]
         if missing:
             shutil.rmtree(tmp, ignore_errors=True)
-            error = (f"saving {path}: {', '.join(missing)} did not appear in {tmp}; with several machines "
-                     "the checkpoint folder must be on a file system all of them share")
+            error = (
+                f"saving {path}: {', '.join(missing)} did not appear in {tmp}; with several machines "
+                "the checkpoint folder must be on a file system all of them share"
+            )
         else:
             layers = {}
             for sname, m in _stores(net):
                 total = getattr(m, "global_rows", m.num_rows)
-                layers[sname] = {"rows_total": total,
-                                 "rows_per_shard": [_rows_on(s, shards, total) for s in range(shards)]}
-            manifest = {"format": _FORMAT, "version": _VERSION, "world_size": world_size() if collective else 1,
-                        "shards": shards, "files": [_shard_file(s, shards) for s in range(shards)],
-                        "layers": layers}
+                layers[sname] = {
+                    "rows_total": total,
+                    "rows_per_shard": [_rows_on(s, shards, total) for s in range(shards)],
+                }
+            manifest = {
+                "format": _FORMAT,
+                "version": _VERSION,
+                "world_size": world_size() if collective else 1,
+                "shards": shards,
+                "files": [_shard_file(s, shards) for s in range(shards)],
+                "layers": layers,
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             old = None
             if path.exists():
@@ -766,7 +825,9 @@ def load_checkpoint(path, net: nn.Module, optimizer=None, map_location="cpu") ->
             prefix = f"{name}." if name else ""
             total = int(manifest["layers"][name]["rows_total"]) if name in manifest["layers"] else None
             if total is None:
-                raise CheckpointError(f"{path} has no rows for layer {name!r}: it is from another architecture")
+                raise CheckpointError(
+                    f"{path} has no rows for layer {name!r}: it is from another architecture"
+                )
             for key in ("A", "coefficients", "B"):
                 k = prefix + key
                 parts = [s["model"][k] for s in states]
@@ -795,14 +856,20 @@ def load_checkpoint(path, net: nn.Module, optimizer=None, map_location="cpu") ->
                 opt_state["state"][idx] = entry
     missing, unexpected = net.load_state_dict(model, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit this net (missing {missing}, unexpected {unexpected}); "
-                              "build the net with the checkpoint's architecture")
+        raise CheckpointError(
+            f"{path} does not fit this net (missing {missing}, unexpected {unexpected}); "
+            "build the net with the checkpoint's architecture"
+        )
     if optimizer is not None:
         if opt_state is None:
             raise CheckpointError(f"{path} holds no optimizer state")
         # own copies: the optimizer keeps the tensors it is given, and these map the file
-        opt_state = {**opt_state, "state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                                for k, v in entry.items()}
-                                            for i, entry in opt_state["state"].items()}}
+        opt_state = {
+            **opt_state,
+            "state": {
+                i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                for i, entry in opt_state["state"].items()
+            },
+        }
         optimizer.load_state_dict(opt_state)
     return extra

@@ -55,6 +55,7 @@ result is cast back to the input's dtype, and the only error beyond float32
 arithmetic is the rows' rounding, measured in ``benchmarks/memory.py`` and stated
 in ``docs/performance.md``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,9 +67,21 @@ import torch
 
 from .math import kernels_2pi_
 
-__all__ = ["InfPiLinearReLUFunction", "inf_pi_linear_relu", "pi_features", "compute_dtype",
-           "auto_chunk_rows", "block_rows", "block_batch", "BlockPolicy", "block_policy",
-           "current_block_policy", "mm_f32", "split_mm", "low_precision_products"]
+__all__ = [
+    "InfPiLinearReLUFunction",
+    "inf_pi_linear_relu",
+    "pi_features",
+    "compute_dtype",
+    "auto_chunk_rows",
+    "block_rows",
+    "block_batch",
+    "BlockPolicy",
+    "block_policy",
+    "current_block_policy",
+    "mm_f32",
+    "split_mm",
+    "low_precision_products",
+]
 
 _TINY = 1e-30
 _INV_2PI = 1.0 / (2.0 * math.pi)
@@ -115,8 +128,8 @@ def current_block_policy() -> BlockPolicy:
 def block_policy(policy: BlockPolicy | None = None, **changes):
     """Use another :class:`BlockPolicy` inside a ``with`` block (benchmarks, tests)::
 
-        with block_policy(cpu_block_rows=None, save_kernels=False):
-            net(x)
+    with block_policy(cpu_block_rows=None, save_kernels=False):
+        net(x)
     """
     global _POLICY
     old = _POLICY
@@ -143,8 +156,9 @@ def pi_features(g: torch.Tensor, layernorm: bool = False) -> tuple[torch.Tensor,
     return s, ghat
 
 
-def auto_chunk_rows(batch: int, rows: int, budget_bytes: int | None, itemsize: int = 4,
-                    live_tensors: int = 4) -> int | None:
+def auto_chunk_rows(
+    batch: int, rows: int, budget_bytes: int | None, itemsize: int = 4, live_tensors: int = 4
+) -> int | None:
     """Row-chunk size that keeps ``live_tensors`` batch × chunk intermediates under ``budget_bytes``.
 
     Forward and backward of :class:`InfPiLinearReLUFunction` hold at most four
@@ -158,8 +172,13 @@ def auto_chunk_rows(batch: int, rows: int, budget_bytes: int | None, itemsize: i
     return None if chunk >= rows else int(chunk)
 
 
-def block_rows(rows: int, chunk_rows: int | None, device: torch.device | str,
-               converts: bool = False, policy: BlockPolicy | None = None) -> int | None:
+def block_rows(
+    rows: int,
+    chunk_rows: int | None,
+    device: torch.device | str,
+    converts: bool = False,
+    policy: BlockPolicy | None = None,
+) -> int | None:
     """Rows per block actually processed: the budget's ``chunk_rows``, cut to the policy's
     ``cpu_block_rows`` on the CPU, and to ``convert_block_rows`` when the rows are converted
     to the compute dtype (``converts``); None means one block of all rows."""
@@ -213,9 +232,12 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError) as exc:
             _MM_OUT_DTYPE_OK["cuda"] = False
-            warnings.warn(f"torch.mm(..., out_dtype=torch.float32) is not available here ({exc}); "
-                          "float16/bfloat16 rows are converted to float32 block by block instead",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"torch.mm(..., out_dtype=torch.float32) is not available here ({exc}); "
+                "float16/bfloat16 rows are converted to float32 block by block instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return torch.mm(a.float(), b.float())
 
 
@@ -243,8 +265,9 @@ def split_mm(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return out if scale is None else out.mul_(scale)
 
 
-def low_precision_products(policy: BlockPolicy, device, A: torch.Tensor, B: torch.Tensor,
-                           cdt: torch.dtype) -> bool:
+def low_precision_products(
+    policy: BlockPolicy, device, A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype
+) -> bool:
     """Whether a layer multiplies its stored float16/bfloat16 rows directly (see :class:`BlockPolicy`)."""
     if cdt != torch.float32 or A.dtype not in _HALF or B.dtype != A.dtype:
         return False

@@ -2,6 +2,7 @@
 
 Roles come from the network (``net.param_roles()``), never from layer positions.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -10,8 +11,12 @@ __all__ = ["pi_param_groups"]
 
 
 _MULT_OF_ROLE = {
-    "first": lambda f, l, b: f, "last": lambda f, l, b: l, "hidden": lambda f, l, b: 1.0,
-    "bias": lambda f, l, b: b, "first_bias": lambda f, l, b: b * f, "last_bias": lambda f, l, b: b * l,
+    "first": lambda f, l, b: f,
+    "last": lambda f, l, b: l,
+    "hidden": lambda f, l, b: 1.0,
+    "bias": lambda f, l, b: b,
+    "first_bias": lambda f, l, b: b * f,
+    "last_bias": lambda f, l, b: b * l,
 }
 
 
@@ -27,9 +32,16 @@ def _roles_from_layers(layers: list[nn.Module]) -> dict[int, str]:
     return roles
 
 
-def pi_param_groups(net: nn.Module, lr: float, weight_decay: float = 0.0, first_layer_lr_mult: float = 1.0,
-                    last_layer_lr_mult: float = 1.0, bias_lr_mult: float = 1.0,
-                    apply_lr_mult_to_wd: bool = True, layers: list[nn.Module] | None = None) -> list[dict]:
+def pi_param_groups(
+    net: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    first_layer_lr_mult: float = 1.0,
+    last_layer_lr_mult: float = 1.0,
+    bias_lr_mult: float = 1.0,
+    apply_lr_mult_to_wd: bool = True,
+    layers: list[nn.Module] | None = None,
+) -> list[dict]:
     """Param groups by role, from ``net.param_roles()`` (or from ``layers=[input, hidden…, output]``).
 
     lr multipliers: first layer ``first_layer_lr_mult``, output layer
@@ -46,8 +58,10 @@ def pi_param_groups(net: nn.Module, lr: float, weight_decay: float = 0.0, first_
         named = dict(net.named_parameters())
         roles = {id(named[name]): role for name, role in net.param_roles().items() if name in named}
     else:
-        raise ValueError("pi_param_groups needs a net with param_roles() (InfMLP, FinPiMLPSample, MuMLP) "
-                         "or layers=[input, hidden…, output]")
+        raise ValueError(
+            "pi_param_groups needs a net with param_roles() (InfMLP, FinPiMLPSample, MuMLP) "
+            "or layers=[input, hidden…, output]"
+        )
     groups: dict[str, dict] = {}
     seen = set()
     for p in net.parameters():
@@ -55,8 +69,11 @@ def pi_param_groups(net: nn.Module, lr: float, weight_decay: float = 0.0, first_
             continue
         seen.add(id(p))
         role = roles.get(id(p), "other")
-        mult = 1.0 if role == "other" else _MULT_OF_ROLE[role](first_layer_lr_mult, last_layer_lr_mult,
-                                                                bias_lr_mult)
+        mult = (
+            1.0
+            if role == "other"
+            else _MULT_OF_ROLE[role](first_layer_lr_mult, last_layer_lr_mult, bias_lr_mult)
+        )
         groups.setdefault(role, {"params": [], "role": role, "lr_mult": mult})["params"].append(p)
     out = []
     for g in groups.values():

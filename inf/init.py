@@ -1,4 +1,5 @@
 """Initialization of π-layers (``net.apply(pi_init)``, the π-net analogue of kaiming init)."""
+
 from __future__ import annotations
 
 from torch import nn

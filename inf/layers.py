@@ -13,20 +13,33 @@ hidden                 ``s (F00(ĝ Bᵀ) ⊙ c) A + β b``                ``W φ
 output                 same rows, ``A`` starts at zero               ``W φ(h) + β b`` (not projected)
 =====================  ==========================================  =============================
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .functional import BlockPolicy, auto_chunk_rows, inf_pi_linear_relu, pi_features
-from .parameters import FinPiParameter, attach_owner, orthonormal_basis, owner_of, project_onto_span_, projected_norm
+from .parameters import (
+    FinPiParameter,
+    attach_owner,
+    orthonormal_basis,
+    owner_of,
+    project_onto_span_,
+    projected_norm,
+)
 from .rows import RowStore
 
-__all__ = ["InfPiInputLinearReLU", "InfPiLinearReLU", "FinPiInputLinearReLU", "FinPiLinearReLU",
-           "orthonormal_basis", "set_gradient_projection", "project_gradient_"]
+__all__ = [
+    "InfPiInputLinearReLU",
+    "InfPiLinearReLU",
+    "FinPiInputLinearReLU",
+    "FinPiLinearReLU",
+    "orthonormal_basis",
+    "set_gradient_projection",
+    "project_gradient_",
+]
 
 # default memory budget for the batch × rows intermediates of one infinite layer
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -34,14 +47,15 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 def _check_input(x: torch.Tensor, width: int, name: str, what: str):
     if x.dim() < 1 or x.shape[-1] != width:
-        raise ValueError(f"{name} expects inputs of shape (batch, {width}) ({what}), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(f"{name} expects inputs of shape (batch, {width}) ({what}), got {tuple(x.shape)}")
 
 
 def _check_finite(x: torch.Tensor, name: str):
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} received an input containing NaN or inf; check the data "
-                         "(and the learning rate, if this is a hidden layer)")
+        raise ValueError(
+            f"{name} received an input containing NaN or inf; check the data "
+            "(and the learning rate, if this is a hidden layer)"
+        )
 
 
 class InfPiInputLinearReLU(nn.Module):
@@ -50,8 +64,16 @@ class InfPiInputLinearReLU(nn.Module):
     Initialization: ``A`` Gaussian with unit-norm columns, ``b = 0``.
     """
 
-    def __init__(self, d_in: int, r_out: int, bias_alpha: float = 1.0, layernorm: bool = False,
-                 device=None, dtype=None, check_finite: bool = True):
+    def __init__(
+        self,
+        d_in: int,
+        r_out: int,
+        bias_alpha: float = 1.0,
+        layernorm: bool = False,
+        device=None,
+        dtype=None,
+        check_finite: bool = True,
+    ):
         super().__init__()
         self.d_in, self.r_out = d_in, r_out
         self.r = r_out
@@ -81,10 +103,17 @@ class InfPiInputLinearReLU(nn.Module):
             out = out + self.bias_alpha * self.bias
         return out
 
-    def sample(self, n_in: int, n_out: int, prev_omega=None, generator=None) -> "FinPiInputLinearReLU":
+    def sample(self, n_in: int, n_out: int, prev_omega=None, generator=None) -> FinPiInputLinearReLU:
         """A finite input layer of width ``n_out`` whose output is ``≈ n^-½ Ω g`` (docs/math.md §6)."""
-        return FinPiInputLinearReLU(n_in, n_out, self.r_out, bias_alpha=self.bias_alpha,
-                                    layernorm=self.layernorm, inf_layer=self, generator=generator)
+        return FinPiInputLinearReLU(
+            n_in,
+            n_out,
+            self.r_out,
+            bias_alpha=self.bias_alpha,
+            layernorm=self.layernorm,
+            inf_layer=self,
+            generator=generator,
+        )
 
     def extra_repr(self):
         return f"d_in={self.d_in}, r_out={self.r_out}, bias_alpha={self.bias_alpha}"
@@ -106,10 +135,19 @@ class InfPiLinearReLU(nn.Module):
         policy: a :class:`~inf.functional.BlockPolicy` for this layer (None: the current one).
     """
 
-    def __init__(self, r: int, r_out: int | None = None, bias_alpha: float = 1.0,
-                 output_layer: bool = False, layernorm: bool = False, chunk_rows: int | None = None,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, policy: BlockPolicy | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        r: int,
+        r_out: int | None = None,
+        bias_alpha: float = 1.0,
+        output_layer: bool = False,
+        layernorm: bool = False,
+        chunk_rows: int | None = None,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        policy: BlockPolicy | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         r_out = r if r_out is None else r_out
         self.policy = policy
@@ -151,7 +189,7 @@ class InfPiLinearReLU(nn.Module):
         """``r`` initial rows: ``B`` unit Gaussian rows, ``A`` Gaussian with variance
         ``1/r_out`` (zero for the output layer), coefficients 1, bias 0."""
         A = torch.randn(self.r, self.r_out, device=self.A.device, dtype=torch.float64)
-        A = A * (0.0 if self.output_layer else self.r_out ** -0.5)
+        A = A * (0.0 if self.output_layer else self.r_out**-0.5)
         B = F.normalize(torch.randn(self.r, self.r, device=self.B.device, dtype=torch.float64), dim=1)
         self.rows.set_rows(A, torch.ones(self.r, dtype=torch.float64), B)
         self.rows.discard()
@@ -161,8 +199,9 @@ class InfPiLinearReLU(nn.Module):
     def _chunk_rows(self, batch: int, dtype) -> int | None:
         if self.chunk_rows:
             return self.chunk_rows
-        return auto_chunk_rows(batch, self.rows.num_rows, self.chunk_bytes,
-                               itemsize=8 if dtype == torch.float64 else 4)
+        return auto_chunk_rows(
+            batch, self.rows.num_rows, self.chunk_bytes, itemsize=8 if dtype == torch.float64 else 4
+        )
 
     def forward(self, g, return_hidden: bool = False):
         """``g`` (batch × r) → (batch × r_out); with ``return_hidden`` also ``(s, ĝ)``."""
@@ -173,8 +212,16 @@ class InfPiLinearReLU(nn.Module):
         sharded = getattr(self.rows, "sharded", False)  # rows split over processes (inf.distributed)
         if sharded:
             g2 = self.rows.shard_input(g2)  # backward: sum of the partial input gradients
-        out = inf_pi_linear_relu(g2, self.A, self.coefficients, self.B, self.rows.recording(), self.layernorm,
-                                 self._chunk_rows(g2.shape[0], g2.dtype), self.policy)
+        out = inf_pi_linear_relu(
+            g2,
+            self.A,
+            self.coefficients,
+            self.B,
+            self.rows.recording(),
+            self.layernorm,
+            self._chunk_rows(g2.shape[0], g2.dtype),
+            self.policy,
+        )
         if sharded:
             out = self.rows.shard_output(out)  # sum of the partial outputs, before the bias
         if self.bias is not None:
@@ -184,17 +231,27 @@ class InfPiLinearReLU(nn.Module):
             return out, pi_features(g, self.layernorm)
         return out
 
-    def sample(self, n_in: int, n_out: int, prev_omega=None, generator=None) -> "FinPiLinearReLU":
+    def sample(self, n_in: int, n_out: int, prev_omega=None, generator=None) -> FinPiLinearReLU:
         """A finite layer reading width ``n_in`` (docs/math.md §6); ``prev_omega`` is the previous
         layer's Ω (n_in × r), drawn fresh if not given."""
-        return FinPiLinearReLU(n_in, n_out, self.r, bias_alpha=self.bias_alpha,
-                               output_layer=self.output_layer, layernorm=self.layernorm,
-                               inf_layer=self, prev_omega=prev_omega, generator=generator)
+        return FinPiLinearReLU(
+            n_in,
+            n_out,
+            self.r,
+            bias_alpha=self.bias_alpha,
+            output_layer=self.output_layer,
+            layernorm=self.layernorm,
+            inf_layer=self,
+            prev_omega=prev_omega,
+            generator=generator,
+        )
 
     def extra_repr(self):
         kind = "output" if self.output_layer else "hidden"
-        return (f"r={self.r}, r_out={self.r_out}, rows={self.rows.num_rows}, {kind}, "
-                f"bias_alpha={self.bias_alpha}, layernorm={self.layernorm}")
+        return (
+            f"r={self.r}, r_out={self.r_out}, rows={self.rows.num_rows}, {kind}, "
+            f"bias_alpha={self.bias_alpha}, layernorm={self.layernorm}"
+        )
 
 
 def _project_accumulated_grad(param: torch.Tensor) -> None:
@@ -235,8 +292,11 @@ class _FinPiLayer(nn.Module):
 
     def projects(self, param: torch.Tensor) -> bool:
         """Whether ``param``'s gradient is projected (a FinPiParameter of this layer, not switched off)."""
-        return any(p is param for n, p in self._parameters.items()
-                   if isinstance(p, FinPiParameter) and n not in self.unprojected)
+        return any(
+            p is param
+            for n, p in self._parameters.items()
+            if isinstance(p, FinPiParameter) and n not in self.unprojected
+        )
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -296,9 +356,19 @@ def project_gradient_(param: torch.Tensor, grad: torch.Tensor | None = None) -> 
 class FinPiInputLinearReLU(_FinPiLayer):
     """Finite π input layer: ``h = W x + β b`` with ``W = n^-½ Ω A_0ᵀ``, ``b = n^-½ Ω b_0``."""
 
-    def __init__(self, d_in: int, n_out: int, r: int, bias_alpha: float = 1.0, layernorm: bool = False,
-                 inf_layer: InfPiInputLinearReLU | None = None, device=None, dtype=None, generator=None,
-                 check_finite: bool = True):
+    def __init__(
+        self,
+        d_in: int,
+        n_out: int,
+        r: int,
+        bias_alpha: float = 1.0,
+        layernorm: bool = False,
+        inf_layer: InfPiInputLinearReLU | None = None,
+        device=None,
+        dtype=None,
+        generator=None,
+        check_finite: bool = True,
+    ):
         super().__init__()
         if inf_layer is not None:
             device = inf_layer.A.device if device is None else device
@@ -322,13 +392,16 @@ class FinPiInputLinearReLU(_FinPiLayer):
     def reset_parameters(self, inf_layer: InfPiInputLinearReLU | None = None):
         """Sample from ``inf_layer`` (a fresh random one if None), keeping this layer's Ω."""
         if inf_layer is None:
-            inf_layer = InfPiInputLinearReLU(self.d_in, self.r, self.bias_alpha, device=self.omega.device,
-                                             dtype=torch.float64)
+            inf_layer = InfPiInputLinearReLU(
+                self.d_in, self.r, self.bias_alpha, device=self.omega.device, dtype=torch.float64
+            )
         if inf_layer.A.shape != (self.d_in, self.r):
-            raise ValueError(f"cannot sample a ({self.d_in} → {self.n_out}) finite layer of rank {self.r} "
-                             f"from an input layer with A of shape {tuple(inf_layer.A.shape)}")
+            raise ValueError(
+                f"cannot sample a ({self.d_in} → {self.n_out}) finite layer of rank {self.r} "
+                f"from an input layer with A of shape {tuple(inf_layer.A.shape)}"
+            )
         omega = self.omega.double()
-        scale = self.n_out ** -0.5
+        scale = self.n_out**-0.5
         self.weight.copy_(scale * omega @ inf_layer.A.double().T)
         if self.bias is not None:
             self.bias.copy_(scale * omega @ inf_layer.bias.double())
@@ -356,14 +429,28 @@ class FinPiLinearReLU(_FinPiLayer):
     (in a π-MLP n_in = n_out = n, so the hidden scale is docs/math.md §6's ``n^-1``).
     """
 
-    def __init__(self, n_in: int, n_out: int, r: int, bias_alpha: float = 1.0, output_layer: bool = False,
-                 layernorm: bool = False, inf_layer: InfPiLinearReLU | None = None, prev_omega=None,
-                 device=None, dtype=None, generator=None):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        r: int,
+        bias_alpha: float = 1.0,
+        output_layer: bool = False,
+        layernorm: bool = False,
+        inf_layer: InfPiLinearReLU | None = None,
+        prev_omega=None,
+        device=None,
+        dtype=None,
+        generator=None,
+    ):
         super().__init__()
         if inf_layer is not None:
             device = inf_layer.A.device if device is None else device
-            dtype = (inf_layer.A.dtype if inf_layer.A.dtype in (torch.float32, torch.float64)
-                     else torch.float32) if dtype is None else dtype
+            dtype = (
+                (inf_layer.A.dtype if inf_layer.A.dtype in (torch.float32, torch.float64) else torch.float32)
+                if dtype is None
+                else dtype
+            )
         dtype = dtype or torch.get_default_dtype()
         self.n_in, self.n_out, self.r = n_in, n_out, r
         self.bias_alpha = float(bias_alpha)
@@ -391,22 +478,30 @@ class FinPiLinearReLU(_FinPiLayer):
         """Sample from ``inf_layer`` (a fresh random one if None), keeping Ω and Ω_prev."""
         r_out = self.n_out if self.output_layer else self.r
         if inf_layer is None:
-            inf_layer = InfPiLinearReLU(self.r, r_out, self.bias_alpha, output_layer=self.output_layer,
-                                        device=self.input_omega.device, dtype=torch.float64)
+            inf_layer = InfPiLinearReLU(
+                self.r,
+                r_out,
+                self.bias_alpha,
+                output_layer=self.output_layer,
+                device=self.input_omega.device,
+                dtype=torch.float64,
+            )
         if inf_layer.r != self.r or inf_layer.r_out != r_out:
-            raise ValueError(f"cannot sample this layer (r={self.r}, r_out={r_out}) from an infinite layer "
-                             f"with r={inf_layer.r}, r_out={inf_layer.r_out}")
-        cA = (inf_layer.coefficients.double()[:, None] * inf_layer.A.double())       # M × r_out
+            raise ValueError(
+                f"cannot sample this layer (r={self.r}, r_out={r_out}) from an infinite layer "
+                f"with r={inf_layer.r}, r_out={inf_layer.r_out}"
+            )
+        cA = inf_layer.coefficients.double()[:, None] * inf_layer.A.double()  # M × r_out
         features = torch.relu(self.input_omega.double() @ inf_layer.B.double().T)  # n_in × M
         if self.output_layer:
-            self.weight.copy_(self.n_in ** -0.5 * cA.T @ features.T)
+            self.weight.copy_(self.n_in**-0.5 * cA.T @ features.T)
             if self.bias is not None:
                 self.bias.copy_(inf_layer.bias.double())
         else:
             omega = self.omega.double()
             self.weight.copy_((self.n_in * self.n_out) ** -0.5 * (omega @ cA.T) @ features.T)
             if self.bias is not None:
-                self.bias.copy_(self.n_out ** -0.5 * omega @ inf_layer.bias.double())
+                self.bias.copy_(self.n_out**-0.5 * omega @ inf_layer.bias.double())
 
     def forward(self, h):
         _check_input(h, self.n_in, type(self).__name__, "n_in")
@@ -417,5 +512,7 @@ class FinPiLinearReLU(_FinPiLayer):
 
     def extra_repr(self):
         kind = "output" if self.output_layer else "hidden"
-        return (f"n_in={self.n_in}, n_out={self.n_out}, r={self.r}, {kind}, "
-                f"bias_alpha={self.bias_alpha}, layernorm={self.layernorm}")
+        return (
+            f"n_in={self.n_in}, n_out={self.n_out}, r={self.r}, {kind}, "
+            f"bias_alpha={self.bias_alpha}, layernorm={self.layernorm}"
+        )

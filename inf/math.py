@@ -18,6 +18,7 @@ it is capped at ``1 / (2π sqrt(EPS_SQRT))``.
 The matrix forms (``VReLUmatrix`` and friends) are the ReLU V-transforms used
 by the NNGP/NTK recursions and by feature kernels.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ import math
 import torch
 
 __all__ = [
-    "F00", "F11", "F02", "F00_F11_F02", "kernels_2pi_", "relu_kernel", "relu_kernel_deriv",
-    "VReLUmatrix", "VStepmatrix",
+    "F00",
+    "F11",
+    "F02",
+    "F00_F11_F02",
+    "kernels_2pi_",
+    "relu_kernel",
+    "relu_kernel_deriv",
+    "VReLUmatrix",
+    "VStepmatrix",
 ]
 
 TWO_PI = 2.0 * math.pi
@@ -38,8 +46,9 @@ def _clamp(q: torch.Tensor) -> torch.Tensor:
     return q.clamp(-1.0, 1.0)
 
 
-def kernels_2pi_(q: torch.Tensor, f11_out: torch.Tensor | None = None,
-                 f02_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kernels_2pi_(
+    q: torch.Tensor, f11_out: torch.Tensor | None = None, f02_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(2π F11(q), 2π F02(q))`` from one ``arccos`` and one ``sin`` per entry; clamps ``q`` in place.
 
     With ``θ = arccos(q)``: ``2π F11 = π − θ`` and ``2π F02 = sin θ``. ``sin θ``

@@ -6,6 +6,7 @@ Forward of all three (docs/math.md §3, §6)::
     h_l = (hidden layer l)(h_{l-1})          l = 1..L
     out = α_L (output layer)(h_L)
 """
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (DEFAULT_CHUNK_BYTES, FinPiLinearReLU, InfPiInputLinearReLU, InfPiLinearReLU,
-                     _check_finite, _check_input)
 from .device import resolve_device
+from .layers import (
+    DEFAULT_CHUNK_BYTES,
+    InfPiInputLinearReLU,
+    InfPiLinearReLU,
+    _check_input,
+)
 
 __all__ = ["InfMLP", "FinPiMLPSample", "MuMLP", "PiMLP"]
 
@@ -82,16 +87,20 @@ class PiMLP(nn.Module):
         mine = self.architecture()
         for key in sorted(set(saved) | set(mine)):
             if key in saved and key in mine and saved[key] != mine[key]:
-                raise ValueError(f"the checkpoint was saved from a {type(self).__name__} with {key}={saved[key]!r}, "
-                                 f"this one has {key}={mine[key]!r}: build the net with the checkpoint's settings")
+                raise ValueError(
+                    f"the checkpoint was saved from a {type(self).__name__} with {key}={saved[key]!r}, "
+                    f"this one has {key}={mine[key]!r}: build the net with the checkpoint's settings"
+                )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "_extra_state"
         had = key in state_dict
         try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         except ValueError as err:
             error_msgs.append(str(err))
         if not had and key in missing_keys:
@@ -132,14 +141,28 @@ class InfMLP(PiMLP):
         device, dtype: where and in what precision to build it (float64 for reference checks).
     """
 
-    def __init__(self, d_in: int, d_out: int, r: int, L: int = 1, first_layer_alpha: float = 1.0,
-                 last_layer_alpha: float = 1.0, bias_alpha: float = 1.0, last_bias_alpha: float | None = None,
-                 layernorm: bool = False, tract_lambda: float | None = None, chunk_rows: int | None = None,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, device=None, dtype=None):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        r: int,
+        L: int = 1,
+        first_layer_alpha: float = 1.0,
+        last_layer_alpha: float = 1.0,
+        bias_alpha: float = 1.0,
+        last_bias_alpha: float | None = None,
+        layernorm: bool = False,
+        tract_lambda: float | None = None,
+        chunk_rows: int | None = None,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if min(d_in, d_out, r) < 1 or L < 0:
-            raise ValueError(f"InfMLP needs d_in, d_out, r >= 1 and L >= 0, got d_in={d_in}, d_out={d_out}, "
-                             f"r={r}, L={L}")
+            raise ValueError(
+                f"InfMLP needs d_in, d_out, r >= 1 and L >= 0, got d_in={d_in}, d_out={d_out}, r={r}, L={L}"
+            )
         device = resolve_device(device)
         self.d_in, self.d_out, self.r, self.L = d_in, d_out, r, L
         self.first_layer_alpha = float(first_layer_alpha)
@@ -158,6 +181,7 @@ class InfMLP(PiMLP):
         self.tract_lambda = None
         if tract_lambda:
             from .tract import TrAct
+
             self.layers[0] = TrAct(self.layers[0], lambda_=tract_lambda)
             self.tract_lambda = float(tract_lambda)
 
@@ -170,18 +194,28 @@ class InfMLP(PiMLP):
         return [m.rows.num_rows for m in self.pi_layers]
 
     def architecture(self) -> dict:
-        return dict(kind="infinite", d_in=self.d_in, d_out=self.d_out, r=self.r, L=self.L,
-                    first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
-                    bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
-                    layernorm=bool(self.layernorm))
+        return dict(
+            kind="infinite",
+            d_in=self.d_in,
+            d_out=self.d_out,
+            r=self.r,
+            L=self.L,
+            first_layer_alpha=self.first_layer_alpha,
+            last_layer_alpha=self.last_layer_alpha,
+            bias_alpha=self.bias_alpha,
+            last_bias_alpha=self.last_bias_alpha,
+            layernorm=bool(self.layernorm),
+        )
 
-    def sample(self, n: int, generator=None) -> "FinPiMLPSample":
+    def sample(self, n: int, generator=None) -> FinPiMLPSample:
         return FinPiMLPSample(self, n, generator=generator)
 
     def extra_repr(self):
-        return (f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, L={self.L}, "
-                f"first_layer_alpha={self.first_layer_alpha}, last_layer_alpha={self.last_layer_alpha}, "
-                f"bias_alpha={self.bias_alpha}, last_bias_alpha={self.last_bias_alpha}, layernorm={self.layernorm}")
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, L={self.L}, "
+            f"first_layer_alpha={self.first_layer_alpha}, last_layer_alpha={self.last_layer_alpha}, "
+            f"bias_alpha={self.bias_alpha}, last_bias_alpha={self.last_bias_alpha}, layernorm={self.layernorm}"
+        )
 
 
 class FinPiMLPSample(PiMLP):
@@ -219,10 +253,19 @@ class FinPiMLPSample(PiMLP):
             self.to(dtype)
 
     def architecture(self) -> dict:
-        return dict(kind="finite", n=self.n, d_in=self.d_in, d_out=self.d_out, r=self.r, L=self.L,
-                    first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
-                    bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
-                    layernorm=bool(self.layernorm))
+        return dict(
+            kind="finite",
+            n=self.n,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            r=self.r,
+            L=self.L,
+            first_layer_alpha=self.first_layer_alpha,
+            last_layer_alpha=self.last_layer_alpha,
+            bias_alpha=self.bias_alpha,
+            last_bias_alpha=self.last_bias_alpha,
+            layernorm=bool(self.layernorm),
+        )
 
     def extra_repr(self):
         return f"n={self.n}, r={self.r}, L={self.L}, " + super().extra_repr()
@@ -265,10 +308,23 @@ class MuMLP(PiMLP):
     the π-net transfers across widths (μP).
     """
 
-    def __init__(self, d_in: int, d_out: int, width: int, L: int = 1, first_layer_alpha: float = 1.0,
-                 last_layer_alpha: float = 1.0, bias_alpha: float = 1.0, last_bias_alpha: float | None = None,
-                 layernorm: bool = False, readout_zero_init: bool = True, tract_lambda: float | None = None,
-                 device=None, dtype=None, generator=None):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        width: int,
+        L: int = 1,
+        first_layer_alpha: float = 1.0,
+        last_layer_alpha: float = 1.0,
+        bias_alpha: float = 1.0,
+        last_bias_alpha: float | None = None,
+        layernorm: bool = False,
+        readout_zero_init: bool = True,
+        tract_lambda: float | None = None,
+        device=None,
+        dtype=None,
+        generator=None,
+    ):
         super().__init__()
         device = resolve_device(device)
         self.d_in, self.d_out, self.n, self.L = d_in, d_out, width, L
@@ -287,14 +343,23 @@ class MuMLP(PiMLP):
         self.tract_lambda = None
         if tract_lambda:
             from .tract import TrAct
+
             self.layers[0] = TrAct(self.layers[0], lambda_=tract_lambda)
             self.tract_lambda = float(tract_lambda)
 
     def architecture(self) -> dict:
-        return dict(kind="mup", n=self.n, d_in=self.d_in, d_out=self.d_out, L=self.L,
-                    first_layer_alpha=self.first_layer_alpha, last_layer_alpha=self.last_layer_alpha,
-                    bias_alpha=self.bias_alpha, last_bias_alpha=self.last_bias_alpha,
-                    layernorm=bool(self.layernorm))
+        return dict(
+            kind="mup",
+            n=self.n,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            L=self.L,
+            first_layer_alpha=self.first_layer_alpha,
+            last_layer_alpha=self.last_layer_alpha,
+            bias_alpha=self.bias_alpha,
+            last_bias_alpha=self.last_bias_alpha,
+            layernorm=bool(self.layernorm),
+        )
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):

@@ -19,6 +19,7 @@ A step is all or nothing: every gradient (rows included) is checked first, and a
 non-finite one raises :class:`FloatingPointError` before anything changes, so the
 model and the optimizer state are exactly as before the call.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,10 +69,24 @@ class InfSGD(Optimizer):
             (:func:`inf.layers.set_gradient_projection`), per group.
     """
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, project: bool = True):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, project=project)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        project: bool = True,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            project=project,
+        )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
@@ -143,7 +158,8 @@ class InfSGD(Optimizer):
             raise FloatingPointError(
                 "InfSGD.step: the gradient of " + ", ".join(bad) + " contains NaN or inf; nothing was "
                 "changed. Lower the learning rate, clip gradients (inf.clip.clip_grad_norm_) or check the "
-                "loss, then call zero_grad() and continue.")
+                "loss, then call zero_grad() and continue."
+            )
         return work
 
     @torch.no_grad()
@@ -154,8 +170,10 @@ class InfSGD(Optimizer):
                 loss = closure()
         work = self._gather()
         if not work and closure is None:
-            raise RuntimeError("InfSGD.step() found no gradient: call loss.backward() before step() "
-                               "(and zero_grad() after it, not before)")
+            raise RuntimeError(
+                "InfSGD.step() found no gradient: call loss.backward() before step() "
+                "(and zero_grad() after it, not before)"
+            )
         for group, p, store in work:
             if store is not None:
                 self._step_rows(p, store, group)
@@ -171,7 +189,10 @@ class InfSGD(Optimizer):
         for key, st in state["state"].items():
             st = {k: v for k, v in st.items() if k != _CAPACITY}
             buf = st.get("momentum_buffer")
-            if isinstance(buf, torch.Tensor) and buf.untyped_storage().nbytes() > buf.numel() * buf.element_size():
+            if (
+                isinstance(buf, torch.Tensor)
+                and buf.untyped_storage().nbytes() > buf.numel() * buf.element_size()
+            ):
                 st["momentum_buffer"] = buf.clone()
             packed[key] = st
         state["state"] = packed
@@ -184,16 +205,22 @@ class InfSGD(Optimizer):
         if saved is not None:
             current = [[_layout(p) for p in g["params"]] for g in self.param_groups]
             if len(saved) != len(current):
-                raise ValueError(f"optimizer state has {len(saved)} param groups, this optimizer {len(current)}: "
-                                 "it was saved for another network or another param-group layout")
+                raise ValueError(
+                    f"optimizer state has {len(saved)} param groups, this optimizer {len(current)}: "
+                    "it was saved for another network or another param-group layout"
+                )
             for gi, (s_group, c_group) in enumerate(zip(saved, current)):
                 if len(s_group) != len(c_group):
-                    raise ValueError(f"optimizer state: param group {gi} has {len(s_group)} parameters, "
-                                     f"this optimizer's has {len(c_group)}: it was saved for another network")
+                    raise ValueError(
+                        f"optimizer state: param group {gi} has {len(s_group)} parameters, "
+                        f"this optimizer's has {len(c_group)}: it was saved for another network"
+                    )
                 for pi, (s, c) in enumerate(zip(s_group, c_group)):
                     if list(s) != list(c):
-                        raise ValueError(f"optimizer state: parameter {pi} of param group {gi} was {s}, "
-                                         f"here it is {c}: the state was saved for another network")
+                        raise ValueError(
+                            f"optimizer state: parameter {pi} of param group {gi} was {s}, "
+                            f"here it is {c}: the state was saved for another network"
+                        )
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("project", True)
@@ -230,9 +257,16 @@ def _grow_momentum(state: dict, buf: torch.Tensor, rows: int) -> torch.Tensor:
     other code (compression, loading) is adopted into a new capacity buffer."""
     n = buf.shape[0]
     cap = state.get(_CAPACITY)
-    if not (cap is not None and cap.shape[0] >= rows and cap.shape[1:] == buf.shape[1:]
-            and cap.dtype == buf.dtype and cap.device == buf.device and buf.storage_offset() == 0
-            and buf.is_contiguous() and buf.untyped_storage().data_ptr() == cap.untyped_storage().data_ptr()):
+    if not (
+        cap is not None
+        and cap.shape[0] >= rows
+        and cap.shape[1:] == buf.shape[1:]
+        and cap.dtype == buf.dtype
+        and cap.device == buf.device
+        and buf.storage_offset() == 0
+        and buf.is_contiguous()
+        and buf.untyped_storage().data_ptr() == cap.untyped_storage().data_ptr()
+    ):
         cap = buf.new_empty((max(rows, 2 * n, 16),) + tuple(buf.shape[1:]))
         cap[:n].copy_(buf)
         state[_CAPACITY] = cap

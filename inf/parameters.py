@@ -14,6 +14,7 @@ parameter as a weak reference. It is never pickled or deep-copied: owners attach
 themselves again when they are built, unpickled, deep-copied or moved
 (``.to()``), so the link survives everything a module goes through.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -21,8 +22,15 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["InfPiParameter", "FinPiParameter", "owner_of", "orthonormal_basis", "project_onto_span_",
-           "project_onto_span", "projected_norm"]
+__all__ = [
+    "InfPiParameter",
+    "FinPiParameter",
+    "owner_of",
+    "orthonormal_basis",
+    "project_onto_span_",
+    "project_onto_span",
+    "projected_norm",
+]
 
 _OWNER = "_pi_owner"
 

@@ -34,6 +34,7 @@ every documented way of clearing gradients also clears the rows —
 ``zero_grad()`` with or without ``set_to_none``, ``p.grad = None`` and
 ``p.grad.zero_()`` by hand. No other module touches pending rows or that state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,7 +111,9 @@ class RowStore(nn.Module):
         coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.r, self.r_out = r, r_out
         self.A = InfPiParameter(torch.zeros(rows, r_out, device=device, dtype=dtype), requires_grad=False)
-        self.coefficients = InfPiParameter(torch.ones(rows, device=device, dtype=coef_dtype), requires_grad=True)
+        self.coefficients = InfPiParameter(
+            torch.ones(rows, device=device, dtype=coef_dtype), requires_grad=True
+        )
         self.B = InfPiParameter(torch.zeros(rows, r, device=device, dtype=dtype), requires_grad=False)
         self.reallocations = 0
         self.name = "RowStore"
@@ -178,10 +181,13 @@ class RowStore(nn.Module):
             raise ValueError(
                 f"{self.name}: A, coefficients and B must have the same number of rows, got "
                 f"{A.shape[0]}, {c.shape[0]} and {B.shape[0]}. Rows are added only through "
-                "RowStore.append (or the optimizer); do not assign them separately.")
+                "RowStore.append (or the optimizer); do not assign them separately."
+            )
         if A.shape[1] != self.r_out or B.shape[1] != self.r:
-            raise ValueError(f"{self.name}: expected A (M × {self.r_out}) and B (M × {self.r}), "
-                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+            raise ValueError(
+                f"{self.name}: expected A (M × {self.r_out}) and B (M × {self.r}), "
+                f"got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
 
     # ----------------------------------------------------------------- growth
     def _is_view(self, name) -> bool:
@@ -189,9 +195,14 @@ class RowStore(nn.Module):
         if buf is None:
             return False
         p = self._parameters[name].data
-        return (p.device == buf.device and p.dtype == buf.dtype and p.storage_offset() == 0
-                and p.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-                and p.shape[1:] == buf.shape[1:] and p.stride() == buf.stride())
+        return (
+            p.device == buf.device
+            and p.dtype == buf.dtype
+            and p.storage_offset() == 0
+            and p.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            and p.shape[1:] == buf.shape[1:]
+            and p.stride() == buf.stride()
+        )
 
     def reserve(self, total: int):
         """Make every tensor able to hold ``total`` rows without reallocating."""
@@ -215,14 +226,16 @@ class RowStore(nn.Module):
         self.check()
         b = A.shape[0]
         if A.shape != (b, self.r_out) or B.shape != (b, self.r):
-            raise ValueError(f"{self.name}: cannot append A {tuple(A.shape)} and B {tuple(B.shape)} "
-                             f"to rows of widths {self.r_out} and {self.r}")
+            raise ValueError(
+                f"{self.name}: cannot append A {tuple(A.shape)} and B {tuple(B.shape)} "
+                f"to rows of widths {self.r_out} and {self.r}"
+            )
         M = self.num_rows
         self.reserve(M + b)
         for name, rows in (("A", A), ("B", B), ("coefficients", coefficients)):
             buf = self._capacity[name]
-            buf[M:M + b] = rows
-            self._parameters[name].data = buf[:M + b]
+            buf[M : M + b] = rows
+            self._parameters[name].data = buf[: M + b]
         self._resize_marker()
         return M
 
@@ -241,9 +254,11 @@ class RowStore(nn.Module):
         """Replace every row at once (compression, gathering shards). Pending rows are kept."""
         M = A.shape[0]
         if A.shape != (M, self.r_out) or B.shape != (M, self.r) or coefficients.shape != (M,):
-            raise ValueError(f"{self.name}: set_rows needs A (M × {self.r_out}), coefficients (M) and "
-                             f"B (M × {self.r}), got {tuple(A.shape)}, {tuple(coefficients.shape)}, "
-                             f"{tuple(B.shape)}")
+            raise ValueError(
+                f"{self.name}: set_rows needs A (M × {self.r_out}), coefficients (M) and "
+                f"B (M × {self.r}), got {tuple(A.shape)}, {tuple(coefficients.shape)}, "
+                f"{tuple(B.shape)}"
+            )
         self._capacity = {}
         for name, rows in (("A", A), ("coefficients", coefficients), ("B", B)):
             p = self._parameters[name]
@@ -263,9 +278,9 @@ class RowStore(nn.Module):
     def temporary_rows(self):
         """Rows appended inside the block are removed when it ends (MAML's inner loop)::
 
-            with layer.rows.temporary_rows():
-                layer.rows.append(A, B, -lr)   # adapted layer
-                loss = f(layer(x_query))
+        with layer.rows.temporary_rows():
+            layer.rows.append(A, B, -lr)   # adapted layer
+            loss = f(layer(x_query))
         """
         M = self.num_rows
         try:
@@ -305,8 +320,12 @@ class RowStore(nn.Module):
         """Whether rows were recorded since the last step and no gradient-clearing call
         (``zero_grad``, ``p.grad = None``, ``p.grad.zero_()``) came after them."""
         marker = self._marker
-        return (bool(self._pending) and marker is not None and self.coefficients.grad is marker
-                and marker._version == self._marker_version)
+        return (
+            bool(self._pending)
+            and marker is not None
+            and self.coefficients.grad is marker
+            and marker._version == self._marker_version
+        )
 
     def record(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Record gradient rows of one backward call (``A = δ·s``, ``B = ĝ``). Rows of a
@@ -324,7 +343,9 @@ class RowStore(nn.Module):
                 self._pending, self._scale = [], 1.0
             return None
         if len(self._pending) > 1:
-            self._pending = [(torch.cat([a for a, _ in self._pending]), torch.cat([b for _, b in self._pending]))]
+            self._pending = [
+                (torch.cat([a for a, _ in self._pending]), torch.cat([b for _, b in self._pending]))
+            ]
         A, B = self._pending[0]
         return PendingRows(A, B, self._scale)
 
@@ -376,8 +397,9 @@ class RowStore(nn.Module):
             # a compact copy: saving the view would save the whole capacity buffer
             destination[prefix + name] = p if keep_vars else p.detach().clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         for name, legacy in _LEGACY_KEYS.items():
             if prefix + legacy in state_dict:  # pilimit 0.1 / the original library; never written now
                 state_dict[prefix + name] = state_dict.pop(prefix + legacy)
@@ -385,26 +407,34 @@ class RowStore(nn.Module):
         if all(k in state_dict for k in keys):
             counts = {state_dict[k].shape[0] for k in keys}
             if len(counts) != 1:
-                error_msgs.append(f"{prefix}: A, coefficients and B in the checkpoint have different row "
-                                  f"counts {sorted(counts)}; the checkpoint is corrupt")
+                error_msgs.append(
+                    f"{prefix}: A, coefficients and B in the checkpoint have different row "
+                    f"counts {sorted(counts)}; the checkpoint is corrupt"
+                )
                 return
             A_in, c_in, B_in = (state_dict[k] for k in keys)
             if A_in.dim() != 2 or B_in.dim() != 2 or A_in.shape[1] != self.r_out or B_in.shape[1] != self.r:
                 error_msgs.append(
                     f"{prefix}: checkpoint rows have widths A {tuple(A_in.shape[1:])}, "
                     f"B {tuple(B_in.shape[1:])} but this layer has r_out={self.r_out}, r={self.r}: "
-                    "the checkpoint is from another architecture (check r, d_in, d_out)")
+                    "the checkpoint is from another architecture (check r, d_in, d_out)"
+                )
                 return
             for key, t in zip(keys, (A_in, c_in, B_in)):
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    error_msgs.append(f"{key}: the checkpoint's rows contain NaN or inf; it was saved "
-                                      "from a diverged run or is corrupt")
+                    error_msgs.append(
+                        f"{key}: the checkpoint's rows contain NaN or inf; it was saved "
+                        "from a diverged run or is corrupt"
+                    )
                     return
             self.resize_(counts.pop())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self.discard()
 
     def extra_repr(self) -> str:
-        return (f"rows={self.num_rows}, r={self.r}, r_out={self.r_out}, "
-                f"dtype={self.A.dtype}, coef_dtype={self.coefficients.dtype}")
+        return (
+            f"rows={self.num_rows}, r={self.r}, r_out={self.r_out}, "
+            f"dtype={self.A.dtype}, coef_dtype={self.coefficients.dtype}"
+        )

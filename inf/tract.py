@@ -22,6 +22,7 @@ Parameter (and buffer) objects under the very same names, so state dicts of
 the wrapped and the plain model are interchangeable, and ``unwrap()`` gives
 the plain layer back.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,14 @@ from torch import nn
 
 __all__ = ["TrAct", "tract_weight_grad", "SUPPORTED"]
 
-SUPPORTED = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d",
-             "inf.layers.InfPiInputLinearReLU", "inf.layers.FinPiInputLinearReLU")
+SUPPORTED = (
+    "torch.nn.Linear",
+    "torch.nn.Conv1d",
+    "torch.nn.Conv2d",
+    "torch.nn.Conv3d",
+    "inf.layers.InfPiInputLinearReLU",
+    "inf.layers.FinPiInputLinearReLU",
+)
 
 _BRANCHES = ("auto", "direct", "woodbury")
 
@@ -103,9 +110,9 @@ def tract_weight_grad(X: torch.Tensor, G: torch.Tensor, lambda_: float, branch: 
     Xt = X.transpose(-1, -2)
     if branch == "direct":
         return _direct_from_moments(Xt @ X, G.transpose(-1, -2) @ X, b, lam)
-    K = (X @ Xt) / b                                      # b × b
+    K = (X @ Xt) / b  # b × b
     K.diagonal(dim1=-2, dim2=-1).add_(lam)
-    return _spd_solve(K, G).transpose(-1, -2) @ X          # (K⁻¹ G)ᵀ X
+    return _spd_solve(K, G).transpose(-1, -2) @ X  # (K⁻¹ G)ᵀ X
 
 
 def _resolve_branch(branch: str, b: int, d: int) -> str:
@@ -136,13 +143,14 @@ class _Plan:
     def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         cdt = _compute_dtype(self.wdtype)
         if self.kind == "conv":
-            return _conv_weight_grad(x.to(cdt), g.to(cdt), self.conv, self.lam, self.branch,
-                                     self.wshape).to(self.wdtype)
-        if self.kind == "pi_inf":                                       # A is d × r: transpose
+            return _conv_weight_grad(x.to(cdt), g.to(cdt), self.conv, self.lam, self.branch, self.wshape).to(
+                self.wdtype
+            )
+        if self.kind == "pi_inf":  # A is d × r: transpose
             d, r = self.wshape
             X, G = x.reshape(-1, d).to(cdt), g.reshape(-1, r).to(cdt)
             return tract_weight_grad(X, G, self.lam, self.branch).transpose(0, 1).to(self.wdtype)
-        n, d = self.wshape                                              # linear, pi_fin
+        n, d = self.wshape  # linear, pi_fin
         X, G = x.reshape(-1, d).to(cdt), g.reshape(-1, n).to(cdt)
         return tract_weight_grad(X, G, self.lam, self.branch).to(self.wdtype)
 
@@ -156,7 +164,7 @@ def _conv_columns(x: torch.Tensor, spec) -> torch.Tensor:
     symmetric_zero = mode == "constant" and all(pad[2 * i] == pad[2 * i + 1] for i in range(nd))
     if nd <= 2:  # torch's im2col, with a 1-D input seen as one row of pixels
         if symmetric_zero:
-            padding = tuple(reversed(pad[0::2]))   # F.pad's list runs from the last dim
+            padding = tuple(reversed(pad[0::2]))  # F.pad's list runs from the last dim
         else:
             x = F.pad(x, pad, mode=mode)
             padding = (0,) * nd
@@ -169,14 +177,14 @@ def _conv_columns(x: torch.Tensor, spec) -> torch.Tensor:
     for i in range(nd):  # sliding windows as a view: (N, C, L_1..L_nd, k_1..k_nd)
         x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
         if dilation[i] > 1:
-            x = x[..., ::dilation[i]]
+            x = x[..., :: dilation[i]]
     perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    return x.permute(perm).reshape(N, -1, math.prod(x.shape[2:2 + nd]))
+    return x.permute(perm).reshape(N, -1, math.prod(x.shape[2 : 2 + nd]))
 
 
 def _conv_weight_grad(x, g, spec, lam, branch, wshape):
     nd, groups = spec[0], spec[6]
-    if x.dim() == nd + 1:                   # unbatched input
+    if x.dim() == nd + 1:  # unbatched input
         x, g = x.unsqueeze(0), g.unsqueeze(0)
     U = _conv_columns(x, spec)
     N, d, L = U.shape
@@ -197,7 +205,7 @@ def _conv_weight_grad(x, g, spec, lam, branch, wshape):
     chunk = max(1, _CONV_CHUNK_ELEMENTS // max(1, groups * dg * max(dg, ng)))
     XtX = R = None
     for i in range(0, N, chunk):
-        Ui, Gi = U[i:i + chunk], Gc[i:i + chunk]
+        Ui, Gi = U[i : i + chunk], Gc[i : i + chunk]
         Uit = Ui.transpose(-1, -2)
         a, r = (Ui @ Uit).sum(0), (Gi @ Uit).sum(0)
         XtX, R = (a, r) if XtX is None else (XtX + a, R + r)
@@ -225,9 +233,12 @@ class _TrActTap(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             if torch.is_grad_enabled():
-                warnings.warn("TrAct: backward with create_graph=True: the TrAct weight gradient is "
-                              "built, but the weight's share of second-order terms (e.g. of an input-"
-                              "gradient penalty) is missing", stacklevel=2)
+                warnings.warn(
+                    "TrAct: backward with create_graph=True: the TrAct weight gradient is "
+                    "built, but the weight's share of second-order terms (e.g. of an input-"
+                    "gradient penalty) is missing",
+                    stacklevel=2,
+                )
             (x,) = ctx.saved_tensors
             grad_w = ctx.plan.weight_grad(x, grad_out)
         return (grad_out if ctx.needs_input_grad[0] else None), grad_w, None, None
@@ -235,9 +246,11 @@ class _TrActTap(torch.autograd.Function):
 
 # --- the wrapper ----------------------------------------------------------------------
 
+
 def _kind_of(module: nn.Module) -> tuple[str, str]:
     """(kind, name of the weight parameter), or TypeError."""
     from . import layers  # lazy: layers may import this module
+
     if isinstance(module, TrAct):
         raise TypeError("this module is already wrapped in TrAct; change its .lambda_ instead")
     if isinstance(module, layers.InfPiInputLinearReLU):
@@ -245,16 +258,19 @@ def _kind_of(module: nn.Module) -> tuple[str, str]:
     if isinstance(module, layers.FinPiInputLinearReLU) or getattr(module, "tract_linear_input", False):
         # π input layers and other first layers computing weight @ x + (scaled) bias
         return "pi_fin", "weight"
-    for base, kind in ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
-                       (nn.Conv3d, "conv")):
+    for base, kind in ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv")):
         if isinstance(module, base):
             if type(module).forward is not base.forward:
-                raise TypeError(f"TrAct: {type(module).__name__} overrides {base.__name__}.forward, so the "
-                                f"TrAct gradient would not match its computation; supported: "
-                                f"{', '.join(SUPPORTED)}")
+                raise TypeError(
+                    f"TrAct: {type(module).__name__} overrides {base.__name__}.forward, so the "
+                    f"TrAct gradient would not match its computation; supported: "
+                    f"{', '.join(SUPPORTED)}"
+                )
             return kind, "weight"
-    raise TypeError(f"TrAct supports {', '.join(SUPPORTED)} (and subclasses that keep their forward); "
-                    f"got {type(module).__module__}.{type(module).__qualname__}")
+    raise TypeError(
+        f"TrAct supports {', '.join(SUPPORTED)} (and subclasses that keep their forward); "
+        f"got {type(module).__module__}.{type(module).__qualname__}"
+    )
 
 
 def _conv_spec(m: nn.Module):
@@ -296,13 +312,20 @@ class TrAct(nn.Module):
     weight's share of the second-order terms is missing.
     """
 
-    def __init__(self, module: nn.Module, lambda_: float = _LAMBDA_DEFAULT, l: float | None = None,
-                 *, branch: str = "auto"):
+    def __init__(
+        self,
+        module: nn.Module,
+        lambda_: float = _LAMBDA_DEFAULT,
+        l: float | None = None,
+        *,
+        branch: str = "auto",
+    ):
         super().__init__()
         if l is not None:
             if lambda_ is not _LAMBDA_DEFAULT:
-                raise TypeError("TrAct: give λ either as lambda_ or as l (the official package's name), "
-                                "not both")
+                raise TypeError(
+                    "TrAct: give λ either as lambda_ or as l (the official package's name), not both"
+                )
             lambda_ = l
         lam = _check_lambda(lambda_)
         if not isinstance(module, nn.Module):
@@ -314,8 +337,10 @@ class TrAct(nn.Module):
         if weight is None:
             raise ValueError(f"TrAct: {type(module).__name__} has no {wname!r} parameter")
         if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError("TrAct: the layer's parameters are not initialized yet (lazy module); "
-                             "run one forward pass before wrapping it")
+            raise ValueError(
+                "TrAct: the layer's parameters are not initialized yet (lazy module); "
+                "run one forward pass before wrapping it"
+            )
         # Share the parameter/buffer dictionaries themselves: the same objects
         # under the same names, and whatever replaces an entry on one side
         # (load_state_dict(assign=True), .to() with overwriting conversion) is
@@ -394,10 +419,12 @@ class TrAct(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._tract_module._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        self._tract_module._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        self._tract_module._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __getattr__(self, name: str):
         try:
@@ -415,14 +442,19 @@ class TrAct(nn.Module):
             def sample(*args, **kwargs):
                 """The inner layer's ``sample``, wrapped in TrAct with the same λ."""
                 return TrAct(attr(*args, **kwargs), lam, branch=branch)
+
             return sample
         return attr
 
     def __setattr__(self, name: str, value):
         inner = self.__dict__.get("_tract_module")
-        if (inner is not None and name not in self.__dict__ and name in inner.__dict__
-                and not isinstance(value, (torch.Tensor, nn.Module))
-                and not isinstance(getattr(type(self), name, None), property)):
+        if (
+            inner is not None
+            and name not in self.__dict__
+            and name in inner.__dict__
+            and not isinstance(value, (torch.Tensor, nn.Module))
+            and not isinstance(getattr(type(self), name, None), property)
+        ):
             setattr(inner, name, value)  # e.g. bias_alpha, stride: the layer's own settings
         else:
             super().__setattr__(name, value)

@@ -4,6 +4,7 @@
 
 Also a pytest test: the loss must fall by at least half in 60 steps.
 """
+
 from __future__ import annotations
 
 import math

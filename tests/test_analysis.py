@@ -1,5 +1,6 @@
 """Tests of inf.analysis (projected NTK, infinite π-net tangent kernel, trajectory decomposition)
 and of the programs experiments.analysis.{pntk,trajectory}."""
+
 from __future__ import annotations
 
 import copy
@@ -10,13 +11,34 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("trak", reason="the projected NTK needs the 'traker' package: pip install --no-deps traker")
+pytest.importorskip(
+    "trak", reason="the projected NTK needs the 'traker' package: pip install --no-deps traker"
+)
 
-from inf.analysis import (KernelSurrogate, TrajectoryRecorder, after_kernel, beta_coefficients, eigenbasis,
-                          empirical_ntk, gradient_gram, gradient_independence, inf_ntk, inf_ntk_diagonal,
-                          ntk_from_features, plot_beta_curves, plot_beta_vs_gradnorm, plot_independence, pntk,
-                          pntk_features, reconstruct, resolve_lr_mults, save_topk_grid, surrogate_agreement,
-                          tangent_kernel, topk_similar)
+from inf.analysis import (
+    KernelSurrogate,
+    TrajectoryRecorder,
+    after_kernel,
+    beta_coefficients,
+    eigenbasis,
+    empirical_ntk,
+    gradient_gram,
+    gradient_independence,
+    inf_ntk,
+    inf_ntk_diagonal,
+    ntk_from_features,
+    plot_beta_curves,
+    plot_beta_vs_gradnorm,
+    plot_independence,
+    pntk,
+    pntk_features,
+    reconstruct,
+    resolve_lr_mults,
+    save_topk_grid,
+    surrogate_agreement,
+    tangent_kernel,
+    topk_similar,
+)
 from inf.networks import InfMLP, MuMLP
 from inf.optim import InfSGD
 from inf.utils import pi_param_groups
@@ -28,7 +50,9 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _trained_inf(d_in=5, d_out=2, r=8, L=1, steps=3, layernorm=False, seed=0, **kw) -> tuple[InfMLP, torch.Tensor]:
+def _trained_inf(
+    d_in=5, d_out=2, r=8, L=1, steps=3, layernorm=False, seed=0, **kw
+) -> tuple[InfMLP, torch.Tensor]:
     torch.manual_seed(seed)
     net = InfMLP(d_in, d_out, r, L=L, bias_alpha=0.5, layernorm=layernorm, dtype=F64, **kw)
     X = torch.randn(16, d_in, dtype=F64)
@@ -57,7 +81,9 @@ class TinyCNN(nn.Module):
 def test_projected_kernel_converges_like_inverse_sqrt_K(model_kind):
     torch.manual_seed(0)
     if model_kind == "mlp":
-        net = MuMLP(5, 3, 16, L=1, readout_zero_init=False, dtype=F64, generator=torch.Generator().manual_seed(0))
+        net = MuMLP(
+            5, 3, 16, L=1, readout_zero_init=False, dtype=F64, generator=torch.Generator().manual_seed(0)
+        )
         X = torch.randn(12, 5, dtype=F64)
     else:
         net = TinyCNN().double()
@@ -68,8 +94,10 @@ def test_projected_kernel_converges_like_inverse_sqrt_K(model_kind):
         T = ntk_from_features(exact, kind=kind)
         errs = []
         for K in Ks:
-            e = [_rel(ntk_from_features(pntk_features(net, X, K, seed=s, proj_type=pt), kind=kind), T)
-                 for s, pt in ((0, "rademacher"), (1, "normal"), (2, "rademacher"))]
+            e = [
+                _rel(ntk_from_features(pntk_features(net, X, K, seed=s, proj_type=pt), kind=kind), T)
+                for s, pt in ((0, "rademacher"), (1, "normal"), (2, "rademacher"))
+            ]
             errs.append(np.mean(e))
         slope = np.polyfit(np.log(Ks), np.log(errs), 1)[0]
         assert -0.8 < slope < -0.3, (kind, errs, slope)
@@ -85,11 +113,14 @@ def test_exact_features_are_the_empirical_ntk():
 
     def f(*ps):
         return torch.func.functional_call(net, dict(zip(names, ps)), (X,))
+
     jac = torch.autograd.functional.jacobian(f, params)
     J = torch.cat([j.reshape(5, 4, -1) for j in jac], dim=2)
     full = torch.einsum("nkp,mjp->nmkj", J, J)
     assert torch.allclose(empirical_ntk(net, X, kind="full"), full, atol=1e-10)
-    assert torch.allclose(empirical_ntk(net, X, kind="trace"), full.diagonal(dim1=2, dim2=3).sum(-1), atol=1e-10)
+    assert torch.allclose(
+        empirical_ntk(net, X, kind="trace"), full.diagonal(dim1=2, dim2=3).sum(-1), atol=1e-10
+    )
     pseudo = full.sum((2, 3)) / 4
     assert torch.allclose(empirical_ntk(net, X, kind="pseudo"), pseudo, atol=1e-10)
     # gradient of the summed output only (outputs="sum") gives the same pseudo-NTK
@@ -100,8 +131,11 @@ def test_exact_features_are_the_empirical_ntk():
         ntk_from_features(F, kind="trace")
     # the CUDA projector is chosen only where it can run
     from inf.analysis.pntk import _fast_jl_available, _projector_plan
+
     assert _projector_plan(100, 64, "cpu", torch.float32, 2**20) == ("basic", 64)
-    assert _projector_plan(10**6, 512, "cuda", torch.float32, 2**22)[0] == ("cuda" if _fast_jl_available() else "basic")
+    assert _projector_plan(10**6, 512, "cuda", torch.float32, 2**22)[0] == (
+        "cuda" if _fast_jl_available() else "basic"
+    )
     assert _projector_plan(100, 512, "cuda", torch.float64, 2**22)[0] == "basic"
     # parameter blocks and example chunks do not change the result
     F2 = pntk_features(net, X, 64, block_numel=20, chunk_size=2)
@@ -222,8 +256,14 @@ def test_inf_ntk_lr_mults_matter_and_diagonal():
     b = inf_ntk(net, X[:5], kind="trace")
     assert _rel(a, b) > 0.05
     total, terms = inf_ntk(net, X[:5], kind="trace", by_term=True)
-    assert set(terms) == {"layers.0.A", "layers.0.bias", "layers.1.rows", "layers.1.bias", "layers.2.rows",
-                          "layers.2.bias"}
+    assert set(terms) == {
+        "layers.0.A",
+        "layers.0.bias",
+        "layers.1.rows",
+        "layers.1.bias",
+        "layers.2.rows",
+        "layers.2.bias",
+    }
     assert torch.allclose(sum(terms.values()), total)
     assert torch.allclose(inf_ntk_diagonal(net, X[:5], chunk_size=2), total.diagonal())
     # a frozen layer contributes nothing
@@ -240,8 +280,13 @@ def test_inf_ntk_is_the_limit_of_finite_pi_nets():
     exact = inf_ntk(net, Xs, kind="full")
     widths, gaps = [128, 512, 2048], []
     for n in widths:
-        g = [_rel(empirical_ntk(net.sample(n, generator=torch.Generator().manual_seed(s)), Xs, kind="full"), exact)
-             for s in range(5)]
+        g = [
+            _rel(
+                empirical_ntk(net.sample(n, generator=torch.Generator().manual_seed(s)), Xs, kind="full"),
+                exact,
+            )
+            for s in range(5)
+        ]
         gaps.append(float(np.mean(g)))
     print("width gaps", dict(zip(widths, gaps)))
     slope = np.polyfit(np.log(widths), np.log(gaps), 1)[0]
@@ -277,8 +322,14 @@ def test_lr_mults_roles_names_and_param_groups_agree():
     fin = net.sample(32, generator=torch.Generator().manual_seed(0))
     by_role = empirical_ntk(fin, X[:4], kind="trace", lr_mults={"first": 2.0, "last": 0.5, "bias": 3.0})
     # the role convention: first_bias = bias·first, hidden biases = bias, last_bias = bias·last
-    expected = {"layers.0.weight": 2.0, "layers.0.bias": 6.0, "layers.1.weight": 1.0, "layers.1.bias": 3.0,
-                "layers.2.weight": 0.5, "layers.2.bias": 1.5}
+    expected = {
+        "layers.0.weight": 2.0,
+        "layers.0.bias": 6.0,
+        "layers.1.weight": 1.0,
+        "layers.1.bias": 3.0,
+        "layers.2.weight": 0.5,
+        "layers.2.bias": 1.5,
+    }
     by_name = empirical_ntk(fin, X[:4], kind="trace", lr_mults=expected)
     assert torch.allclose(by_role, by_name)
     named = dict(fin.named_parameters())
@@ -319,6 +370,7 @@ def test_independence_matches_direct_per_parameter_gradients():
 
     def betas(*ps):  # (m, O): every coefficient of every basis function
         return phi.T @ torch.func.functional_call(net, dict(zip(names, ps)), (X,))
+
     jac = torch.autograd.functional.jacobian(betas, params)
     J = torch.cat([j.reshape(8, 3, -1) for j in jac], dim=2)  # (m, O, P): ∇β_i
     direct = torch.einsum("iop,jop->ij", J, J)
@@ -345,7 +397,9 @@ def test_recorder_on_infinite_pi_net(tmp_path):
     for step in range(6):
         rec.record(net, step)
         opt.zero_grad()
-        (0.5 * ((net(X[step::3]) - torch.nn.functional.one_hot(y[step::3], 3).double()) ** 2).sum(1).mean()).backward()
+        (
+            0.5 * ((net(X[step::3]) - torch.nn.functional.one_hot(y[step::3], 3).double()) ** 2).sum(1).mean()
+        ).backward()
         opt.step()
     rec.record(net, 6)
     assert rec.steps == list(range(7)) and rec.kernel_steps == [0, 2, 4, 6]
@@ -366,8 +420,11 @@ def test_recorder_on_infinite_pi_net(tmp_path):
     assert torch.allclose(norms[-1] ** 2, torch.einsum("ni,nm,mi->i", phi, K_last, phi), atol=1e-8)
     ind = rec.independence(5)
     assert ind.shape == (4,) and bool(((ind >= 0) & (ind <= 1 + 1e-9)).all())
-    for fn, name in ((plot_beta_curves, "curves.png"), (plot_beta_vs_gradnorm, "scatter.png"),
-                     (plot_independence, "indep.png")):
+    for fn, name in (
+        (plot_beta_curves, "curves.png"),
+        (plot_beta_vs_gradnorm, "scatter.png"),
+        (plot_independence, "indep.png"),
+    ):
         path = fn(rec, tmp_path / name)
         assert path.exists() and path.stat().st_size < 200_000
     saved = np.load(rec.save(tmp_path / "rec.npz"))
@@ -392,9 +449,12 @@ def test_topk_and_surrogate(tmp_path):
     net = MuMLP(5, 3, 32, readout_zero_init=False, dtype=F64, generator=torch.Generator().manual_seed(0))
     Ftr, Fte = pntk_features(net, Xtr, 64), pntk_features(net, Xte, 64)
     vals, idx = topk_similar(Fte, Ftr, k=4)
-    assert idx.shape == (15, 4) and bool((vals[:, :-1] >= vals[:, 1:]).all()) and float(vals.max()) <= 1 + 1e-9
+    assert (
+        idx.shape == (15, 4) and bool((vals[:, :-1] >= vals[:, 1:]).all()) and float(vals.max()) <= 1 + 1e-9
+    )
     K_te, K_tr = ntk_from_features(Fte, Ftr), ntk_from_features(Ftr)
     from inf.analysis import kernel_diagonal
+
     v2, i2 = topk_similar(None, kernel=(K_te, kernel_diagonal(Fte), K_tr.diagonal()), k=4)
     assert torch.equal(i2, idx)
     png = save_topk_grid(tmp_path / "grid.png", Xte[:3], Xtr, idx[:3], vals[:3], yte, y)
@@ -416,39 +476,163 @@ def test_programs_smoke(tmp_path):
     from experiments.analysis import trajectory as traj_prog
 
     common = ["--n-train", "60", "--n-test", "20", "--no-progress", "--steps", "4", "--batch-size", "16"]
-    rep = pntk_prog.main(["--model", "mu", "--width", "32", "--proj-dim", "32", "--topk", "3", "--n-show", "3",
-                          "--out", str(tmp_path / "mu"), *common])
+    rep = pntk_prog.main(
+        [
+            "--model",
+            "mu",
+            "--width",
+            "32",
+            "--proj-dim",
+            "32",
+            "--topk",
+            "3",
+            "--n-show",
+            "3",
+            "--out",
+            str(tmp_path / "mu"),
+            *common,
+        ]
+    )
     assert 0 <= rep["net_accuracy"] <= 1 and (tmp_path / "mu" / "topk.png").exists()
     # the saved checkpoint is read back (its config wins over the flags), features are reused
-    rep2 = pntk_prog.main(["--checkpoint", str(tmp_path / "mu" / "model.pt"), "--model", "cnn", "--proj-dim", "32",
-                           "--topk", "3", "--n-show", "3", "--surrogate", "ridge", "--out", str(tmp_path / "mu"),
-                           *common])
+    rep2 = pntk_prog.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "mu" / "model.pt"),
+            "--model",
+            "cnn",
+            "--proj-dim",
+            "32",
+            "--topk",
+            "3",
+            "--n-show",
+            "3",
+            "--surrogate",
+            "ridge",
+            "--out",
+            str(tmp_path / "mu"),
+            *common,
+        ]
+    )
     assert rep2["model"]["model"] == "mu" and rep2["net_accuracy"] == rep["net_accuracy"]
     # a bare state dict with the model described by the flags
     sd = torch.load(tmp_path / "mu" / "model.pt", weights_only=True)["model"]
     torch.save(sd, tmp_path / "bare.pt")
-    rep3 = pntk_prog.main(["--checkpoint", str(tmp_path / "bare.pt"), "--model", "mu", "--width", "32",
-                           "--proj-dim", "32", "--topk", "3", "--n-show", "3", "--out", str(tmp_path / "bare"),
-                           *common])
+    rep3 = pntk_prog.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "bare.pt"),
+            "--model",
+            "mu",
+            "--width",
+            "32",
+            "--proj-dim",
+            "32",
+            "--topk",
+            "3",
+            "--n-show",
+            "3",
+            "--out",
+            str(tmp_path / "bare"),
+            *common,
+        ]
+    )
     assert rep3["net_accuracy"] == rep["net_accuracy"]
     with pytest.raises(ValueError, match="does not fit"):
-        pntk_prog.main(["--checkpoint", str(tmp_path / "bare.pt"), "--model", "mu", "--width", "16",
-                        "--out", str(tmp_path / "bad"), *common])
-    rep_inf = pntk_prog.main(["--model", "inf", "--r", "8", "--topk", "2", "--n-show", "2",
-                              "--out", str(tmp_path / "inf"), *common])
+        pntk_prog.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "bare.pt"),
+                "--model",
+                "mu",
+                "--width",
+                "16",
+                "--out",
+                str(tmp_path / "bad"),
+                *common,
+            ]
+        )
+    rep_inf = pntk_prog.main(
+        [
+            "--model",
+            "inf",
+            "--r",
+            "8",
+            "--topk",
+            "2",
+            "--n-show",
+            "2",
+            "--out",
+            str(tmp_path / "inf"),
+            *common,
+        ]
+    )
     assert "exact" in rep_inf["kernel"]
-    summary = traj_prog.main(["--model", "inf", "--r", "8", "--n-train", "40", "--n-test", "20", "--steps", "12",
-                              "--records", "6", "--kernel-records", "3", "--no-progress", "--top", "5",
-                              "--out", str(tmp_path / "traj")])
-    for name in ("beta_curves.png", "beta_vs_gradnorm.png", "independence.png", "trajectory.npz", "summary.json"):
+    summary = traj_prog.main(
+        [
+            "--model",
+            "inf",
+            "--r",
+            "8",
+            "--n-train",
+            "40",
+            "--n-test",
+            "20",
+            "--steps",
+            "12",
+            "--records",
+            "6",
+            "--kernel-records",
+            "3",
+            "--no-progress",
+            "--top",
+            "5",
+            "--out",
+            str(tmp_path / "traj"),
+        ]
+    )
+    for name in (
+        "beta_curves.png",
+        "beta_vs_gradnorm.png",
+        "independence.png",
+        "trajectory.npz",
+        "summary.json",
+    ):
         assert (tmp_path / "traj" / name).exists()
     assert json.loads((tmp_path / "traj" / "summary.json").read_text())["steps"] == 12
     assert summary["kernel_steps"][-1] == 12
     from experiments.data.synthetic import write_synthetic_cifar10
 
     root = write_synthetic_cifar10(tmp_path / "cifar", n_train=40, n_test=10)
-    summary = traj_prog.main(["--model", "cnn", "--channels", "2", "--hidden", "8", "--data", "cifar10",
-                              "--data-root", str(root), "--n-train", "30", "--steps", "6", "--records", "4",
-                              "--kernel-records", "2", "--proj-dim", "32", "--basis", "ntk-init", "--no-progress",
-                              "--top", "4", "--out", str(tmp_path / "traj_cnn")])
+    summary = traj_prog.main(
+        [
+            "--model",
+            "cnn",
+            "--channels",
+            "2",
+            "--hidden",
+            "8",
+            "--data",
+            "cifar10",
+            "--data-root",
+            str(root),
+            "--n-train",
+            "30",
+            "--steps",
+            "6",
+            "--records",
+            "4",
+            "--kernel-records",
+            "2",
+            "--proj-dim",
+            "32",
+            "--basis",
+            "ntk-init",
+            "--no-progress",
+            "--top",
+            "4",
+            "--out",
+            str(tmp_path / "traj_cnn"),
+        ]
+    )
     assert summary["basis"] == "ntk-init" and summary["n_train"] == 30

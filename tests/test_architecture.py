@@ -11,6 +11,7 @@
 
 Each rule is checked on a small synthetic source too, so a broken checker cannot pass silently.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,7 @@ def imported_modules(source: str, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
+                base = ".".join(parts[: len(parts) - node.level + 1])
                 target = f"{base}.{node.module}" if node.module else base
             else:
                 target = node.module or ""
@@ -60,8 +61,11 @@ def positional_layer_indexing(source: str) -> list[int]:
     """Line numbers of ``<expr>.layers[<int>]`` (``layers[0]``, ``layers[-1]``, …)."""
     lines = []
     for node in ast.walk(ast.parse(source)):
-        if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "layers"):
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "layers"
+        ):
             index = node.slice
             if isinstance(index, ast.UnaryOp) and isinstance(index.op, ast.USub):
                 index = index.operand
@@ -72,19 +76,24 @@ def positional_layer_indexing(source: str) -> list[int]:
 
 # --------------------------------------------------------------------------- the checker itself
 
+
 def test_checker_sees_every_import_form():
-    src = ("import experiments.cli\nfrom experiments import runs\nfrom . import layers\n"
-           "from .networks import InfMLP\n"
-           "def f():\n    from ..experiments import models\n")
+    src = (
+        "import experiments.cli\nfrom experiments import runs\nfrom . import layers\n"
+        "from .networks import InfMLP\n"
+        "def f():\n    from ..experiments import models\n"
+    )
     names = imported_modules(src, "inf.sub.mod")
     assert {"experiments.cli", "experiments.runs", "inf.sub.layers", "inf.sub.networks"} <= names
     assert _reaches(imported_modules("from . import layers\n", "inf.rows"), "inf.layers")
     assert _reaches(imported_modules("from .networks import X\n", "inf.math"), "inf.networks")
-    assert positional_layer_indexing("a = net.layers[0]\nb = net.layers[-1]\nc = net.layers[i]\n"
-                                     "d = layers[0]\n") == [1, 2]
+    assert positional_layer_indexing(
+        "a = net.layers[0]\nb = net.layers[-1]\nc = net.layers[i]\nd = layers[0]\n"
+    ) == [1, 2]
 
 
 # --------------------------------------------------------------------------- the contract
+
 
 def _sources(folder: str):
     for path in sorted((ROOT / folder).rglob("*.py")):
@@ -95,8 +104,11 @@ def test_library_never_imports_programs():
     bad = []
     for path, source in _sources("inf"):
         names = imported_modules(source, _module_name(path))
-        bad += [f"{path.relative_to(ROOT)} imports {n}" for n in sorted(names)
-                if _reaches({n}, "experiments") or _reaches({n}, "benchmarks")]
+        bad += [
+            f"{path.relative_to(ROOT)} imports {n}"
+            for n in sorted(names)
+            if _reaches({n}, "experiments") or _reaches({n}, "benchmarks")
+        ]
     assert not bad, "inf/ must not depend on experiments/ or benchmarks/:\n" + "\n".join(bad)
 
 
@@ -114,5 +126,7 @@ def test_programs_use_the_network_layout_not_positions():
     bad = []
     for path, source in _sources("experiments"):
         bad += [f"{path.relative_to(ROOT)}:{line}" for line in positional_layer_indexing(source)]
-    assert not bad, ("index layers through net.input_layer / hidden_layers / output_layer / "
-                     "features(), not by position:\n" + "\n".join(bad))
+    assert not bad, (
+        "index layers through net.input_layer / hidden_layers / output_layer / "
+        "features(), not by position:\n" + "\n".join(bad)
+    )

@@ -1,4 +1,5 @@
 """CIFAR readers (experiments/data/cifar.py) on tiny files in the real on-disk formats."""
+
 from __future__ import annotations
 
 import io
@@ -48,11 +49,11 @@ def cifar10_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cifar100_dir(tmp_path_factory):
-    return write_synthetic_cifar100(tmp_path_factory.mktemp("c100"), n_train=130, n_test=9,
-                                    seed=2)
+    return write_synthetic_cifar100(tmp_path_factory.mktemp("c100"), n_train=130, n_test=9, seed=2)
 
 
 # --------------------------------------------------------------------------- round trips
+
 
 def test_cifar10_folder_round_trip(cifar10_dir):
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -63,8 +64,18 @@ def test_cifar10_folder_round_trip(cifar10_dir):
         ref_images, ref_labels = _reference(cifar10_dir, names, b"labels")
         assert np.array_equal(images.numpy(), ref_images)
         assert np.array_equal(labels.numpy(), ref_labels)
-    assert cifar10_classes(cifar10_dir) == ["airplane", "automobile", "bird", "cat", "deer",
-                                            "dog", "frog", "horse", "ship", "truck"]
+    assert cifar10_classes(cifar10_dir) == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
 
 
 def test_cifar10_root_forms_agree(cifar10_dir, tmp_path):
@@ -134,6 +145,7 @@ def test_image_layout_is_channel_planes():
 
 # --------------------------------------------------------------------------- errors
 
+
 def test_missing_root_says_what_and_where(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         load_cifar10(tmp_path / "nowhere")
@@ -152,8 +164,9 @@ def test_missing_batch_file_is_named(tmp_path):
     assert load_cifar10(tmp_path, train=False)[0].shape == (2, 3, 32, 32)  # test split intact
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_shape", "bad_labels",
-                                    "not_a_dict", "missing_key"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "wrong_shape", "bad_labels", "not_a_dict", "missing_key"]
+)
 def test_corrupt_file_is_named(tmp_path, damage):
     folder = write_synthetic_cifar10(tmp_path, n_train=10, n_test=2)
     target = folder / "data_batch_2"
@@ -173,21 +186,23 @@ def test_corrupt_file_is_named(tmp_path, damage):
     assert isinstance(err.value, DatasetError)
 
 
-@pytest.mark.parametrize("labels,what", [
-    ([0, 2.7], "2.7"),                       # used to be truncated to 2
-    ([0.0, float("nan")], "nan"),
-    ([1, -1], "range"),
-    ([0, 10], "range"),
-    (np.array([0.0, 12.0]), "range"),        # integral floats are range-checked too
-    (["0", "1"], "not ints"),
-])
+@pytest.mark.parametrize(
+    "labels,what",
+    [
+        ([0, 2.7], "2.7"),  # used to be truncated to 2
+        ([0.0, float("nan")], "nan"),
+        ([1, -1], "range"),
+        ([0, 10], "range"),
+        (np.array([0.0, 12.0]), "range"),  # integral floats are range-checked too
+        (["0", "1"], "not ints"),
+    ],
+)
 def test_non_integer_or_out_of_range_labels_are_refused(tmp_path, labels, what):
     """Issue 14, item 9: a label of 2.7 was silently cast to 2. Every label must be an integer
     class index 0..9; the one-line error names the file."""
     folder = write_synthetic_cifar10(tmp_path, n_train=10, n_test=2)
     target = folder / "data_batch_4"
-    target.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": labels},
-                                    protocol=2))
+    target.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": labels}, protocol=2))
     with pytest.raises(CorruptDatasetError) as err:
         load_cifar10(folder)
     message = str(err.value)
@@ -197,8 +212,9 @@ def test_non_integer_or_out_of_range_labels_are_refused(tmp_path, labels, what):
 def test_integral_float_labels_are_accepted(tmp_path):
     """Labels stored as whole-number floats (3.0) are the same classes: accepted as ints."""
     folder = write_synthetic_cifar10(tmp_path, n_train=10, n_test=2)
-    (folder / "test_batch").write_bytes(pickle.dumps(
-        {"data": np.zeros((2, 3072), np.uint8), "labels": [3.0, 9.0]}, protocol=2))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [3.0, 9.0]}, protocol=2)
+    )
     _, labels = load_cifar10(folder, train=False)
     assert labels.tolist() == [3, 9] and labels.dtype == torch.int64
 
@@ -235,6 +251,7 @@ def test_corrupt_or_incomplete_archive(tmp_path):
 
 # --------------------------------------------------------------------------- transforms
 
+
 def _batch(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -260,7 +277,7 @@ def test_augmentation_is_a_padded_crop_or_its_mirror():
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     flipped_some = False
     for i in range(len(images)):
-        windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        windows = [padded[i, :, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
         plain = any(torch.equal(out[i], w) for w in windows)
         mirrored = any(torch.equal(out[i], w.flip(-1)) for w in windows)
         assert plain or mirrored

@@ -5,6 +5,7 @@ written in the real on-disk formats (experiments.data.synthetic*), with r = 8, 6
 images and one or two epochs. The paper's command lines are passed verbatim (``--cuda``
 removed, sizes appended: later options override earlier ones).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,19 +41,35 @@ PAPER_INF_LINE = (
     "--scheduler multistep --wd 0.00001 --r 400 --batch-size 8 --epochs 50 --width 0 --cuda "
     "--seed 0  --depth 2 --bias-alpha 0.5 --first-layer-lr-mult 0.1 --last-layer-lr-mult 4.0 "
     "--first-layer-alpha 1.0 --last-layer-alpha 0.5 --no-apply-lr-mult-to-wd "
-    "--save-dir ./output/")
+    "--save-dir ./output/"
+)
 PAPER_TRANSFER_LINE = (
     "--save-dir=./output/ --save-model --cuda --r 200 --lr=0.01 --batch-size=16 --gclip=0  "
     "--epochs=40 --human --wd=0.0001 --bias-alpha=0.5 --first-layer-lr-mult=1.0 "
-    "--last-layer-lr-mult=1.0 --gclip-per-param")
-NNGP_LINE = ("--varb 0 --depth 2   --kernel-reg 1e-4 --gp --float --batch-size 2000 "
-             "--test-batch-size 2000  --save-dir ./output/")
-NTK_LINE = ("--varb 0 --depth 2 --first-layer-lr-mult 1 --last-layer-lr-mult 1 --bias-lr-mult 1 "
-            "--kernel-reg 1e-4 --ntk --float --batch-size 2000 --test-batch-size 2000  "
-            "--save-dir ./output/")
+    "--last-layer-lr-mult=1.0 --gclip-per-param"
+)
+NNGP_LINE = (
+    "--varb 0 --depth 2   --kernel-reg 1e-4 --gp --float --batch-size 2000 "
+    "--test-batch-size 2000  --save-dir ./output/"
+)
+NTK_LINE = (
+    "--varb 0 --depth 2 --first-layer-lr-mult 1 --last-layer-lr-mult 1 --bias-lr-mult 1 "
+    "--kernel-reg 1e-4 --ntk --float --batch-size 2000 --test-batch-size 2000  "
+    "--save-dir ./output/"
+)
 # columns that are functions of the data, seed and options (not of the clock)
-DETERMINISTIC = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "gclip",
-                 "rows", "steps", "transfer_acc")
+DETERMINISTIC = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "gclip",
+    "rows",
+    "steps",
+    "transfer_acc",
+)
 
 
 def paper_line(line: str, out, *extra) -> list[str]:
@@ -78,21 +95,32 @@ def cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
-    return write_synthetic_imagenet32(tmp_path_factory.mktemp("imagenet32"), n_per_batch=32,
-                                      n_batches=2, num_classes=10)
+    return write_synthetic_imagenet32(
+        tmp_path_factory.mktemp("imagenet32"), n_per_batch=32, n_batches=2, num_classes=10
+    )
 
 
 def tiny(cifar, *extra):
-    return ["--data", str(cifar), "--float", "--r", "8", "--train-size", "64",
-            "--test-size", "32", "--no-progress", *map(str, extra)]
+    return [
+        "--data",
+        str(cifar),
+        "--float",
+        "--r",
+        "8",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--no-progress",
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="module")
 def trained_inf(cifar, tmp_path_factory):
     """An infinite π-net trained for 2 epochs by the paper's line, with a checkpoint."""
     save_dir = tmp_path_factory.mktemp("inf_run")
-    doc = cifar10mlp.main(paper_line(PAPER_INF_LINE, save_dir, *tiny(cifar, "--epochs", 2,
-                                                                     "--save-model")))
+    doc = cifar10mlp.main(paper_line(PAPER_INF_LINE, save_dir, *tiny(cifar, "--epochs", 2, "--save-model")))
     out = Path(doc["run_dir"])  # the run's own folder inside --save-dir
     assert out.parent == save_dir and out.name.startswith("cifar10mlp_infinite_r8_L2_s0_")
     return out, doc
@@ -103,6 +131,7 @@ def metrics_of(doc):
 
 
 # --------------------------------------------------------------------------- cifar10mlp
+
 
 def test_paper_infinite_line_runs_and_writes_outputs(trained_inf):
     out, doc = trained_inf
@@ -123,17 +152,22 @@ def test_paper_infinite_line_runs_and_writes_outputs(trained_inf):
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "rng", "args", "metrics"}
 
 
-@pytest.mark.parametrize("extra", [
-    "--width 32",
-    "--width 32 --gaussian-init --no-Gproj",
-    "--width 32 --gaussian-init --no-Gproj --tract-lambda 0.1",
-    "--width 32 --tract-lambda 0.1 --no-Gproj --bias-alpha 0",
-    "--width 0 --tract-lambda 0.1 --layernorm --loss mse --momentum 0.9 --data-augment "
-    "--scheduler cosine --last-bias-alpha 2 --gclip 0.5",
-], ids=["finite", "mup", "mup-tract", "finite-tract-nobias", "inf-tract-layernorm-mse"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "--width 32",
+        "--width 32 --gaussian-init --no-Gproj",
+        "--width 32 --gaussian-init --no-Gproj --tract-lambda 0.1",
+        "--width 32 --tract-lambda 0.1 --no-Gproj --bias-alpha 0",
+        "--width 0 --tract-lambda 0.1 --layernorm --loss mse --momentum 0.9 --data-augment "
+        "--scheduler cosine --last-bias-alpha 2 --gclip 0.5",
+    ],
+    ids=["finite", "mup", "mup-tract", "finite-tract-nobias", "inf-tract-layernorm-mse"],
+)
 def test_cifar10mlp_modes(cifar, tmp_path, extra):
-    doc = cifar10mlp.main(tiny(cifar, "--epochs", 1, "--lr", 0.3, "--depth", 2,
-                               "--save-dir", tmp_path, *extra.split()))
+    doc = cifar10mlp.main(
+        tiny(cifar, "--epochs", 1, "--lr", 0.3, "--depth", 2, "--save-dir", tmp_path, *extra.split())
+    )
     row = doc["epochs"][0]
     assert torch.isfinite(torch.tensor([row["train_loss"], row["test_loss"]])).all()
     assert (row["rows"] is None) == ("--width 32" in extra)
@@ -155,33 +189,67 @@ def test_resume_reproduces_uninterrupted_run(cifar, tmp_path, width):
     """Stopped after epoch 1 and resumed from its checkpoint, the run ends exactly where an
     uninterrupted one does: the lr and clipping drop, momentum, augmentation and shuffling all
     cross the interruption."""
-    common = tiny(cifar, "--width", width, "--epochs", 3, "--lr", 0.5, "--momentum", 0.9,
-                  "--wd", 1e-3, "--scheduler", "multistep", "--lr-drop-milestones", 2,
-                  "--lr-drop-ratio", 0.5, "--gclip", 0.5, "--data-augment", "--save-model",
-                  "--depth", 2)
+    common = tiny(
+        cifar,
+        "--width",
+        width,
+        "--epochs",
+        3,
+        "--lr",
+        0.5,
+        "--momentum",
+        0.9,
+        "--wd",
+        1e-3,
+        "--scheduler",
+        "multistep",
+        "--lr-drop-milestones",
+        2,
+        "--lr-drop-ratio",
+        0.5,
+        "--gclip",
+        0.5,
+        "--data-augment",
+        "--save-model",
+        "--depth",
+        2,
+    )
     whole = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "whole")])
-    first = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"),
-                                      "--stop-after-epochs", "1"])
+    first = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--stop-after-epochs", "1"])
     split = Path(first["run_dir"])
     assert load_checkpoint(split / "checkpoint.pt")["epoch"] == 1
-    resumed = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--model-path",
-                                        str(split / "checkpoint.pt")])
+    resumed = cifar10mlp.main(
+        common + ["--save-dir", str(tmp_path / "split"), "--model-path", str(split / "checkpoint.pt")]
+    )
     assert resumed["run_dir"] == str(split)  # the same run folder, continued
     assert metrics_of(resumed) == metrics_of(whole)
     assert [r["lr"] for r in whole["epochs"]] == [0.5, 0.5, 0.25]
     final_a = load_checkpoint(whole["run_dir"])["model"]
     final_b = load_checkpoint(split)["model"]
     assert final_a.keys() == final_b.keys()
-    assert all(torch.equal(final_a[k], final_b[k]) if torch.is_tensor(final_a[k])
-               else final_a[k] == final_b[k] for k in final_a)
+    assert all(
+        torch.equal(final_a[k], final_b[k]) if torch.is_tensor(final_a[k]) else final_a[k] == final_b[k]
+        for k in final_a
+    )
 
 
 def test_evaluate_only_uses_checkpoint_architecture(cifar, trained_inf, tmp_path):
     out, doc = trained_inf
     # the network options are taken from the checkpoint (r=8, depth 2, alphas), not from here
-    result = cifar10mlp.main(["--data", str(cifar), "--test-size", "32", "--float",
-                              "--model-path", str(out / "checkpoint.pt"), "--evaluate-only",
-                              "--save-dir", str(tmp_path)])
+    result = cifar10mlp.main(
+        [
+            "--data",
+            str(cifar),
+            "--test-size",
+            "32",
+            "--float",
+            "--model-path",
+            str(out / "checkpoint.pt"),
+            "--evaluate-only",
+            "--save-dir",
+            str(tmp_path),
+        ]
+    )
     assert result["evaluation"]["test_acc"] == doc["epochs"][-1]["test_acc"]
     assert result["evaluation"]["test_loss"] == pytest.approx(doc["epochs"][-1]["test_loss"])
     assert (Path(result["run_dir"]) / "evaluation.json").exists()
@@ -190,8 +258,7 @@ def test_evaluate_only_uses_checkpoint_architecture(cifar, trained_inf, tmp_path
 def test_resume_refuses_a_different_network(cifar, trained_inf):
     out, _ = trained_inf
     with pytest.raises(ConfigError, match="different network"):
-        cifar10mlp.main(tiny(cifar, "--depth", 1, "--epochs", 3, "--model-path",
-                             out / "checkpoint.pt"))
+        cifar10mlp.main(tiny(cifar, "--depth", 1, "--epochs", 3, "--model-path", out / "checkpoint.pt"))
 
 
 def test_half_rows_train_and_checkpoint(cifar):
@@ -200,10 +267,16 @@ def test_half_rows_train_and_checkpoint(cifar):
     net = build_model(args, 3072, 10, torch.device("cpu"))
     assert "float16" in apply_precision(net, args, torch.device("cpu"), half_rows=True)
     assert net.hidden_layers[0].A.dtype == torch.float16 and net.hidden_layers[0].Amult.dtype == torch.float32
-    data = ImageSet(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8),
-                    torch.arange(16) % 10, (0.5,) * 3, (0.25,) * 3, 10)
-    trainer = Trainer(args, net, make_optimizer(args, net), torch.device("cpu"),
-                      torch.Generator().manual_seed(0))
+    data = ImageSet(
+        torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(16) % 10,
+        (0.5,) * 3,
+        (0.25,) * 3,
+        10,
+    )
+    trainer = Trainer(
+        args, net, make_optimizer(args, net), torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
     stats = trainer.train_epoch(data, 0)
     assert stats["train_loss"] == stats["train_loss"] and net.rows_per_layer() == [24, 24]
     assert net.output_layer.B.dtype == torch.float16
@@ -215,6 +288,7 @@ def test_half_rows_train_and_checkpoint(cifar):
 def test_mup_tract_input_matches_tract_on_linear():
     """TrAct on MuMLP's β-scaled input layer gives the same gradients as TrAct on an nn.Linear."""
     from inf.networks import MuMLP
+
     torch.manual_seed(0)
     net = MuMLP(12, 3, 5, L=1, bias_alpha=1.0, tract_lambda=0.3)
     layer = net.input_layer
@@ -231,6 +305,7 @@ def test_mup_tract_input_matches_tract_on_linear():
 
 
 # --------------------------------------------------------------------------- cifar10test
+
 
 def test_nngp_and_ntk_lines(cifar, tmp_path, capsys):
     """The paper's NNGP and NTK lines, both with the same --save-dir, write to different run
@@ -255,8 +330,10 @@ def test_nngp_and_ntk_lines(cifar, tmp_path, capsys):
     # the same line again: the stored result is printed, not recomputed
     again = cifar10test.main(paper_line(NNGP_LINE, tmp_path, "--data", cifar, "--no-progress"))
     assert "already holds" in capsys.readouterr().out
-    assert again["results"][0]["test_acc"] == json.loads(
-        (folders["nngp"] / "kernel_results.json").read_text())["results"][0]["test_acc"]
+    assert (
+        again["results"][0]["test_acc"]
+        == json.loads((folders["nngp"] / "kernel_results.json").read_text())["results"][0]["test_acc"]
+    )
 
 
 def test_feature_kernel_of_trained_nets(cifar, trained_inf, tmp_path):
@@ -265,13 +342,18 @@ def test_feature_kernel_of_trained_nets(cifar, trained_inf, tmp_path):
     inf_doc = cifar10test.main(base + ["--load-model-path", str(out / "checkpoint.pt")])
     (row,) = inf_doc["results"]
     assert row["kind"] == "infinite" and 0.0 <= row["test_acc"] <= 1.0 and "net_test_acc" in row
-    sampled = cifar10test.main(base + ["--load-model-path", str(out), "--width", "64",
-                                       "--normalize-features"])
+    sampled = cifar10test.main(
+        base + ["--load-model-path", str(out), "--width", "64", "--normalize-features"]
+    )
     assert sampled["results"][0]["kind"] == "finite"
-    fin_dir = Path(cifar10mlp.main(tiny(cifar, "--width", 32, "--epochs", 1, "--save-model",
-                                        "--save-dir", tmp_path / "fin"))["run_dir"])
-    fin_doc = cifar10test.main(base + ["--load-model-path", str(fin_dir / "checkpoint.pt"),
-                                       "--gp", "--krr-method", "cg"])
+    fin_dir = Path(
+        cifar10mlp.main(
+            tiny(cifar, "--width", 32, "--epochs", 1, "--save-model", "--save-dir", tmp_path / "fin")
+        )["run_dir"]
+    )
+    fin_doc = cifar10test.main(
+        base + ["--load-model-path", str(fin_dir / "checkpoint.pt"), "--gp", "--krr-method", "cg"]
+    )
     assert [r["mode"] for r in fin_doc["results"]] == ["nngp", "feature_kernel"]
     assert fin_doc["results"][1]["kind"] == "finite"
 
@@ -288,8 +370,9 @@ def test_infinite_feature_kernel_matches_wide_finite_nets():
     quarter).
     """
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     labels = torch.arange(40) % 5
     train = ImageSet(images[:24], labels[:24], (0.5,) * 3, (0.25,) * 3, 5)
     probe = ImageSet(images[24:], labels[24:], (0.5,) * 3, (0.25,) * 3, 5)
@@ -316,10 +399,26 @@ def test_infinite_feature_kernel_matches_wide_finite_nets():
 
 # --------------------------------------------------------------------------- transfer
 
+
 def test_transfer_line_with_milestones(cifar, imagenet, tmp_path):
-    argv = paper_line(PAPER_TRANSFER_LINE, tmp_path, "--imagenet-data", imagenet,
-                      "--cifar-data", cifar, "--r", 8, "--epochs", 2, "--float",
-                      "--transfer-milestones", "0,2", "--train-size", 64, "--keep-epoch-models")
+    argv = paper_line(
+        PAPER_TRANSFER_LINE,
+        tmp_path,
+        "--imagenet-data",
+        imagenet,
+        "--cifar-data",
+        cifar,
+        "--r",
+        8,
+        "--epochs",
+        2,
+        "--float",
+        "--transfer-milestones",
+        "0,2",
+        "--train-size",
+        64,
+        "--keep-epoch-models",
+    )
     doc = transfer_imagenet.main(argv)
     rows = doc["epochs"]
     run = Path(doc["run_dir"])
@@ -330,8 +429,16 @@ def test_transfer_line_with_milestones(cifar, imagenet, tmp_path):
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["shape"] == {"d_in": 3072, "d_out": 1000} and ckpt["program"] == "transfer_imagenet"
     # the saved pretrained net can be tested later by cifar10test, like the original's
-    test_doc = cifar10test.main(["--data", str(cifar), "--test-kernel", "--no-progress",
-                                 "--load-model-path", str(run / "checkpoint.pt")])
+    test_doc = cifar10test.main(
+        [
+            "--data",
+            str(cifar),
+            "--test-kernel",
+            "--no-progress",
+            "--load-model-path",
+            str(run / "checkpoint.pt"),
+        ]
+    )
     assert test_doc["results"][0]["test_acc"] == pytest.approx(rows[2]["transfer_acc"])
     assert "net_test_acc" not in test_doc["results"][0]  # a 1000-class head: no CIFAR accuracy
 
@@ -339,16 +446,37 @@ def test_transfer_line_with_milestones(cifar, imagenet, tmp_path):
 def test_transfer_finite_mup_on_class_subset(cifar, imagenet, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("0, 1, 2, 3, 4\n5 6 7 8 9\n")
-    doc = transfer_imagenet.main([
-        "--imagenet-data", str(imagenet), "--cifar-data", str(cifar), "--float", "--r", "8",
-        "--width", "32", "--gaussian-init", "--epochs", "1", "--imagenet-class-file",
-        str(classes), "--imagenet-train-size", "48", "--imagenet-test-size", "16",
-        "--no-progress", "--batch-size", "16"])
+    doc = transfer_imagenet.main(
+        [
+            "--imagenet-data",
+            str(imagenet),
+            "--cifar-data",
+            str(cifar),
+            "--float",
+            "--r",
+            "8",
+            "--width",
+            "32",
+            "--gaussian-init",
+            "--epochs",
+            "1",
+            "--imagenet-class-file",
+            str(classes),
+            "--imagenet-train-size",
+            "48",
+            "--imagenet-test-size",
+            "16",
+            "--no-progress",
+            "--batch-size",
+            "16",
+        ]
+    )
     (row,) = doc["epochs"]
     assert row["steps"] == 3 and 0.0 <= row["transfer_acc"] <= 1.0
 
 
 # --------------------------------------------------------------------------- errors
+
 
 def test_missing_and_corrupt_cifar(tmp_path, cifar):
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
@@ -364,8 +492,7 @@ def test_missing_and_corrupt_cifar(tmp_path, cifar):
 
 def test_missing_imagenet_and_bad_checkpoint(tmp_path, cifar, imagenet):
     with pytest.raises(DatasetNotFoundError, match="ImageNet32"):
-        transfer_imagenet.main(["--imagenet-data", str(tmp_path / "none"),
-                                "--cifar-data", str(cifar)])
+        transfer_imagenet.main(["--imagenet-data", str(tmp_path / "none"), "--cifar-data", str(cifar)])
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
@@ -388,8 +515,13 @@ def test_cuda_without_gpu_is_a_clear_error(cifar, monkeypatch, capsys):
 
 
 def test_option_errors(cifar):
-    for argv in (["--evaluate-only"], ["--save-model"], ["--gaussian-init"],
-                 ["--epochs", "0"], ["--train-size", "0"]):
+    for argv in (
+        ["--evaluate-only"],
+        ["--save-model"],
+        ["--gaussian-init"],
+        ["--epochs", "0"],
+        ["--train-size", "0"],
+    ):
         with pytest.raises(SystemExit):
             cifar10mlp.main(["--data", str(cifar)] + argv)
     with pytest.raises(SystemExit):

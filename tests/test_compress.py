@@ -1,4 +1,5 @@
 """Row compression (inf/compress.py; docs/math.md "Row compression", docs/compression.md)."""
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,9 @@ def _rkhs_distance(A, c, B, A2, c2, B2):
 def test_eps_closed_form_equals_direct_rkhs_distance(method, block):
     # float64: both sides are sums of O(1) terms, so they agree to rounding (≈1e-14); 1e-10 leaves room
     A, c, B = _rows()
-    An, cn, Bn, _, rep = compress_rows(A, c, B, landmarks=30, method=method, block=block,
-                                       generator=torch.Generator().manual_seed(1))
+    An, cn, Bn, _, rep = compress_rows(
+        A, c, B, landmarks=30, method=method, block=block, generator=torch.Generator().manual_seed(1)
+    )
     direct = _rkhs_distance(A, c, B, An, cn, Bn)
     assert rep.landmarks == 30 and rep.rows_after == 30 and rep.rows_before == 200
     assert 0.05 < rep.rel_eps < 1.0  # a genuinely lossy case
@@ -113,7 +115,7 @@ def test_low_precision_storage(dtype):
     assert An.dtype == dtype and Bn.dtype == dtype and cn.dtype == torch.float32
     # the stored result is the float64 projection rounded to the storage precision: its true error
     # is ε plus the rounding of W (relative 2^-8 for bfloat16, 2^-11 for float16, 2^-24 for float32)
-    unit = {torch.float32: 2 ** -24, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    unit = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
     true = _rkhs_distance(A, c, B, An, cn, Bn)
     assert abs(true - rep.eps) <= 4 * unit * rep.norm * math.sqrt(40)
     # float32 computation (it may pick other landmarks: the diagonal ties break differently)
@@ -128,8 +130,15 @@ def test_pivoted_cholesky_factor_and_rank_deficiency():
     B = torch.cat([B, B])  # every direction twice: K_BB has rank ≤ 50
     w = torch.randn(100, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
     for method in METHODS:
-        lm = pivoted_cholesky(B, 100, method=method, block=8, generator=torch.Generator().manual_seed(0),
-                              weights=w, applied=kernel(B, B) @ w)
+        lm = pivoted_cholesky(
+            B,
+            100,
+            method=method,
+            block=8,
+            generator=torch.Generator().manual_seed(0),
+            weights=w,
+            applied=kernel(B, B) @ w,
+        )
         assert lm.index.numel() <= 50
         assert len(set((lm.index % 50).tolist())) == lm.index.numel()
         K = kernel(B, B)
@@ -156,8 +165,10 @@ def test_momentum_with_compression_equals_momentum_on_projected_weight():
     layer = InfPiLinearReLU(r, p, bias_alpha=0.0, dtype=F64)
     opt = InfSGD(layer.parameters(), lr=lr, momentum=mu, weight_decay=wd)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(5, r, generator=gen, dtype=F64), torch.randn(5, p, generator=gen, dtype=F64))
-               for _ in range(14)]
+    batches = [
+        (torch.randn(5, r, generator=gen, dtype=F64), torch.randn(5, p, generator=gen, dtype=F64))
+        for _ in range(14)
+    ]
 
     def step(g, y):
         opt.zero_grad()
@@ -209,8 +220,9 @@ def _net_opt_budget(seed=0, max_rows=40, momentum=0.9):
 
 def _batches(n, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g)) for _ in range(n)
+    ]
 
 
 def test_row_budget_keeps_rows_bounded_and_records():
@@ -268,6 +280,7 @@ def test_tangent_kernel_and_tract_on_compressed_nets():
     # compressing to all rows keeps the exact tangent kernel (the function and its rows' span are
     # unchanged); a lossy compression gives a nearby kernel
     from inf.analysis.inf_ntk import inf_ntk
+
     net, opt, _ = _net_opt_budget(momentum=0.0)
     _train(net, opt, None, _batches(6))
     x = torch.randn(5, 5, dtype=F64)
@@ -315,8 +328,22 @@ def test_kernel_is_only_semidefinite():
 @pytest.mark.slow
 def test_quickstart_with_row_budget(tmp_path):
     from experiments import quickstart
-    result = quickstart.main(["--epochs", "1", "--width", "256", "--r", "16", "--row-budget", "400",
-                              "--no-progress", "--out", str(tmp_path / "qs.png")])
+
+    result = quickstart.main(
+        [
+            "--epochs",
+            "1",
+            "--width",
+            "256",
+            "--r",
+            "16",
+            "--row-budget",
+            "400",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "qs.png"),
+        ]
+    )
     m = result["row_budget"]
     assert max(m["rows"].values()) <= 400 and min(m["compressions"].values()) >= 2
     assert result["infinite"] > 0.3
@@ -331,18 +358,54 @@ def test_cifar10mlp_row_budget_resume_equals_uninterrupted(tmp_path):
     from experiments.runs import load_checkpoint
 
     data = write_synthetic_cifar10(tmp_path / "cifar", n_train=32, n_test=16)
-    common = ["--data", str(data), "--float", "--r", "6", "--depth", "1", "--train-size", "32",
-              "--test-size", "16", "--no-progress", "--epochs", "3", "--batch-size", "8", "--lr", "0.5",
-              "--momentum", "0.9", "--wd", "1e-3", "--gclip", "0.5", "--save-model",
-              "--row-budget", "40", "--row-budget-keep", "0.5"]
+    common = [
+        "--data",
+        str(data),
+        "--float",
+        "--r",
+        "6",
+        "--depth",
+        "1",
+        "--train-size",
+        "32",
+        "--test-size",
+        "16",
+        "--no-progress",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.5",
+        "--momentum",
+        "0.9",
+        "--wd",
+        "1e-3",
+        "--gclip",
+        "0.5",
+        "--save-model",
+        "--row-budget",
+        "40",
+        "--row-budget-keep",
+        "0.5",
+    ]
     whole = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "whole")])
     assert whole["epochs"][-1]["compressions"] >= 4
     assert all(int(n.replace(",", "")) <= 40 for n in whole["epochs"][-1]["rows"].split("/"))
     first = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--stop-after-epochs", "1"])
-    resumed = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "split"), "--model-path",
-                                        str(Path(first["run_dir"]) / "checkpoint.pt")])
+    resumed = cifar10mlp.main(
+        common
+        + [
+            "--save-dir",
+            str(tmp_path / "split"),
+            "--model-path",
+            str(Path(first["run_dir"]) / "checkpoint.pt"),
+        ]
+    )
     keys = ("test_loss", "test_acc", "train_loss", "rows", "compressions", "compression_rel_eps")
-    assert [{k: r[k] for k in keys} for r in resumed["epochs"]] == [{k: r[k] for k in keys} for r in whole["epochs"]]
+    assert [{k: r[k] for k in keys} for r in resumed["epochs"]] == [
+        {k: r[k] for k in keys} for r in whole["epochs"]
+    ]
     a, b = load_checkpoint(whole["run_dir"])["model"], load_checkpoint(resumed["run_dir"])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 

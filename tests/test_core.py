@@ -1,4 +1,5 @@
 """Core library: kernel functions, the autograd Function, rows, InfSGD, clipping, save/load, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -12,11 +13,18 @@ from scipy import integrate
 
 from inf import math as pimath
 from inf.functional import inf_pi_linear_relu
-from inf.layers import FinPiLinearReLU, InfPiInputLinearReLU, InfPiLinearReLU, orthonormal_basis
+from inf.layers import FinPiLinearReLU, InfPiLinearReLU, orthonormal_basis
 from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 from inf.optim import InfSGD
 from inf.tensors import RowStore
-from inf.utils import clip_grad_norm_, pi_grad_norms, pi_init, pi_param_groups, resolve_device, store_pi_grad_norm_
+from inf.utils import (
+    clip_grad_norm_,
+    pi_grad_norms,
+    pi_init,
+    pi_param_groups,
+    resolve_device,
+    store_pi_grad_norm_,
+)
 
 F64 = torch.float64
 
@@ -63,8 +71,9 @@ def test_F00_F11_against_quadrature(q):
 def test_F02_against_stein(q):
     # F02 = E[φ(z1) δ(z2)] = p(z2=0) E[φ(z1) | z2 = 0]: a 1-D integral over z1 | z2=0 ~ N(0, 1-q²)
     s2 = 1 - q * q
-    cond, _ = integrate.quad(lambda z: relu(z) * math.exp(-0.5 * z * z / s2) / math.sqrt(2 * math.pi * s2),
-                             -20, 20)
+    cond, _ = integrate.quad(
+        lambda z: relu(z) * math.exp(-0.5 * z * z / s2) / math.sqrt(2 * math.pi * s2), -20, 20
+    )
     expected = cond / math.sqrt(2 * math.pi)
     assert abs(pimath.F02(torch.tensor(q, dtype=F64)).item() - expected) < 1e-8
 
@@ -121,7 +130,9 @@ def test_function_gradcheck(layernorm, chunk_rows):
     A, c, B = _rows(13, 6, 4, gen)
     g = torch.randn(7, 6, dtype=F64, generator=gen, requires_grad=True)
     B[0] = g[0].detach() / g[0].detach().norm()  # q = 1 exactly for one pair
-    assert torch.autograd.gradcheck(lambda x: inf_pi_linear_relu(x, A, c, B, None, layernorm, chunk_rows), (g,))
+    assert torch.autograd.gradcheck(
+        lambda x: inf_pi_linear_relu(x, A, c, B, None, layernorm, chunk_rows), (g,)
+    )
 
 
 def test_function_matches_monte_carlo_layer():
@@ -233,7 +244,7 @@ def test_infinite_step_equals_function_space_update():
     opt.step()
     delta = 2 * (out.detach() - y)
     K = pimath.relu_kernel(hq, h)
-    expected = before_q - 0.3 * K @ delta - 0.3 * delta.sum(0) * net.last_bias_alpha ** 2
+    expected = before_q - 0.3 * K @ delta - 0.3 * delta.sum(0) * net.last_bias_alpha**2
     assert torch.allclose(net(Xq), expected, atol=1e-10)
 
 
@@ -248,7 +259,7 @@ def test_momentum_weight_decay_nesterov_match_torch_sgd_on_coefficients():
     ref_opt = torch.optim.SGD([coef_ref], **kw)
     for t in range(4):
         opt.zero_grad()
-        _loss(net, X[4 * t:4 * t + 4], y[4 * t:4 * t + 4]).backward()
+        _loss(net, X[4 * t : 4 * t + 4], y[4 * t : 4 * t + 4]).backward()
         opt.step()
         # grow the reference by the same rows: gradient 1 on the 4 new rows
         M = layer.rows.num_rows
@@ -259,7 +270,9 @@ def test_momentum_weight_decay_nesterov_match_torch_sgd_on_coefficients():
         coef_ref = torch.nn.Parameter(grown)
         ref_opt = torch.optim.SGD([coef_ref], **kw)
         if buf is not None:
-            ref_opt.state[coef_ref]["momentum_buffer"] = torch.cat([buf, torch.zeros(M - buf.shape[0], dtype=F64)])
+            ref_opt.state[coef_ref]["momentum_buffer"] = torch.cat(
+                [buf, torch.zeros(M - buf.shape[0], dtype=F64)]
+            )
         coef_ref.grad = torch.zeros(M, dtype=F64)
         coef_ref.grad[-4:] = 1.0
         ref_opt.step()
@@ -268,8 +281,15 @@ def test_momentum_weight_decay_nesterov_match_torch_sgd_on_coefficients():
 
 def test_schedulers_and_param_groups():
     net, X, y = _toy()
-    groups = pi_param_groups(net, lr=0.1, weight_decay=1e-3, first_layer_lr_mult=0.1, last_layer_lr_mult=4.0,
-                             bias_lr_mult=0.5, apply_lr_mult_to_wd=False)
+    groups = pi_param_groups(
+        net,
+        lr=0.1,
+        weight_decay=1e-3,
+        first_layer_lr_mult=0.1,
+        last_layer_lr_mult=4.0,
+        bias_lr_mult=0.5,
+        apply_lr_mult_to_wd=False,
+    )
     roles = {g["role"]: g for g in groups}
     assert roles["first"]["lr"] == pytest.approx(0.01) and roles["last"]["lr"] == pytest.approx(0.4)
     assert roles["first"]["weight_decay"] == pytest.approx(1e-2)  # wd / mult keeps lr·wd fixed
@@ -360,7 +380,10 @@ def test_pi_gradient_norm_matches_finite_norm():
         _loss(fin, X, y).backward()
         inf_norms = dict((id(p), n) for p, n in pi_grad_norms(net.parameters()))
         fin_norms = dict((id(p), n) for p, n in pi_grad_norms(fin.parameters()))
-        for inf_p, fin_p in ((net.layers[1].Amult, fin.layers[1].weight), (net.layers[2].Amult, fin.layers[2].weight)):
+        for inf_p, fin_p in (
+            (net.layers[1].Amult, fin.layers[1].weight),
+            (net.layers[2].Amult, fin.layers[2].weight),
+        ):
             ratios.append(float(inf_norms[id(inf_p)] / fin_norms[id(fin_p)]) - 1)
     assert np.median(np.abs(ratios)) < 0.08, ratios
     stored = store_pi_grad_norm_(net)
@@ -374,7 +397,7 @@ def test_clipping_scales_rows_and_grads(per_param):
     _loss(net, X, y).backward()
     total = clip_grad_norm_(net.parameters(), 1e-3, per_param=per_param)
     norms = pi_grad_norms(net.parameters())
-    after = torch.sqrt(sum(n ** 2 for _, n in norms))
+    after = torch.sqrt(sum(n**2 for _, n in norms))
     assert total > 1e-3
     if per_param:
         assert all(n <= 1e-3 * (1 + 1e-6) for _, n in norms)
@@ -491,7 +514,7 @@ def test_sampled_net_matches_at_init_and_mu_mlp_runs():
     with torch.no_grad():
         g1 = net.layers[1](net.layers[0](X))
         h1 = fin.layers[1](fin.layers[0](X))
-        target = 4096 ** -0.5 * g1 @ fin.layers[1].omega.T
+        target = 4096**-0.5 * g1 @ fin.layers[1].omega.T
     assert ((h1 - target).norm() / target.norm()) < 0.1
     mu = MuMLP(4, 3, 64, L=2)
     assert mu(X.float()).abs().max() == 0  # readout starts at zero

@@ -5,6 +5,7 @@ check by check: float16, bfloat16 and float32 row storage, TrAct, the finite π-
 MAML and compression on CUDA, each against a float64 CPU run of the same network and
 batches with the tolerances stated there (``gpu_check.TOL``).
 """
+
 import json
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 
 from benchmarks import gpu_check
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device (torch.cuda.is_available() is False)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"
+)
 
 
 def _passed(rep: gpu_check.Report):
@@ -31,8 +33,9 @@ def test_cuda_storage_matches_float64_cpu(storage):
 
 
 @needs_cuda
-@pytest.mark.parametrize("check", ["check_tract", "check_finite", "check_maml", "check_compress",
-                                   "check_distributed"])
+@pytest.mark.parametrize(
+    "check", ["check_tract", "check_finite", "check_maml", "check_compress", "check_distributed"]
+)
 def test_cuda_features_match_float64_cpu(check):
     rep = gpu_check.Report()
     getattr(gpu_check, check)(rep, torch.device("cuda"), small=True)
@@ -69,8 +72,21 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
     """``--device cpu --small`` runs every check and the speed part, writes the JSON."""
     out = tmp_path / "g.json"
     torch.set_num_threads(1)
-    rc = gpu_check.main(["--device", "cpu", "--small", "--sizes", "0.001", "0.002", "--repeats", "1",
-                         "--skip-sharded", "--out", str(out)])
+    rc = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--sizes",
+            "0.001",
+            "0.002",
+            "--repeats",
+            "1",
+            "--skip-sharded",
+            "--out",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     res = json.loads(out.read_text())

@@ -1,5 +1,6 @@
 """The basis-function decomposition of Ma, Guo & Fattahi (2022): the paper's basis, exact
 gradients of the coefficients, LARS/LAMB, the MNIST idx files and the training harness."""
+
 from __future__ import annotations
 
 import gzip
@@ -27,9 +28,11 @@ from inf.analysis.decomposition import (
 F64 = torch.float64
 
 # the authors' README example (their seed command line), after "python3 train.py"
-README_LINE = ("--no-call_wandb --model='alexnet' --init_scale=1 --data='Cifar10' --loss_fn='mse_loss' "
-               "--optimizer='lars' --batch_size=512 --num_epoch=300 --lr_setting 2 0 1e-2 --decay_rate=0.33 "
-               "--decay_stepsize=50 --seed=0 --num_run=0 --no-gradient")
+README_LINE = (
+    "--no-call_wandb --model='alexnet' --init_scale=1 --data='Cifar10' --loss_fn='mse_loss' "
+    "--optimizer='lars' --batch_size=512 --num_epoch=300 --lr_setting 2 0 1e-2 --decay_rate=0.33 "
+    "--decay_stepsize=50 --seed=0 --num_run=0 --no-gradient"
+)
 
 
 class TinyNet(nn.Module):
@@ -65,11 +68,11 @@ def test_beta_equals_s_at_the_final_network(bias):
     # the authors' recipe, written out independently: svd(Φ) then svd(W V S / √N), β by a trace
     Phi = net.features(X).detach()
     U, S, Vh = torch.linalg.svd(Phi, full_matrices=False)
-    u, s, vh = torch.linalg.svd(net.fc.weight.detach() @ Vh.T @ torch.diag(S) / 40 ** 0.5)
+    u, s, vh = torch.linalg.svd(net.fc.weight.detach() @ Vh.T @ torch.diag(S) / 40**0.5)
     if not bias:  # f = Φ Wᵀ: the two constructions are the same basis
         assert torch.allclose(s, basis.s, atol=1e-12)
         for i in range(3):
-            direct = torch.trace(torch.outer(u[:, i], vh[i]) @ U.T @ f) / 40 ** 0.5
+            direct = torch.trace(torch.outer(u[:, i], vh[i]) @ U.T @ f) / 40**0.5
             assert abs(float(direct) - float(basis.s[i])) < 1e-12
         paper = function_basis(Phi, net.fc.weight.detach())
         assert torch.allclose(paper.grid(f), basis.grid(f), atol=1e-12)
@@ -102,6 +105,7 @@ def test_basis_gradients_are_the_exact_parameter_gradients():
     def betas(*ps):  # independent: the full Jacobian of β = Σ W_i ⊙ f(X)ᵀ by torch.autograd.functional
         out = torch.func.functional_call(net, dict(zip(names, ps)), (X,))
         return torch.einsum("icn,nc->i", basis.weights(3), out)
+
     jac = torch.autograd.functional.jacobian(betas, params)
     J = torch.cat([j.reshape(3, -1) for j in jac], dim=1)
     assert torch.allclose(res["gram"], J @ J.T, rtol=1e-10, atol=1e-12)
@@ -121,8 +125,17 @@ def test_small_initialization_shows_with_the_papers_basis():
 
     data = digits(16)
     data = (data[0][:400], data[1][:400], data[2][:150], data[3][:150])
-    model, rec, _ = train_run(2, data, steps=100, lr=2.0, batch_size=32, seed=0, width_mult=0.0625,
-                              record_steps=[0, 100], snapshot_steps=[])
+    model, rec, _ = train_run(
+        2,
+        data,
+        steps=100,
+        lr=2.0,
+        batch_size=32,
+        seed=0,
+        width_mult=0.0625,
+        record_steps=[0, 100],
+        snapshot_steps=[],
+    )
     rec.set_function_basis(network_basis(model, data[2]))
     b0, s = rec.betas()[0, :, 0], rec.basis.s
     assert len(s) == 10 and float(s[0]) > 0.2
@@ -161,7 +174,11 @@ def test_recorder_with_the_papers_basis(tmp_path):
     assert torch.allclose(rec.grams()[-1], direct["gram"], atol=1e-12)
     ind = rec.independence(4)
     assert ind.shape == (5,) and bool(((ind >= 0) & (ind <= 1 + 1e-9)).all())
-    for fn, name in ((plot_beta_curves, "c.png"), (plot_beta_vs_gradnorm, "s.png"), (plot_independence, "i.png")):
+    for fn, name in (
+        (plot_beta_curves, "c.png"),
+        (plot_beta_vs_gradnorm, "s.png"),
+        (plot_independence, "i.png"),
+    ):
         path = fn(rec, tmp_path / name)
         with Image.open(path) as im:
             assert im.size[0] >= 1200
@@ -215,7 +232,7 @@ def test_lamb_two_steps_by_hand():
     opt.step()
     m = [0.9 * 0.1 * g1[k] + 0.1 * g2[k] for k in range(2)]
     v = [0.999 * 0.001 * g1[k] ** 2 + 0.001 * g2[k] ** 2 for k in range(2)]
-    r = [(m[k] / (1 - 0.9 ** 2)) / ((v[k] / (1 - 0.999 ** 2)) ** 0.5 + 1e-6) + 0.01 * w1[k] for k in range(2)]
+    r = [(m[k] / (1 - 0.9**2)) / ((v[k] / (1 - 0.999**2)) ** 0.5 + 1e-6) + 0.01 * w1[k] for k in range(2)]
     trust = (w1[0] ** 2 + w1[1] ** 2) ** 0.5 / (r[0] ** 2 + r[1] ** 2) ** 0.5
     assert np.allclose(w.detach().numpy(), [w1[k] - 0.1 * trust * r[k] for k in range(2)], rtol=0, atol=1e-14)
 
@@ -242,7 +259,9 @@ def test_mnist_idx_round_trip(tmp_path):
     # torchvision's layout (root/MNIST/raw), plain files
     write_synthetic_mnist(tmp_path / "m" / "MNIST" / "raw", n_train=30, n_test=10, compress=False)
     x, y = load_mnist(tmp_path / "m", train=True)
-    assert x.shape == (30, 1, 28, 28) and x.dtype == torch.uint8 and sorted(set(y.tolist())) == list(range(10))
+    assert (
+        x.shape == (30, 1, 28, 28) and x.dtype == torch.uint8 and sorted(set(y.tolist())) == list(range(10))
+    )
     assert load_mnist(tmp_path / "m", train=False)[0].shape == (10, 1, 28, 28)
     with pytest.raises(MnistNotFoundError, match="t10k-images"):
         load_mnist(tmp_path, train=False)
@@ -254,8 +273,17 @@ def test_readme_command_line_runs_verbatim_on_synthetic_cifar10(tmp_path):
     from experiments.data.synthetic import write_synthetic_cifar10
 
     root = write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=10)
-    argv = shlex.split(README_LINE) + ["--data_root", str(root), "--train_subset", "8", "--num_epoch", "1",
-                                       "--path", str(tmp_path / "run"), "--no-progress"]
+    argv = shlex.split(README_LINE) + [
+        "--data_root",
+        str(root),
+        "--train_subset",
+        "8",
+        "--num_epoch",
+        "1",
+        "--path",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     summary = train.main(argv)
     run = tmp_path / "run"
     for name in ("trajectory.npz", "metrics.json", "beta.png", "curves.png"):
@@ -269,17 +297,45 @@ def test_readme_command_line_runs_verbatim_on_synthetic_cifar10(tmp_path):
         train.main(argv)
 
 
-@pytest.mark.parametrize("optimizer,loss,lr", [("sgd", "ce_loss", 0.05), ("lamb", "mse_loss", 0.05),
-                                               ("adamw", "mse_loss", 0.002)])
+@pytest.mark.parametrize(
+    "optimizer,loss,lr", [("sgd", "ce_loss", 0.05), ("lamb", "mse_loss", 0.05), ("adamw", "mse_loss", 0.002)]
+)
 def test_harness_on_mnist_idx_files(tmp_path, optimizer, loss, lr):
     from experiments.analysis import train
     from experiments.data.mnist import write_synthetic_mnist
 
     root = write_synthetic_mnist(tmp_path / "mnist", n_train=24, n_test=12)
-    s = train.main(["--model", "cnn2", "--width_mult", "0.1", "--data", "Mnist", "--data_root", str(root),
-                    "--optimizer", optimizer, "--loss_fn", loss, "--batch_size", "8", "--num_epoch", "3",
-                    "--lr_setting", str(lr), "2", str(lr / 5), "--decay_stepsize", "1", "--decay_rate", "0.5",
-                    "--path", str(tmp_path / "run"), "--no-progress"])
+    s = train.main(
+        [
+            "--model",
+            "cnn2",
+            "--width_mult",
+            "0.1",
+            "--data",
+            "Mnist",
+            "--data_root",
+            str(root),
+            "--optimizer",
+            optimizer,
+            "--loss_fn",
+            loss,
+            "--batch_size",
+            "8",
+            "--num_epoch",
+            "3",
+            "--lr_setting",
+            str(lr),
+            "2",
+            str(lr / 5),
+            "--decay_stepsize",
+            "1",
+            "--decay_rate",
+            "0.5",
+            "--path",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     # warm-up from lr/5 to lr over 2 epochs (epochs 0, 1), then lr · 0.5^⌊(epoch − 2)/1⌋
     assert np.allclose(s["lr"], [lr / 5, lr, lr])
     assert np.allclose(s["beta"][-1], s["s"], rtol=1e-4, atol=1e-6)
@@ -292,11 +348,28 @@ def test_harness_cifar100_weighted_loss_and_errors(tmp_path, monkeypatch, capsys
     args = train.parse_args(["--data", "Cifar100", "--k_M", "2", "3"])
     out = torch.tensor([[0.5, -1.0] + [0.0] * 98])
     lab = torch.tensor([1])
-    expected = ((1 * 0.5 ** 2) + 3 * (-1.0 - 3) ** 2) / 100  # weight 1 off-label, k + 1 = 3 on it
+    expected = ((1 * 0.5**2) + 3 * (-1.0 - 3) ** 2) / 100  # weight 1 off-label, k + 1 = 3 on it
     assert abs(float(train.loss_value(args, out, lab, 100)) - expected) < 1e-6
     root = write_synthetic_cifar100(tmp_path / "c100", n_train=20, n_test=10)
-    s = train.main(["--model", "cnn2", "--width_mult", "0.02", "--data", "Cifar100", "--data_root", str(root),
-                    "--num_epoch", "1", "--batch_size", "10", "--path", str(tmp_path / "r"), "--no-progress"])
+    s = train.main(
+        [
+            "--model",
+            "cnn2",
+            "--width_mult",
+            "0.02",
+            "--data",
+            "Cifar100",
+            "--data_root",
+            str(root),
+            "--num_epoch",
+            "1",
+            "--batch_size",
+            "10",
+            "--path",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ]
+    )
     assert 1 <= len(s["s"]) <= 10  # m = min(C, rank of the features on 10 held-out images)
     # a user error is one line on stderr, exit status 2, no traceback
     monkeypatch.setattr(sys, "argv", ["train", "--data", "Mnist", "--data_root", str(tmp_path / "nowhere")])
@@ -316,8 +389,10 @@ def test_readme_command_line_full_300_epochs(tmp_path):
     from experiments.data.synthetic import write_synthetic_cifar10
 
     root = write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=10)
-    summary = train.main(shlex.split(README_LINE) + ["--data_root", str(root), "--train_subset", "8",
-                                                     "--path", str(tmp_path / "run"), "--no-progress"])
+    summary = train.main(
+        shlex.split(README_LINE)
+        + ["--data_root", str(root), "--train_subset", "8", "--path", str(tmp_path / "run"), "--no-progress"]
+    )
     assert len(summary["beta"]) == 301 and summary["lr"][50] == pytest.approx(2 * 0.33)
 
 

@@ -15,6 +15,7 @@ seconds instead of blocking the suite. Workers start from a fork server that has
 imported torch and this module once (measured: 7 s for the first job, 0.3 s for
 each later one, against 14 s per job with plain spawn on this loaded machine).
 """
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,13 @@ def _free_port() -> int:
 def _entry(rank: int, fn, world: int, port: int, out_dir: str, args: tuple):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"result{rank}.pt")
@@ -79,19 +85,36 @@ def run_distributed(fn, *args, world: int = 2, timeout: float = 90.0) -> list:
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "forkserver":
         # torch._dynamo: the first optimizer a process builds imports it (5 s here)
-        multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "inf.networks",
-                                                "inf.optim", "inf.utils", "inf.distributed", __name__])
+        multiprocessing.set_forkserver_preload(
+            [
+                "torch",
+                "torch._dynamo",
+                "torch.distributed",
+                "inf.networks",
+                "inf.optim",
+                "inf.utils",
+                "inf.distributed",
+                __name__,
+            ]
+        )
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), out_dir, args), nprocs=world,
-                                 join=False, start_method=method)
+        ctx = mp.start_processes(
+            _entry,
+            args=(fn, world, _free_port(), out_dir, args),
+            nprocs=world,
+            join=False,
+            start_method=method,
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.2):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"distributed job did not finish within {timeout:.0f} s")
         except mp.ProcessRaisedException:
-            errors = sorted((float(f.read_text().split("\n", 1)[0]), int(f.stem[5:]), f.read_text().split("\n", 1)[1])
-                            for f in Path(out_dir).glob("error*.txt"))
+            errors = sorted(
+                (float(f.read_text().split("\n", 1)[0]), int(f.stem[5:]), f.read_text().split("\n", 1)[1])
+                for f in Path(out_dir).glob("error*.txt")
+            )
             if not errors:
                 raise
             _, first, message = errors[0]
@@ -109,8 +132,19 @@ def _net(seed: int, layernorm: bool = False, tract: bool = False, **kw):
     from inf.networks import InfMLP
 
     torch.manual_seed(seed)
-    return InfMLP(6, 3, r=5, L=2, layernorm=layernorm, tract_lambda=0.1 if tract else None,
-                  bias_alpha=0.7, first_layer_alpha=1.3, last_layer_alpha=2.0, dtype=F64, **kw)
+    return InfMLP(
+        6,
+        3,
+        r=5,
+        L=2,
+        layernorm=layernorm,
+        tract_lambda=0.1 if tract else None,
+        bias_alpha=0.7,
+        first_layer_alpha=1.3,
+        last_layer_alpha=2.0,
+        dtype=F64,
+        **kw,
+    )
 
 
 def _opt(net, momentum: float = 0.9, wd: float = 1e-3):
@@ -123,8 +157,10 @@ def _opt(net, momentum: float = 0.9, wd: float = 1e-3):
 
 def _batches(n: int, batch: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 6, generator=g, dtype=F64), torch.randint(0, 3, (batch,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(batch, 6, generator=g, dtype=F64), torch.randint(0, 3, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def _step(net, opt, x, y, clip: float = 0.5, per_param: bool = True) -> float:
@@ -165,11 +201,14 @@ def _sharded_vs_single(rank: int, world: int) -> dict:
         loss_ref = _train(ref, _opt(ref), steps, per_param)
         loss_sh = _train(sharded, _opt(sharded), steps, per_param)
         with torch.no_grad():
-            out[name] = {"init": before, "loss": _maxdiff(loss_ref, loss_sh),
-                         "out": _maxdiff(ref(x_test), sharded(x_test)),
-                         "rows_ref": torch.tensor(ref.rows_per_layer()),
-                         "rows_local": torch.tensor(sharded.rows_per_layer()),
-                         "rows_global": torch.tensor(idist.global_rows_per_layer(sharded))}
+            out[name] = {
+                "init": before,
+                "loss": _maxdiff(loss_ref, loss_sh),
+                "out": _maxdiff(ref(x_test), sharded(x_test)),
+                "rows_ref": torch.tensor(ref.rows_per_layer()),
+                "rows_local": torch.tensor(sharded.rows_per_layer()),
+                "rows_global": torch.tensor(idist.global_rows_per_layer(sharded)),
+            }
         if name == "plain":
             # MAML's inner loop: temporary rows appended to the readout (the same on every process)
             g = torch.Generator().manual_seed(4)
@@ -181,8 +220,10 @@ def _sharded_vs_single(rank: int, world: int) -> dict:
                 sharded.output_layer.rows.append(A_t, B_t, -0.3)
                 with torch.no_grad():
                     out["temporary_rows"] = _maxdiff(ref(x_test), sharded(x_test))
-            out["temporary_rows_restored"] = (sharded.rows_per_layer() == rows_before
-                                              and idist.global_rows_per_layer(sharded) == ref.rows_per_layer())
+            out["temporary_rows_restored"] = (
+                sharded.rows_per_layer() == rows_before
+                and idist.global_rows_per_layer(sharded) == ref.rows_per_layer()
+            )
             # a finite net sampled from the sharded net is the one sampled from the whole net
             fin_ref = ref.sample(40, generator=torch.Generator().manual_seed(5))
             fin_sh = sharded.sample(40, generator=torch.Generator().manual_seed(5))
@@ -190,8 +231,9 @@ def _sharded_vs_single(rank: int, world: int) -> dict:
                 out["sample"] = _maxdiff(fin_ref(x_test), fin_sh(x_test))
             # gathering gives back the single-process net, rows in the same order
             idist.gather_(sharded)
-            out["gathered_rows"] = _maxdiff(torch.cat([m.rows.B for m in ref.pi_layers]),
-                                            torch.cat([m.rows.B for m in sharded.pi_layers]))
+            out["gathered_rows"] = _maxdiff(
+                torch.cat([m.rows.B for m in ref.pi_layers]), torch.cat([m.rows.B for m in sharded.pi_layers])
+            )
             out["gathered_out"] = _maxdiff(ref(x_test).detach(), sharded(x_test).detach())
     return out
 
@@ -204,7 +246,7 @@ def _data_parallel(rank: int, world: int) -> dict:
     ref, dp = _net(0), _net(0)
     idist.data_parallel_(dp)
     loss_ref = _train(ref, _opt(ref), batches)
-    half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in batches]
+    half = [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in batches]
     _train(dp, _opt(dp), half)
     x_test = torch.randn(7, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
     try:  # TrAct's preconditioner needs the whole batch
@@ -213,9 +255,13 @@ def _data_parallel(rank: int, world: int) -> dict:
     except ValueError as err:
         refused = str(err)
     with torch.no_grad():
-        return {"out": _maxdiff(ref(x_test), dp(x_test)), "rows_ref": torch.tensor(ref.rows_per_layer()),
-                "rows_dp": torch.tensor(dp.rows_per_layer()), "ref_loss_last": float(loss_ref[-1]),
-                "tract_refused": refused}
+        return {
+            "out": _maxdiff(ref(x_test), dp(x_test)),
+            "rows_ref": torch.tensor(ref.rows_per_layer()),
+            "rows_dp": torch.tensor(dp.rows_per_layer()),
+            "ref_loss_last": float(loss_ref[-1]),
+            "tract_refused": refused,
+        }
 
 
 def _checkpoints(rank: int, world: int, folder: str) -> dict:
@@ -243,7 +289,9 @@ def _checkpoints(rank: int, world: int, folder: str) -> dict:
     idist.save_checkpoint(folder / "sharded", net, opt, extra={"step": 5})
     # the programs' format: the single-process state, gathered (a torch.save round trip)
     buf = io.BytesIO()
-    torch.save({"model": idist.full_state_dict(net), "optimizer": idist.full_optimizer_state_dict(net, opt)}, buf)
+    torch.save(
+        {"model": idist.full_state_dict(net), "optimizer": idist.full_optimizer_state_dict(net, opt)}, buf
+    )
     full_bytes = buf.getvalue()
     _train(net, opt, second)
     sharded_out = net(x_test).detach()
@@ -306,13 +354,19 @@ def _grid(rank: int, world: int) -> dict:
     idist.shard_(net, shard_group)
     idist.data_parallel_(net, data_group)
     _train(ref, _opt(ref), batches)
-    _train(net, _opt(net), [(x[replica * 4:(replica + 1) * 4], y[replica * 4:(replica + 1) * 4])
-                            for x, y in batches])
+    _train(
+        net,
+        _opt(net),
+        [(x[replica * 4 : (replica + 1) * 4], y[replica * 4 : (replica + 1) * 4]) for x, y in batches],
+    )
     x_test = torch.randn(7, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
     with torch.no_grad():
-        return {"out": _maxdiff(ref(x_test), net(x_test)), "rows_local": torch.tensor(net.rows_per_layer()),
-                "rows_global": torch.tensor(idist.global_rows_per_layer(net)),
-                "rows_ref": torch.tensor(ref.rows_per_layer())}
+        return {
+            "out": _maxdiff(ref(x_test), net(x_test)),
+            "rows_local": torch.tensor(net.rows_per_layer()),
+            "rows_global": torch.tensor(idist.global_rows_per_layer(net)),
+            "rows_ref": torch.tensor(ref.rows_per_layer()),
+        }
 
 
 def _bad_input_on_one_rank(rank: int, world: int) -> dict:
@@ -402,7 +456,10 @@ def test_checkpoint_folder_in_one_process(tmp_path):
     idist.save_checkpoint(tmp_path / "ck", net, opt, extra={"epoch": 4})  # replaces the first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
-        "extra.pt", "manifest.json", "shard00000-of-00001.pt"]
+        "extra.pt",
+        "manifest.json",
+        "shard00000-of-00001.pt",
+    ]
     other = _net(5)
     other_opt = _opt(other)
     assert idist.load_checkpoint(tmp_path / "ck", other, other_opt) == {"epoch": 4}
@@ -423,10 +480,18 @@ def test_checkpoint_folder_in_one_process(tmp_path):
 # --------------------------------------------------------------------------- programs under torchrun
 def _torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1]
+    )
 
 
 @pytest.mark.slow
@@ -437,12 +502,39 @@ def test_cifar10mlp_under_torchrun_equals_one_process(tmp_path):
     from experiments.data.synthetic import write_synthetic_cifar10
 
     data = write_synthetic_cifar10(tmp_path / "cifar", n_train=64, n_test=32)
-    common = ["--data", str(data), "--float", "--r", "8", "--depth", "2", "--train-size", "64",
-              "--test-size", "32", "--no-progress", "--epochs", "2", "--lr", "0.5", "--momentum", "0.9",
-              "--wd", "1e-3", "--gclip", "0.5", "--gclip-per-param", "--batch-size", "8", "--save-model"]
+    common = [
+        "--data",
+        str(data),
+        "--float",
+        "--r",
+        "8",
+        "--depth",
+        "2",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.5",
+        "--momentum",
+        "0.9",
+        "--wd",
+        "1e-3",
+        "--gclip",
+        "0.5",
+        "--gclip-per-param",
+        "--batch-size",
+        "8",
+        "--save-model",
+    ]
     torch.set_num_threads(1)
     single = cifar10mlp.main(common + ["--save-dir", str(tmp_path / "one")])
-    run = _torchrun(["-m", "experiments.cifar10.cifar10mlp", "--", *common, "--save-dir", str(tmp_path / "two")])
+    run = _torchrun(
+        ["-m", "experiments.cifar10.cifar10mlp", "--", *common, "--save-dir", str(tmp_path / "two")]
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("cifar10mlp: 2 epochs, final test accuracy") == 1, run.stdout  # process 0 only
     assert run.stderr.count("epoch 2/2  train loss") == 1, run.stderr  # log lines: process 0 only
@@ -472,13 +564,31 @@ def test_transfer_under_torchrun_equals_one_process(tmp_path):
 
     cifar = write_synthetic_cifar10(tmp_path / "cifar", n_train=64, n_test=32)
     imagenet = write_synthetic_imagenet32(tmp_path / "imagenet", n_per_batch=32, n_batches=2, num_classes=10)
-    common = ["--imagenet-data", str(imagenet), "--cifar-data", str(cifar), "--r", "8", "--epochs", "2",
-              "--float", "--lr", "0.01", "--batch-size", "16", "--transfer-milestones", "0,2",
-              "--train-size", "64", "--no-progress"]
+    common = [
+        "--imagenet-data",
+        str(imagenet),
+        "--cifar-data",
+        str(cifar),
+        "--r",
+        "8",
+        "--epochs",
+        "2",
+        "--float",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "16",
+        "--transfer-milestones",
+        "0,2",
+        "--train-size",
+        "64",
+        "--no-progress",
+    ]
     torch.set_num_threads(1)
     single = transfer_imagenet.main(common + ["--save-dir", str(tmp_path / "one")])
-    run = _torchrun(["-m", "experiments.imagenet.transfer_imagenet", "--", *common,
-                     "--save-dir", str(tmp_path / "two")])
+    run = _torchrun(
+        ["-m", "experiments.imagenet.transfer_imagenet", "--", *common, "--save-dir", str(tmp_path / "two")]
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (folder,) = (tmp_path / "two").iterdir()
     doc = json.loads((folder / "metrics.json").read_text())
@@ -491,8 +601,22 @@ def test_transfer_under_torchrun_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_under_torchrun(tmp_path):
-    run = _torchrun(["-m", "experiments.quickstart", "--", "--epochs", "1", "--r", "8", "--width", "64",
-                     "--no-progress", "--out", str(tmp_path / "q.png")])
+    run = _torchrun(
+        [
+            "-m",
+            "experiments.quickstart",
+            "--",
+            "--epochs",
+            "1",
+            "--r",
+            "8",
+            "--width",
+            "64",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "q.png"),
+        ]
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("test accuracy  infinite π-MLP") == 1, run.stdout
     assert (tmp_path / "q.png").exists()
@@ -501,8 +625,19 @@ def test_quickstart_under_torchrun(tmp_path):
 @pytest.mark.slow
 def test_program_error_under_torchrun_ends_the_job_with_one_line(tmp_path):
     t0 = time.monotonic()
-    run = _torchrun(["-m", "experiments.cifar10.cifar10mlp", "--", "--data", str(tmp_path / "missing"),
-                     "--r", "8", "--epochs", "1"])
+    run = _torchrun(
+        [
+            "-m",
+            "experiments.cifar10.cifar10mlp",
+            "--",
+            "--data",
+            str(tmp_path / "missing"),
+            "--r",
+            "8",
+            "--epochs",
+            "1",
+        ]
+    )
     assert run.returncode != 0
     assert "cifar10mlp: error:" in run.stderr and str(tmp_path / "missing") in run.stderr
     assert time.monotonic() - t0 < 120

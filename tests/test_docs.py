@@ -1,4 +1,5 @@
 """The code examples in docs/guide.md run, in order, as one program."""
+
 from __future__ import annotations
 
 import re
@@ -25,6 +26,13 @@ def test_guide_examples_run(page):
 def test_docs_cite_docs_math_not_the_internal_spec():
     """Users have docs/math.md, not the project's internal spec: citations must point there."""
     root = DOCS.parent
-    paths = [*DOCS.glob("*.md"), root / "README.md", *root.glob("inf/**/*.py"), *root.glob("experiments/**/*.py")]
-    offenders = [str(p.relative_to(root)) for p in paths if re.search(r"\bspec §", p.read_text(encoding="utf-8"))]
+    paths = [
+        *DOCS.glob("*.md"),
+        root / "README.md",
+        *root.glob("inf/**/*.py"),
+        *root.glob("experiments/**/*.py"),
+    ]
+    offenders = [
+        str(p.relative_to(root)) for p in paths if re.search(r"\bspec §", p.read_text(encoding="utf-8"))
+    ]
     assert not offenders, f"'spec §N' citations (use docs/math.md §N): {offenders}"

@@ -4,6 +4,7 @@ atomic writes, model kinds, and the options every program shares.
 All programs run in-process through their ``main``/``_cli`` with tiny synthetic data; nothing
 here trains for more than a few steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,19 @@ def omni_root(tmp_path_factory):
 
 
 def tiny(cifar, *extra):
-    return ["--data", str(cifar), "--float", "--r", "4", "--no-progress", "--epochs", "1",
-            "--batch-size", "16", *map(str, extra)]
+    return [
+        "--data",
+        str(cifar),
+        "--float",
+        "--r",
+        "4",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        *map(str, extra),
+    ]
 
 
 def one_line_error(capsys, run, *args) -> str:
@@ -56,6 +68,7 @@ def one_line_error(capsys, run, *args) -> str:
 
 # --------------------------------------------------------------------------- crafted checkpoints
 
+
 class _Exploit:
     """Unpickling this object would create the marker file."""
 
@@ -68,8 +81,11 @@ class _Exploit:
 
 def _crafted(path: Path, marker: Path, wrap: bool = True) -> Path:
     payload = _Exploit(marker)
-    doc = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
-           "model": payload} if wrap else payload
+    doc = (
+        {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION, "model": payload}
+        if wrap
+        else payload
+    )
     if wrap:
         torch.save(doc, path)
     else:
@@ -94,18 +110,34 @@ def test_every_load_path_refuses_a_crafted_checkpoint(tmp_path, cifar, omni_root
     evil = _crafted(tmp_path / "evil.pt", marker, wrap)
     errors = [
         one_line_error(capsys, cifar10mlp._cli, tiny(cifar, "--model-path", evil)),
-        one_line_error(capsys, cifar10mlp._cli, tiny(cifar, "--model-path", evil,
-                                                     "--evaluate-only")),
-        one_line_error(capsys, cifar10test._cli, ["--data", str(cifar), "--test-kernel",
-                                                  "--load-model-path", str(evil)]),
-        one_line_error(capsys, transfer_imagenet._cli, ["--model-path", str(evil),
-                                                        "--no-transfer", "--float"]),
+        one_line_error(capsys, cifar10mlp._cli, tiny(cifar, "--model-path", evil, "--evaluate-only")),
+        one_line_error(
+            capsys, cifar10test._cli, ["--data", str(cifar), "--test-kernel", "--load-model-path", str(evil)]
+        ),
+        one_line_error(
+            capsys, transfer_imagenet._cli, ["--model-path", str(evil), "--no-transfer", "--float"]
+        ),
     ]
-    meta_argv = [str(omni_root), "--num-ways", "2", "--num-shots", "1", "--num-shots-test", "1",
-                 "--split-sizes", "proportional", "--infnet_r", "4", "--adapt-readout-only",
-                 "--num-epochs", "0", "--no-progress", "--batch-size", "1"]
-    errors.append(one_line_error(capsys, meta_train.main,
-                                 meta_argv + ["--load-model-path", str(evil)]))
+    meta_argv = [
+        str(omni_root),
+        "--num-ways",
+        "2",
+        "--num-shots",
+        "1",
+        "--num-shots-test",
+        "1",
+        "--split-sizes",
+        "proportional",
+        "--infnet_r",
+        "4",
+        "--adapt-readout-only",
+        "--num-epochs",
+        "0",
+        "--no-progress",
+        "--batch-size",
+        "1",
+    ]
+    errors.append(one_line_error(capsys, meta_train.main, meta_argv + ["--load-model-path", str(evil)]))
     # meta.test reads RUN/model.pt: make a real run folder, then replace its model
     meta_train.main(meta_argv + ["--output-folder", str(tmp_path / "meta")])
     capsys.readouterr()
@@ -116,10 +148,33 @@ def test_every_load_path_refuses_a_crafted_checkpoint(tmp_path, cifar, omni_root
     out = tmp_path / "tract"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(evil.read_bytes())
-    errors.append(one_line_error(capsys, train_cifar._cli, [
-        "--method", "normal", "--dataset", "digits", "--out", str(out), "--n_epochs", "1",
-        "--batch_size", "8", "--train_subset", "16", "--test_subset", "8", "--model", "vit",
-        "--width_mult", "0.25", "--no_progress"]))
+    errors.append(
+        one_line_error(
+            capsys,
+            train_cifar._cli,
+            [
+                "--method",
+                "normal",
+                "--dataset",
+                "digits",
+                "--out",
+                str(out),
+                "--n_epochs",
+                "1",
+                "--batch_size",
+                "8",
+                "--train_subset",
+                "16",
+                "--test_subset",
+                "8",
+                "--model",
+                "vit",
+                "--width_mult",
+                "0.25",
+                "--no_progress",
+            ],
+        )
+    )
     assert not marker.exists()
     for err in errors:
         assert "weights_only" not in err and "not a readable" in err, err
@@ -132,58 +187,77 @@ def test_damaged_and_foreign_checkpoints_are_one_line(tmp_path, cifar, capsys):
     assert "damaged" in one_line_error(capsys, cifar10mlp._cli, tiny(cifar, "--model-path", junk))
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    err = one_line_error(capsys, cifar10test._cli, ["--data", str(cifar), "--test-kernel",
-                                                    "--load-model-path", str(foreign)])
+    err = one_line_error(
+        capsys, cifar10test._cli, ["--data", str(cifar), "--test-kernel", "--load-model-path", str(foreign)]
+    )
     assert "not a checkpoint of these programs" in err
-    missing = one_line_error(capsys, cifar10mlp._cli, tiny(cifar, "--model-path",
-                                                           tmp_path / "none.pt"))
+    missing = one_line_error(capsys, cifar10mlp._cli, tiny(cifar, "--model-path", tmp_path / "none.pt"))
     assert "--model-path" in missing and "does not exist" in missing
 
 
 # --------------------------------------------------------------------------- option errors
 
-@pytest.mark.parametrize("program,argv,words", [
-    (cifar10mlp._cli, ["--lr", "-1"], "--lr"),
-    (cifar10mlp._cli, ["--r", "0"], "--r"),
-    (cifar10mlp._cli, ["--wd", "-0.1"], "--wd"),
-    (cifar10mlp._cli, ["--lr", "nan"], "--lr"),
-    (cifar10test._cli, ["--gp", "--varb", "-1"], "--varb"),
-    (transfer_imagenet._cli, ["--lr", "-0.01"], "--lr"),
-    (quickstart.main, ["--lr", "-2"], "--lr"),
-    (quickstart.main, ["--r", "0"], "--r"),
-    (train_cifar._cli, ["--method", "normal", "--lr", "-0.1"], "--lr"),
-    (tract_plot.main, ["--threads", "0", "somewhere"], "--threads"),
-    (meta_test.main, ["somewhere", "--threads", "-1"], "--threads"),
-], ids=["lr", "r", "wd", "lr-nan", "varb", "transfer-lr", "quickstart-lr", "quickstart-r",
-        "tract-lr", "plot-threads", "meta-test-threads"])
+
+@pytest.mark.parametrize(
+    "program,argv,words",
+    [
+        (cifar10mlp._cli, ["--lr", "-1"], "--lr"),
+        (cifar10mlp._cli, ["--r", "0"], "--r"),
+        (cifar10mlp._cli, ["--wd", "-0.1"], "--wd"),
+        (cifar10mlp._cli, ["--lr", "nan"], "--lr"),
+        (cifar10test._cli, ["--gp", "--varb", "-1"], "--varb"),
+        (transfer_imagenet._cli, ["--lr", "-0.01"], "--lr"),
+        (quickstart.main, ["--lr", "-2"], "--lr"),
+        (quickstart.main, ["--r", "0"], "--r"),
+        (train_cifar._cli, ["--method", "normal", "--lr", "-0.1"], "--lr"),
+        (tract_plot.main, ["--threads", "0", "somewhere"], "--threads"),
+        (meta_test.main, ["somewhere", "--threads", "-1"], "--threads"),
+    ],
+    ids=[
+        "lr",
+        "r",
+        "wd",
+        "lr-nan",
+        "varb",
+        "transfer-lr",
+        "quickstart-lr",
+        "quickstart-r",
+        "tract-lr",
+        "plot-threads",
+        "meta-test-threads",
+    ],
+)
 def test_bad_option_values_are_one_line(capsys, program, argv, words):
     err = one_line_error(capsys, program, argv)
     assert words in err and "—" in err
 
 
-@pytest.mark.parametrize("flag,value", [("--meta-lr", "-0.1"), ("--step-size", "-0.5"),
-                                        ("--infnet_r", "0")])
+@pytest.mark.parametrize("flag,value", [("--meta-lr", "-0.1"), ("--step-size", "-0.5"), ("--infnet_r", "0")])
 def test_meta_option_values_are_one_line(capsys, omni_root, flag, value):
-    err = one_line_error(capsys, meta_train.main, [str(omni_root), "--adapt-readout-only",
-                                                   flag, value])
+    err = one_line_error(capsys, meta_train.main, [str(omni_root), "--adapt-readout-only", flag, value])
     assert flag in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_flags_without_gpu_say_drop_the_flag(capsys, cifar, omni_root):
-    assert "drop --cuda" in one_line_error(capsys, cifar10test._cli,
-                                           ["--data", str(cifar), "--gp", "--cuda"])
-    assert "drop --use-cuda" in one_line_error(capsys, meta_train.main,
-                                               [str(omni_root), "--adapt-readout-only",
-                                                "--use-cuda"])
-    assert "--device cpu" in one_line_error(capsys, train_cifar._cli,
-                                            ["--method", "normal", "--device", "cuda"])
+    assert "drop --cuda" in one_line_error(capsys, cifar10test._cli, ["--data", str(cifar), "--gp", "--cuda"])
+    assert "drop --use-cuda" in one_line_error(
+        capsys, meta_train.main, [str(omni_root), "--adapt-readout-only", "--use-cuda"]
+    )
+    assert "--device cpu" in one_line_error(
+        capsys, train_cifar._cli, ["--method", "normal", "--device", "cuda"]
+    )
 
 
 def test_every_program_takes_threads():
-    parsers = [cifar10mlp.build_parser(), cifar10test.build_parser(),
-               transfer_imagenet.build_parser(), meta_train.build_parser(),
-               meta_test.build_parser(), train_cifar.build_parser()]
+    parsers = [
+        cifar10mlp.build_parser(),
+        cifar10test.build_parser(),
+        transfer_imagenet.build_parser(),
+        meta_train.build_parser(),
+        meta_test.build_parser(),
+        train_cifar.build_parser(),
+    ]
     for parser in parsers:
         assert any("--threads" in a.option_strings for a in parser._actions), parser.prog
     assert quickstart.parse_args(["--threads", "1"]).threads == 1
@@ -191,17 +265,20 @@ def test_every_program_takes_threads():
 
 def test_help_texts():
     text = " ".join(cifar10mlp.build_parser().format_help().split())  # wrapping undone
-    flag = text[text.rindex("--no-apply-lr-mult-to-wd "):]
-    flag = flag[:flag.index("--gclip ")]
+    flag = text[text.rindex("--no-apply-lr-mult-to-wd ") :]
+    flag = flag[: flag.index("--gclip ")]
     assert "default: True" not in flag and "default: False" not in flag
-    loss = text[text.rindex("--loss {xent,mse} "):]
-    assert "mse: mean over the C classes of (f_c - t_c)² with centred one-hot targets t = " \
-           "onehot(y) - 1/C" in loss[:300]
+    loss = text[text.rindex("--loss {xent,mse} ") :]
+    assert (
+        "mse: mean over the C classes of (f_c - t_c)² with centred one-hot targets t = "
+        "onehot(y) - 1/C" in loss[:300]
+    )
     # the ImageNet program shares the one meaning of --loss mse
     assert "onehot(y) - 1/C" in " ".join(transfer_imagenet.build_parser().format_help().split())
 
 
 # --------------------------------------------------------------------------- run folders
+
 
 def test_runs_of_different_kinds_land_in_different_folders(tmp_path, cifar, capsys):
     """The infinite-net run and the μP run with the same --save-dir keep their own metrics
@@ -220,12 +297,12 @@ def test_runs_of_different_kinds_land_in_different_folders(tmp_path, cifar, caps
     assert "already finished" in out and "final test accuracy" in out
     assert again["epochs"] == json.loads(json.dumps(inf["epochs"]))
     # more epochs is another configuration (another folder); an unfinished folder is refused
-    stopped = cifar10mlp.main(tiny(cifar, "--save-dir", tmp_path, "--epochs", 2, "--save-model",
-                                   "--stop-after-epochs", 1))
+    stopped = cifar10mlp.main(
+        tiny(cifar, "--save-dir", tmp_path, "--epochs", 2, "--save-model", "--stop-after-epochs", 1)
+    )
     with pytest.raises(runs.RunExists, match="--overwrite"):
         cifar10mlp.main(tiny(cifar, "--save-dir", tmp_path, "--epochs", 2, "--save-model"))
-    redo = cifar10mlp.main(tiny(cifar, "--save-dir", tmp_path, "--epochs", 2, "--save-model",
-                                "--overwrite"))
+    redo = cifar10mlp.main(tiny(cifar, "--save-dir", tmp_path, "--epochs", 2, "--save-model", "--overwrite"))
     assert redo["run_dir"] == stopped["run_dir"] and len(redo["epochs"]) == 2
 
 
@@ -268,8 +345,10 @@ def test_checkpoint_round_trip_and_version(tmp_path):
 
 
 def test_one_epoch_plot_has_markers(tmp_path):
-    fig = runs.plot_curves([{"epoch": 1, "train_loss": 2.0, "test_loss": 2.1, "train_acc": 0.2,
-                             "test_acc": 0.3}], tmp_path / "c.png")
+    fig = runs.plot_curves(
+        [{"epoch": 1, "train_loss": 2.0, "test_loss": 2.1, "train_acc": 0.2, "test_acc": 0.3}],
+        tmp_path / "c.png",
+    )
     lines = [line for ax in fig.axes for line in ax.get_lines()]
     assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)
     assert fig.get_figwidth() * fig.dpi >= 1200
@@ -285,17 +364,24 @@ def test_progress_bars_are_quiet_off_a_terminal(capsys):
 
 # --------------------------------------------------------------------------- model kinds
 
+
 def test_model_kinds_and_aliases():
     assert KINDS == ("infinite", "finite", "mup")
-    for alias, kind in (("inf", "infinite"), ("fin", "finite"), ("mu", "mup"), ("MuP", "mup"),
-                        ("infinite", "infinite")):
+    for alias, kind in (
+        ("inf", "infinite"),
+        ("fin", "finite"),
+        ("mu", "mup"),
+        ("MuP", "mup"),
+        ("infinite", "infinite"),
+    ):
         assert canonical_kind(alias) == kind
     with pytest.raises(cli.ConfigError, match="infinite, finite, mup"):
         canonical_kind("wide")
     expected = {"infinite": InfMLP, "finite": FinPiMLPSample, "mup": MuMLP}
     for kind in KINDS:
-        spec = ModelSpec(kind, 6, 3, r=4, width=None if kind == "infinite" else 8, depth=1,
-                         bias_alpha=0.5, seed=3)
+        spec = ModelSpec(
+            kind, 6, 3, r=4, width=None if kind == "infinite" else 8, depth=1, bias_alpha=0.5, seed=3
+        )
         net = build_model(spec)
         assert isinstance(net, expected[kind]) and kind_of(net) == kind
         assert net(torch.randn(2, 6)).shape == (2, 3)

@@ -1,4 +1,5 @@
 """Tests of the downsampled-ImageNet reader on synthetic files in the released layouts."""
+
 from __future__ import annotations
 
 import pickle
@@ -25,8 +26,7 @@ def _raw(path, fmt):
 
 @pytest.mark.parametrize("fmt", ["npz", "pickle", "pickle-py2"])
 def test_both_layouts_shapes_and_label_shift(tmp_path, fmt):
-    root = write_synthetic_imagenet32(tmp_path, n_per_batch=12, n_batches=3, fmt=fmt, seed=1,
-                                      n_val=7)
+    root = write_synthetic_imagenet32(tmp_path, n_per_batch=12, n_batches=3, fmt=fmt, seed=1, n_val=7)
     suffix = ".npz" if fmt == "npz" else ""
     raw_fmt = "npz" if fmt == "npz" else "pickle"
     with pytest.warns(UserWarning, match="only 3 of the 10"):
@@ -75,10 +75,12 @@ def test_class_subset_random_subset_and_laziness(tmp_path):
 
 
 def test_npz_preferred_and_subfolders(tmp_path):
-    write_synthetic_imagenet32(tmp_path / "Imagenet32_train_npz", n_per_batch=5, n_batches=10,
-                               fmt="npz", seed=0)
-    write_synthetic_imagenet32(tmp_path / "Imagenet32_train", n_per_batch=3, n_batches=10,
-                               fmt="pickle", seed=0)
+    write_synthetic_imagenet32(
+        tmp_path / "Imagenet32_train_npz", n_per_batch=5, n_batches=10, fmt="npz", seed=0
+    )
+    write_synthetic_imagenet32(
+        tmp_path / "Imagenet32_train", n_per_batch=3, n_batches=10, fmt="pickle", seed=0
+    )
     x, _ = load_imagenet32(tmp_path)  # all ten batches: no warning; npz wins
     assert x.shape[0] == 50
     x, _ = load_imagenet32(tmp_path, fmt="pickle")

@@ -1,4 +1,5 @@
 """Tests of experiments/kernels.py: NNGP/NTK against finite wide networks, blocked KRR."""
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ def _random_params(width: int, depth: int, gen: torch.Generator, dtype, readout:
     return params
 
 
-def _check_against_samples(samples: list[torch.Tensor], exact: torch.Tensor, n_se: float,
-                           rel_bias: float) -> tuple[float, float]:
+def _check_against_samples(
+    samples: list[torch.Tensor], exact: torch.Tensor, n_se: float, rel_bias: float
+) -> tuple[float, float]:
     """Every entry of the sample mean within ``n_se`` standard errors (+ a finite-width bias)."""
     E = torch.stack(samples)
     mean = E.mean(0)
@@ -68,8 +70,10 @@ def _check_against_samples(samples: list[torch.Tensor], exact: torch.Tensor, n_s
     assert torch.all(err <= n_se * se + rel_bias * exact.abs()), (err, se)
     rel_err = float((err / exact.abs()).max())
     rel_se = float((se / exact.abs()).max())
-    print(f"max relative error {rel_err:.4f}, max relative standard error {rel_se:.4f}, "
-          f"max |error|/SE {float((err / se).max()):.2f}")
+    print(
+        f"max relative error {rel_err:.4f}, max relative standard error {rel_se:.4f}, "
+        f"max |error|/SE {float((err / se).max()):.2f}"
+    )
     return rel_err, rel_se
 
 
@@ -122,8 +126,7 @@ def test_ntk_matches_empirical_ntk_of_wide_network():
     for _ in range(draws):
         params = _random_params(width, DEPTH, gen, torch.float32, readout=True)
         jac = vmap(jacrev(f), in_dims=(None, 0))(params, X.float())
-        ntk = sum(j.reshape(len(X), -1).double() @ j.reshape(len(X), -1).double().T
-                  for j in jac.values())
+        ntk = sum(j.reshape(len(X), -1).double() @ j.reshape(len(X), -1).double().T for j in jac.values())
         samples.append(ntk)
     rel_err, rel_se = _check_against_samples(samples, exact, n_se=5.0, rel_bias=0.01)
     assert rel_err < 0.08 and rel_se < 0.04
@@ -178,8 +181,9 @@ def test_feature_kernel_is_relu_kernel():
     unit = lambda v: v / v.norm(dim=1, keepdim=True)  # noqa: E731
     ln = feature_kernel(gx, gy, layernorm=True)
     torch.testing.assert_close(ln, F00(unit(gx) @ unit(gy).T))
-    torch.testing.assert_close(torch.diagonal(feature_kernel(gx, layernorm=True)),
-                               torch.full((11,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.diagonal(feature_kernel(gx, layernorm=True)), torch.full((11,), 0.5, dtype=torch.float64)
+    )
     # Monte Carlo meaning: E_ω[φ(ω·g) φ(ω·g')]
     omega = torch.randn(6, 200_000, generator=g, dtype=torch.float64)
     mc = torch.relu(gx[:3] @ omega) @ torch.relu(gy[:2] @ omega).T / omega.shape[1]
@@ -229,13 +233,13 @@ def test_krr_blockwise_matches_direct_solve():
     assert acc64 == direct_acc
     acc32, out32 = kernel_ridge_regression(fn, Xtr, ytr, Xte, yte, **common)  # float32 matrix
     assert float((out32 - direct).norm() / direct.norm()) < 1e-3
-    acccg, outcg = kernel_ridge_regression(fn, Xtr, ytr, Xte, yte, method="cg", cg_tol=1e-10,
-                                           **common)
+    acccg, outcg = kernel_ridge_regression(fn, Xtr, ytr, Xte, yte, method="cg", cg_tol=1e-10, **common)
     torch.testing.assert_close(outcg, direct, rtol=1e-6, atol=1e-8)
     assert acccg == direct_acc
     # the subset fallback solves the same problem on the chosen rows
-    acc_sub, out_sub = kernel_ridge_regression(fn, Xtr, ytr, Xte, yte, train_subset=60, seed=3,
-                                               dtype=torch.float64, **common)
+    acc_sub, out_sub = kernel_ridge_regression(
+        fn, Xtr, ytr, Xte, yte, train_subset=60, seed=3, dtype=torch.float64, **common
+    )
     idx = torch.randperm(150, generator=torch.Generator().manual_seed(3))[:60].sort().values
     Ks = K[idx][:, idx]
     lam_s = reg * torch.diagonal(Ks).mean()
@@ -258,8 +262,17 @@ def test_krr_nngp_classifies_synthetic_cifar(tmp_path):
         x = x.reshape(len(x), -1).double() / 255.0
         return x - x.mean(1, keepdim=True)
 
-    acc = kernel_ridge_regression(make_mlp_kernel("nngp", depth=3), prep(xtr), ytr, prep(xte), yte,
-                                  num_classes=10, kernel_reg=1e-3, block_size=64, progress=False)
+    acc = kernel_ridge_regression(
+        make_mlp_kernel("nngp", depth=3),
+        prep(xtr),
+        ytr,
+        prep(xte),
+        yte,
+        num_classes=10,
+        kernel_reg=1e-3,
+        block_size=64,
+        progress=False,
+    )
     assert acc > 0.5  # chance is 0.1
 
 
@@ -271,6 +284,7 @@ def test_memory_estimate_for_50k():
 
 
 # --------------------------------------------------------------------------- float32, zero inputs
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("variant", ["correct", "pilim"])
@@ -290,8 +304,7 @@ def test_zero_input_with_zero_bias_variance_is_finite(dtype, variant):
     nngp, ntk = mlp_kernels(X, depth=3, varw=2.0, varb=0.0, dtype=dtype, ntk_variant=variant)
     assert torch.isfinite(nngp).all() and torch.isfinite(ntk).all()
     assert torch.all(nngp[0] == 0) and torch.all(nngp[:, 0] == 0)
-    ref_nngp, ref_ntk = mlp_kernels(X, depth=3, varw=2.0, varb=0.0, dtype=torch.float64,
-                                    ntk_variant=variant)
+    ref_nngp, ref_ntk = mlp_kernels(X, depth=3, varw=2.0, varb=0.0, dtype=torch.float64, ntk_variant=variant)
     torch.testing.assert_close(nngp.double(), ref_nngp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ntk.double(), ref_ntk, rtol=1e-3, atol=1e-6)
     fn = make_mlp_kernel("ntk", depth=3, varb=0.0, dtype=dtype, ntk_variant=variant)
@@ -300,8 +313,8 @@ def test_zero_input_with_zero_bias_variance_is_finite(dtype, variant):
 
 # --------------------------------------------------------------------------- original NTK formula
 
-def _ntk_reference(X, Y, depth, varw, varb, *, bias_one, deriv_at_post, keep_double,
-                   weight_without_varw):
+
+def _ntk_reference(X, Y, depth, varw, varb, *, bias_one, deriv_at_post, keep_double, weight_without_varw):
     """NTK of a ReLU MLP by a forward pass over covariances and a backward pass over gradient
     covariances, in plain numpy float64, written independently of experiments.kernels.
 
@@ -312,7 +325,7 @@ def _ntk_reference(X, Y, depth, varw, varb, *, bias_one, deriv_at_post, keep_dou
     """
     X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
     d = X.shape[1]
-    vx, vy = (X ** 2).sum(1) / d, (Y ** 2).sum(1) / d
+    vx, vy = (X**2).sum(1) / d, (Y**2).sum(1) / d
     cov = X @ Y.T / d
     layer_inputs, step_kernels = [cov], []
     for _ in range(depth):
@@ -320,7 +333,7 @@ def _ntk_reference(X, Y, depth, varw, varb, *, bias_one, deriv_at_post, keep_dou
         pre = varw * cov + varb
         rho = np.clip(pre / np.sqrt(np.outer(vx, vy)), -1.0, 1.0)
         # arc-cosine kernel of degree 1, normalised to 1 at rho = 1: E[φφ] / (½ sqrt(vx vy))
-        post_corr = (np.sqrt(1 - rho ** 2) + (np.pi - np.arccos(rho)) * rho) / np.pi
+        post_corr = (np.sqrt(1 - rho**2) + (np.pi - np.arccos(rho)) * rho) / np.pi
         c = np.clip(post_corr, -1.0, 1.0) if deriv_at_post else rho
         step = np.arccos(-c) / np.pi  # = 2 E[φ'φ'] at correlation c
         step_kernels.append(step if keep_double else step / 2)
@@ -360,9 +373,9 @@ def test_pilim_ntk_variant_matches_reference_of_original_formula(depth, varw, va
     ref = torch.from_numpy(_ntk_reference(X, Y, depth, varw, varb, **PILIM))
     torch.testing.assert_close(pilim, ref, rtol=1e-12, atol=1e-12)
     correct = mlp_ntk(X, Y, depth=depth, varw=varw, varb=varb)
-    torch.testing.assert_close(correct, torch.from_numpy(_ntk_reference(X, Y, depth, varw, varb,
-                                                                        **CORRECT)),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        correct, torch.from_numpy(_ntk_reference(X, Y, depth, varw, varb, **CORRECT)), rtol=1e-12, atol=1e-12
+    )
     # the two kernels really differ, also after normalising away the overall scale
     rel = lambda K: K / torch.diagonal(K[:4, :4]).mean()  # noqa: E731
     diff = float((rel(pilim[:4]) - rel(correct[:4])).abs().max())
@@ -411,8 +424,9 @@ def test_cifar10test_ntk_variant_flag(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cifar10test, "make_mlp_kernel", spy)
-    doc = cifar10test.main(["--ntk", "--ntk-variant", "pilim", "--varw", "1", "--data", str(root),
-                            "--no-progress"])
+    doc = cifar10test.main(
+        ["--ntk", "--ntk-variant", "pilim", "--varw", "1", "--data", str(root), "--no-progress"]
+    )
     assert seen == ["pilim"]
     assert doc["results"][0]["ntk_variant"] == "pilim"
     # a one-line user error (argparse's exit or the programs' ConfigError), naming the problem

@@ -9,6 +9,7 @@ What is checked:
   the hidden layer and of the readout) agrees with finite differences in float64;
 * the command lines run end to end and test.py evaluates what train.py saved.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,8 @@ SEED_LINE = (
     "--num-shots-test 1 --normalize None --hidden-size -1 --bias-alpha 4 --infnet_r 200 "
     "--first-layer-alpha 2  --verbose --first-layer-lr-mult 0.2 --dtype float16 --num-batches 1000 "
     "--num-test-batches 500 --adapt-readout-only --Gproj-inner --Gproj-outer --last-layer-lr-mult 0 "
-    "--scheduler cosine --readout-zero-init --depth 1")
+    "--scheduler cosine --readout-zero-init --depth 1"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,15 +71,26 @@ def omni_root(tmp_path_factory):
 def batch(omni_root):
     """Two 5-way 1-shot tasks with 2 queries per class, float64 vectors of 784."""
     split = omniglot_splits(omni_root, split_sizes="proportional")["train"]
-    return TaskSampler(split, WAYS, 1, 2, batch_size=2, flatten=True, dtype=torch.float64,
-                       seed=0).sample_batch(0)
+    return TaskSampler(
+        split, WAYS, 1, 2, batch_size=2, flatten=True, dtype=torch.float64, seed=0
+    ).sample_batch(0)
 
 
 def trained_infnet(batch, last_bias_alpha=1.0, seed=0):
     """A float64 infinite π-net (r = 8) after one plain SGD step, so that its readout and
     hidden layer are not at initialization."""
-    net = build_model("inf", D_IN, WAYS, r=8, depth=1, first_layer_alpha=2.0, bias_alpha=4.0,
-                      last_bias_alpha=last_bias_alpha, dtype=torch.float64, seed=seed)
+    net = build_model(
+        "inf",
+        D_IN,
+        WAYS,
+        r=8,
+        depth=1,
+        first_layer_alpha=2.0,
+        bias_alpha=4.0,
+        last_bias_alpha=last_bias_alpha,
+        dtype=torch.float64,
+        seed=seed,
+    )
     x = batch.query_inputs.reshape(-1, D_IN)
     y = torch.arange(x.shape[0]) % WAYS
     opt = InfSGD(net.parameters(), lr=0.5)
@@ -139,13 +152,14 @@ def test_inner_step_is_the_finite_readout_sgd_step(batch):
     def fwd(params, h):
         return aL * torch.func.functional_call(readout, params, (h,))
 
-    params, _, _ = finite_inner_loop(fwd, dict(readout.named_parameters()), hs, ys, 0.9, 1,
-                                     differentiable=False)
+    params, _, _ = finite_inner_loop(
+        fwd, dict(readout.named_parameters()), hs, ys, 0.9, 1, differentiable=False
+    )
     with torch.no_grad():
         finite = fwd(params, hq)
         out_s, out_q = aL * readout(hs), aL * readout(hq)
         delta = aL * (torch.softmax(out_s, -1) - F.one_hot(ys, WAYS)) / len(ys)
-        K = torch.relu(hq) @ torch.relu(hs).T + beta ** 2
+        K = torch.relu(hq) @ torch.relu(hs).T + beta**2
         kernel_form = out_q + aL * (-0.9) * K @ delta
     torch.testing.assert_close(finite, kernel_form, rtol=1e-10, atol=1e-10)
 
@@ -159,8 +173,7 @@ def test_gproj_inner_keeps_pi_weight_updates_in_span_of_omega(batch):
         return torch.func.functional_call(net, params, (x,))
 
     for project in (True, False):
-        params, _, _ = finite_inner_loop(fwd, base, xs, ys, 0.5, 1, differentiable=False,
-                                         gproj_inner=project)
+        params, _, _ = finite_inner_loop(fwd, base, xs, ys, 0.5, 1, differentiable=False, gproj_inner=project)
         hidden = net.layers[1]
         delta = (params["layers.1.weight"] - base["layers.1.weight"]).detach()
         Q = hidden.omega_basis
@@ -178,10 +191,17 @@ SEEDS = (0, 1)
 
 
 def _one_meta_step(net, batch, first_order, probe):
-    opt = make_meta_optimizer(net, 0.1, first_layer_lr_mult=0.2, last_layer_lr_mult=1.0,
-                              gproj_outer=True)
-    learner = MetaLearner(net, opt, step_size=2.0, num_steps=1, first_order=first_order,
-                          gproj_inner=True, gproj_outer=True, grad_clip=0.2)
+    opt = make_meta_optimizer(net, 0.1, first_layer_lr_mult=0.2, last_layer_lr_mult=1.0, gproj_outer=True)
+    learner = MetaLearner(
+        net,
+        opt,
+        step_size=2.0,
+        num_steps=1,
+        first_order=first_order,
+        gproj_inner=True,
+        gproj_outer=True,
+        grad_clip=0.2,
+    )
     with torch.no_grad():
         before = net(probe)
     res = learner.meta_step(batch, keep_logits=True)
@@ -220,8 +240,12 @@ def test_meta_step_of_infinite_net_matches_finite_pi_nets(batch):
             row = []
             for fo in (True, False):
                 a, b = res[fo], ref[fo]
-                row += [_rel(a["logits"], b["logits"]), abs(a["loss"] - b["loss"]),
-                        _rel(a["after"], b["after"]), _rel(a["change"], b["change"])]
+                row += [
+                    _rel(a["logits"], b["logits"]),
+                    abs(a["loss"] - b["loss"]),
+                    _rel(a["after"], b["after"]),
+                    _rel(a["change"], b["change"]),
+                ]
             row.append(_rel(res[False]["change"] - res[True]["change"], so_extra_ref))
             rows.append(row)
         gaps[n] = np.mean(rows, axis=0)
@@ -254,8 +278,14 @@ def test_second_order_meta_gradient_matches_finite_differences(batch, num_steps)
     g = torch.Generator().manual_seed(5)
     B = batch.support_inputs.shape[0]
     for b in range(B):
-        learner.task(batch.support_inputs[b], batch.support_targets[b], batch.query_inputs[b],
-                     batch.query_targets[b], train=True, loss_scale=1.0 / B)
+        learner.task(
+            batch.support_inputs[b],
+            batch.support_targets[b],
+            batch.query_inputs[b],
+            batch.query_targets[b],
+            train=True,
+            loss_scale=1.0 / B,
+        )
     eps = 1e-5
     errors = {}
 
@@ -267,8 +297,12 @@ def test_second_order_meta_gradient_matches_finite_differences(batch, num_steps)
         perturb(eps)
         return (up - down) / (2 * eps)
 
-    for name, p in (("input A", net.layers[0].A), ("input bias", net.layers[0].bias),
-                    ("hidden bias", net.layers[1].bias), ("readout bias", net.layers[2].bias)):
+    for name, p in (
+        ("input A", net.layers[0].A),
+        ("input bias", net.layers[0].bias),
+        ("hidden bias", net.layers[1].bias),
+        ("readout bias", net.layers[2].bias),
+    ):
         d = torch.randn(p.shape, generator=g, dtype=p.dtype)
 
         def move(step, p=p, d=d):
@@ -292,7 +326,9 @@ def test_second_order_meta_gradient_matches_finite_differences(batch, num_steps)
         errors[name] = (analytic, (losses[0] - losses[1]) / (2 * eps))
     print()
     for name, (ana, fd) in errors.items():
-        print(f"{name:13s} analytic {ana:+.10e}  finite difference {fd:+.10e}  rel {abs(ana - fd) / abs(fd):.1e}")
+        print(
+            f"{name:13s} analytic {ana:+.10e}  finite difference {fd:+.10e}  rel {abs(ana - fd) / abs(fd):.1e}"
+        )
         assert abs(ana - fd) <= 1e-5 * abs(fd) + 1e-10, name
 
 
@@ -316,9 +352,22 @@ def test_first_order_is_not_the_true_gradient(batch):
 
 @pytest.mark.parametrize("kind", ["fin", "mu"])
 def test_finite_second_order_meta_gradient_matches_finite_differences(batch, kind):
-    net = (trained_infnet(batch).sample(48, generator=torch.Generator().manual_seed(0)) if kind == "fin"
-           else build_model("mu", D_IN, WAYS, width=48, depth=1, bias_alpha=1.0, last_bias_alpha=1.0,
-                            readout_zero_init=False, dtype=torch.float64, seed=0))
+    net = (
+        trained_infnet(batch).sample(48, generator=torch.Generator().manual_seed(0))
+        if kind == "fin"
+        else build_model(
+            "mu",
+            D_IN,
+            WAYS,
+            width=48,
+            depth=1,
+            bias_alpha=1.0,
+            last_bias_alpha=1.0,
+            readout_zero_init=False,
+            dtype=torch.float64,
+            seed=0,
+        )
+    )
     learner = MetaLearner(net, None, step_size=0.5, num_steps=2, first_order=False)
     xs, ys, xq, yq = (t[0] for t in batch)
     learner.task(xs, ys, xq, yq, train=True)
@@ -371,7 +420,9 @@ def test_clipping_momentum_and_schedule_for_every_kind(batch, kind):
 
 def _seed_argv(root, out, *extra):
     line = SEED_LINE.format(out=out).replace("--num-batches 1000", "--num-batches 2")
-    line = line.replace("--num-test-batches 500", "--num-test-batches 2").replace("--infnet_r 200", "--infnet_r 8")
+    line = line.replace("--num-test-batches 500", "--num-test-batches 2").replace(
+        "--infnet_r 200", "--infnet_r 8"
+    )
     line = line.replace("--dtype float16", "--dtype float32")
     return [str(root)] + line.split() + ["--no-progress", "--threads", "2"] + list(extra)
 
@@ -401,8 +452,11 @@ def test_seed_command_line_end_to_end(omni_root, tmp_path, capsys):
     assert res["num_tasks"] == 2 * 8 and 0 <= res["accuracy"] <= 1 and res["accuracy_ci95"] > 0
     assert json.loads((run / "test_results.json").read_text())["accuracy"] == res["accuracy"]
     # the saved model reproduces the last validation accuracy through --load-model-path
-    again = meta_train.main(_seed_argv(omni_root, tmp_path / "v", "--load-model-path",
-                                       str(run / "model_last.pt"), "--validate-only"))
+    again = meta_train.main(
+        _seed_argv(
+            omni_root, tmp_path / "v", "--load-model-path", str(run / "model_last.pt"), "--validate-only"
+        )
+    )
     assert again["summary"]["val_accuracy"] == pytest.approx(doc["epochs"][-1]["val_accuracy"])
     out = capsys.readouterr().out
     assert "epoch 2:" in out and "test accuracy" in out
@@ -411,13 +465,27 @@ def test_seed_command_line_end_to_end(omni_root, tmp_path, capsys):
     assert "already holds a finished run" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra", [
-    ["--dtype", "float16"],
-    ["--hidden-size", "32", "--first-order"],
-    ["--hidden-size", "32", "--mu-net", "--num-steps", "2", "--scheduler", "multistep",
-     "--lr-drop-milestones", "0.5", "--meta-momentum", "0.9"],
-    ["--hidden-size", "32", "--dtype", "float64", "--normalize", "LN", "--last-bias-alpha", "1"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--dtype", "float16"],
+        ["--hidden-size", "32", "--first-order"],
+        [
+            "--hidden-size",
+            "32",
+            "--mu-net",
+            "--num-steps",
+            "2",
+            "--scheduler",
+            "multistep",
+            "--lr-drop-milestones",
+            "0.5",
+            "--meta-momentum",
+            "0.9",
+        ],
+        ["--hidden-size", "32", "--dtype", "float64", "--normalize", "LN", "--last-bias-alpha", "1"],
+    ],
+)
 def test_other_models_and_precisions_run(omni_root, tmp_path, extra, capsys):
     argv = _seed_argv(omni_root, tmp_path, *extra)
     argv[argv.index("--num-epochs") + 1] = "1"
@@ -439,9 +507,11 @@ def test_missing_data_and_bad_options_give_clear_errors(tmp_path, omni_root, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "images_background" in err and "downloaded" in err
-    for extra, words in ((["--mu-net"], "positive --hidden-size"),
-                         (["--normalize", "BN"], "BN"),
-                         (["--hidden-size", "0"], "hidden-size 0")):
+    for extra, words in (
+        (["--mu-net"], "positive --hidden-size"),
+        (["--normalize", "BN"], "BN"),
+        (["--hidden-size", "0"], "hidden-size 0"),
+    ):
         with pytest.raises(SystemExit):
             meta_train.main(_seed_argv(omni_root, tmp_path, *extra))
         assert words in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Tests of the Omniglot reader, character split and task sampler (synthetic data only)."""
+
 import zipfile
 
 import numpy as np
@@ -33,8 +34,7 @@ def folder_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zip_root(tmp_path_factory):
-    return write_synthetic_omniglot(tmp_path_factory.mktemp("zip"), N_ALPHA, N_CHARS, N_DRAW,
-                                    as_zip=True)
+    return write_synthetic_omniglot(tmp_path_factory.mktemp("zip"), N_ALPHA, N_CHARS, N_DRAW, as_zip=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,9 @@ def test_reader_shapes_and_range(form, folder_root, zip_root):
 
 def test_folder_and_zip_agree(folder_root, zip_root):
     a, b = load_omniglot(folder_root), load_omniglot(zip_root)
-    assert [(c.set_name, c.alphabet, c.character) for c in a.characters] == \
-        [(c.set_name, c.alphabet, c.character) for c in b.characters]
+    assert [(c.set_name, c.alphabet, c.character) for c in a.characters] == [
+        (c.set_name, c.alphabet, c.character) for c in b.characters
+    ]
     np.testing.assert_array_equal(a.images, b.images)
 
 
@@ -320,8 +321,17 @@ def test_sampler_validation(splits):
 
 
 def test_omniglot_task_sampler_zip(zip_root):
-    sampler = omniglot_task_sampler(zip_root, "val", num_ways=3, num_shots=1, num_shots_test=5,
-                                    batch_size=2, num_batches=2, split_sizes=SIZES, flatten=True)
+    sampler = omniglot_task_sampler(
+        zip_root,
+        "val",
+        num_ways=3,
+        num_shots=1,
+        num_shots_test=5,
+        batch_size=2,
+        num_batches=2,
+        split_sizes=SIZES,
+        flatten=True,
+    )
     sx, sy, qx, qy = next(iter(sampler))
     assert sx.shape == (2, 3, 784) and qx.shape == (2, 15, 784)
     assert int(qy.max()) == 2

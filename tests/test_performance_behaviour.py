@@ -10,6 +10,7 @@
 * The memory budget bounds the intermediates actually allocated, and the
   finite π-projection allocates no n × n temporary.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,12 +53,12 @@ def blocking(rows=None, batch=None, max_threads=None, save=None):
 
 
 # settings: (label, chunk_rows, switches); max_threads 10**6 forces the CPU blocks, 0 disables them
-ALWAYS, NEVER = 10 ** 6, 0
+ALWAYS, NEVER = 10**6, 0
 SETTINGS = [
     ("one block, saved kernels", None, dict(max_threads=NEVER)),
     ("budget chunks (recompute)", 37, dict(max_threads=NEVER)),
     ("budget chunks, forced save", 37, dict(max_threads=NEVER, save=True)),
-    ("row blocks", None, dict(rows=64, batch=10 ** 6, max_threads=ALWAYS)),
+    ("row blocks", None, dict(rows=64, batch=10**6, max_threads=ALWAYS)),
     ("row + batch blocks", None, dict(rows=50, batch=4, max_threads=ALWAYS)),
     ("row + batch blocks, recompute", None, dict(rows=50, batch=4, max_threads=ALWAYS, save=False)),
     ("budget chunks inside blocks", 29, dict(rows=64, batch=3, max_threads=ALWAYS)),
@@ -121,7 +122,11 @@ def _net_with_rows(M, dtype, seed=0):
     state = net.state_dict()
     for i, layer in enumerate(net.layers[1:], start=1):
         A, c, B = _rows(M, layer.r, layer.r_out, gen, dtype)
-        state[f"layers.{i}.rows.A"], state[f"layers.{i}.rows.Amult"], state[f"layers.{i}.rows.B"] = A, 0.05 * c, B
+        state[f"layers.{i}.rows.A"], state[f"layers.{i}.rows.Amult"], state[f"layers.{i}.rows.B"] = (
+            A,
+            0.05 * c,
+            B,
+        )
     net.load_state_dict(state)
     return net
 
@@ -148,7 +153,9 @@ def test_training_step_same_for_every_blocking(dtype, tol):
                 opt.step()
             with torch.no_grad():
                 out_after = net(x_after)
-        rows = [(l.A.detach().clone(), l.Amult.detach().clone(), l.B.detach().clone()) for l in net.layers[1:]]
+        rows = [
+            (l.A.detach().clone(), l.Amult.detach().clone(), l.B.detach().clone()) for l in net.layers[1:]
+        ]
         results.append((loss.detach(), grad_in, out_after, rows))
     loss0, grad0, out0, rows0 = results[0]
     for (label, _, _), (loss, grad, out, rows) in zip(SETTINGS[1:], results[1:]):
@@ -198,8 +205,13 @@ def test_block_policy_does_not_depend_on_thread_count():
         seen = set()
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
-            seen.add((functional.block_rows(50_000, None, "cpu"), functional.block_batch(8, "cpu"),
-                      functional.block_batch(10_000, "cpu")))
+            seen.add(
+                (
+                    functional.block_rows(50_000, None, "cpu"),
+                    functional.block_batch(8, "cpu"),
+                    functional.block_batch(10_000, "cpu"),
+                )
+            )
         assert len(seen) == 1
     finally:
         torch.set_num_threads(before)
@@ -215,7 +227,7 @@ def test_appends_are_amortized_and_in_place():
     ptr, moves = None, 0
     for i in range(steps):
         before = store.reallocations
-        store.append(data_A[i * b:(i + 1) * b], data_B[i * b:(i + 1) * b], -0.1)
+        store.append(data_A[i * b : (i + 1) * b], data_B[i * b : (i + 1) * b], -0.1)
         p = store.A.data_ptr()
         if ptr is not None and p != ptr:
             moves += 1
@@ -286,8 +298,11 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
@@ -302,14 +317,14 @@ class LiveBytes(TorchDispatchMode):
 
 def test_auto_chunk_rows_respects_budget():
     for batch in (1, 8, 100, 10_000):
-        for budget in (2 ** 16, 2 ** 20, 256 * 2 ** 20):
+        for budget in (2**16, 2**20, 256 * 2**20):
             for itemsize in (4, 8):
-                chunk = auto_chunk_rows(batch, 10 ** 9, budget, itemsize)
+                chunk = auto_chunk_rows(batch, 10**9, budget, itemsize)
                 assert chunk is not None and chunk >= 1
                 if chunk > 1:
                     assert 4 * batch * chunk * itemsize <= budget
                     assert 4 * batch * (chunk + 1) * itemsize > budget  # the largest that fits
-    assert auto_chunk_rows(8, 100, 2 ** 20) is None  # everything fits: no chunking
+    assert auto_chunk_rows(8, 100, 2**20) is None  # everything fits: no chunking
     assert auto_chunk_rows(8, 100, None) is None
 
 
@@ -384,7 +399,9 @@ def test_low_precision_products_match_float64_on_stored_rows(storage, tol, layer
     ref = inf_pi_linear_relu(g64, As.double(), c, Bs.double(), None, layernorm, chunk)
     (ref_grad,) = torch.autograd.grad(ref, g64, w)
     with functional.block_policy(low_precision_products=True, cpu_block_rows=64):
-        assert functional.low_precision_products(functional.current_block_policy(), "cpu", As, Bs, torch.float32)
+        assert functional.low_precision_products(
+            functional.current_block_policy(), "cpu", As, Bs, torch.float32
+        )
         g32 = g.float().requires_grad_(True)
         out = inf_pi_linear_relu(g32, As, c.float(), Bs, None, layernorm, chunk)
         (grad,) = torch.autograd.grad(out, g32, w.float())

@@ -1,6 +1,7 @@
 """Projected NTKs at scale: the sparse JL projector, TRAKer tasks, refusal to mix projections,
 the fork's conventions (cosine kernels, pNTK without 1/C, kSVM/kGLM, Kendall-τ, error overlap),
 and safe checkpoint loading in the analysis programs."""
+
 from __future__ import annotations
 
 import logging
@@ -50,11 +51,15 @@ def test_sparse_projector_is_unbiased_with_the_predicted_variance(nnz):
     x = torch.randn(P, generator=g, dtype=F64)
     y = 0.6 * x + 0.8 * torch.randn(P, generator=g, dtype=F64)
     xy = torch.stack([x, y])
-    est = np.array([float((lambda S: S[0] @ S[1])(SparseJLProjector(P, K, seed=s, nnz=nnz, dtype=F64).sketch(xy)))
-                    for s in range(n)])
+    est = np.array(
+        [
+            float((lambda S: S[0] @ S[1])(SparseJLProjector(P, K, seed=s, nnz=nnz, dtype=F64).sketch(xy)))
+            for s in range(n)
+        ]
+    )
     true = float(x @ y)
     assert abs(est.mean() - true) < 4 * est.std() / math.sqrt(n), (est.mean(), true)
-    var = (float(x @ x) * float(y @ y) + true ** 2 - 2 * float((x * x * y * y).sum())) / K
+    var = (float(x @ x) * float(y @ y) + true**2 - 2 * float((x * x * y * y).sum())) / K
     assert 0.8 < est.var() / var < 1.2, (est.var(), var)
     # TRAK's convention for project(): √K times the sketch
     pr = SparseJLProjector(P, K, seed=1, nnz=nnz, dtype=F64)
@@ -67,7 +72,9 @@ def test_sparse_projector_error_scales_like_a_gaussian_sketch():
     seeds; with 40 seeds the two agree within 13%, theory says the sparse one is never worse)."""
     g = torch.Generator().manual_seed(1)
     base = torch.randn(3, 2000, generator=g, dtype=F64)
-    X = torch.randn(24, 3, generator=g, dtype=F64) @ base + 0.5 * torch.randn(24, 2000, generator=g, dtype=F64)
+    X = torch.randn(24, 3, generator=g, dtype=F64) @ base + 0.5 * torch.randn(
+        24, 2000, generator=g, dtype=F64
+    )
     G = X @ X.T
     Ks = [32, 128, 512]
     es, eg = [], []
@@ -76,7 +83,9 @@ def test_sparse_projector_error_scales_like_a_gaussian_sketch():
         for s in range(12):
             S = SparseJLProjector(2000, K, seed=s, dtype=F64).sketch(X)
             s_err.append(_rel(S @ S.T, G) ** 2)
-            R = torch.randn(2000, K, generator=torch.Generator().manual_seed(100 + s), dtype=F64) / math.sqrt(K)
+            R = torch.randn(2000, K, generator=torch.Generator().manual_seed(100 + s), dtype=F64) / math.sqrt(
+                K
+            )
             g_err.append(_rel((X @ R) @ (X @ R).T, G) ** 2)
         es.append(math.sqrt(np.mean(s_err)))
         eg.append(math.sqrt(np.mean(g_err)))
@@ -133,8 +142,16 @@ def test_features_of_different_projections_are_refused(tmp_path):
 def _traker(net, task, rows, tmp_path, **kw):
     from trak import TRAKer
 
-    return TRAKer(model=net, task=task, train_set_size=rows, save_dir=str(tmp_path), device="cpu",
-                  use_half_precision=False, logging_level=logging.WARNING, **kw)
+    return TRAKer(
+        model=net,
+        task=task,
+        train_set_size=rows,
+        save_dir=str(tmp_path),
+        device="cpu",
+        use_half_precision=False,
+        logging_level=logging.WARNING,
+        **kw,
+    )
 
 
 def test_traker_tasks_give_our_kernels(tmp_path):
@@ -194,8 +211,13 @@ def test_exact_ntk_by_slices_and_kernel_conventions(monkeypatch):
     net = _mlp()
     X, Y = torch.randn(7, 5, dtype=F64), torch.randn(4, 5, dtype=F64)
     for kind in ("trace", "pseudo", "full"):
-        assert _rel(exact_ntk(net, X, Y, kind=kind, memory_bytes=2000, chunk_size=3),
-                    empirical_ntk(net, X, Y, kind=kind)) < 1e-12
+        assert (
+            _rel(
+                exact_ntk(net, X, Y, kind=kind, memory_bytes=2000, chunk_size=3),
+                empirical_ntk(net, X, Y, kind=kind),
+            )
+            < 1e-12
+        )
     F = pntk_features(net, X, None, outputs="sum")
     mean, total = ntk_from_features(F, kind="pseudo"), ntk_from_features(F, kind="pseudo", pseudo_scale="sum")
     assert torch.allclose(total, 3 * mean)  # without the 1/C of the pseudo-NTK
@@ -204,6 +226,7 @@ def test_exact_ntk_by_slices_and_kernel_conventions(monkeypatch):
     assert torch.allclose(cos.diagonal(), torch.ones(7, dtype=F64))
     assert torch.allclose(cos, cosine_normalize(mean, kernel_diagonal(F, "pseudo")))
     import importlib
+
     mod = importlib.import_module("inf.analysis.pntk")
     assert ntk_from_features(F, kind="pseudo").dtype == F64
     monkeypatch.setattr(mod, "LARGE_KERNEL", 40)  # 7 × 7 = 49 entries: "large"
@@ -234,6 +257,7 @@ def test_ksvm_kglm_kendall_and_misclassification_overlap():
     ov = misclassification_overlap(a, b, labels)
     assert ov["overlap"] == 0.5 and ov["common_errors"] == 2
     from scipy.stats import hypergeom
+
     assert math.isclose(ov["p_value"], sum(hypergeom.pmf(k, 10, 3, 3) for k in (2, 3)))
     assert misclassification_overlap(a, a, labels)["overlap"] == 1.0
 
@@ -265,8 +289,17 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.zeros(1)}, "config": _Payload(marker)}, evil)
-    common = ["--checkpoint", str(evil), "--n-train", "20", "--n-test", "10", "--no-progress",
-              "--out", str(tmp_path / "out")]
+    common = [
+        "--checkpoint",
+        str(evil),
+        "--n-train",
+        "20",
+        "--n-test",
+        "10",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     for main in (pntk_prog.main, pntk_residuals.main):
         code, err = _run(main, common, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -280,12 +313,17 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path, capsys):
 def test_missing_checkpoint_data_root_and_threads(tmp_path, capsys):
     from experiments.analysis import pntk as pntk_prog
 
-    code, err = _run(pntk_prog.main, ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)], capsys)
+    code, err = _run(
+        pntk_prog.main, ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)], capsys
+    )
     assert code == 2 and len(err.splitlines()) == 1 and "--checkpoint" in err and "does not exist" in err
     code, err = _run(pntk_prog.main, ["--data", "cifar10", "--out", str(tmp_path)], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "--data-root" in err
-    code, err = _run(pntk_prog.main, ["--data", "cifar10", "--data-root", str(tmp_path / "x"), "--out",
-                                      str(tmp_path)], capsys)
+    code, err = _run(
+        pntk_prog.main,
+        ["--data", "cifar10", "--data-root", str(tmp_path / "x"), "--out", str(tmp_path)],
+        capsys,
+    )
     assert code == 2 and "does not exist" in err
     before = torch.get_num_threads()
     try:
@@ -302,8 +340,26 @@ def test_residuals_program_draws_the_figure(tmp_path):
 
     from experiments.analysis import pntk_residuals
 
-    res = pntk_residuals.main(["--model", "mu", "--width", "16", "--n-train", "20", "--steps", "2", "--ks", "8",
-                               "512", "--seeds", "2", "--no-progress", "--out", str(tmp_path)])
+    res = pntk_residuals.main(
+        [
+            "--model",
+            "mu",
+            "--width",
+            "16",
+            "--n-train",
+            "20",
+            "--steps",
+            "2",
+            "--ks",
+            "8",
+            "512",
+            "--seeds",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     for rows in res["projections"].values():
         small, large = np.mean(rows["residual"][0]), np.mean(rows["residual"][1])
         assert large < small / 3, (small, large)  # √64 = 8 times smaller in expectation

@@ -1,4 +1,5 @@
 """The README's main job runs end to end (shortened) and learns."""
+
 from experiments import quickstart
 
 

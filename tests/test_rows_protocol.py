@@ -2,6 +2,7 @@
 
 Each test here failed on pilimit 0.1 (issue 11's redesign, issue 14 items 2–8, 11).
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from inf.clip import clip_grad_norm_
 from inf.compat import PiSGD
 from inf.math import F00, F02, F11
 from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 from inf.optim import InfSGD
 from inf.parameters import orthonormal_basis, project_onto_span_
 from inf.rows import rows_of
-from inf.clip import clip_grad_norm_
 
 F64 = torch.float64
 DATA = Path(__file__).parent / "data"
@@ -85,7 +86,9 @@ def test_autograd_grad_records_no_rows():
     assert [layer.rows.num_pending for layer in net.pi_layers] == [4, 4]
 
 
-@pytest.mark.parametrize("clear", ["zero_grad_none", "zero_grad_zeros", "net_zero_grad", "grad_none", "grad_zero_"])
+@pytest.mark.parametrize(
+    "clear", ["zero_grad_none", "zero_grad_zeros", "net_zero_grad", "grad_none", "grad_zero_"]
+)
 def test_every_way_of_clearing_gradients_clears_rows(clear):
     net = _net()
     opt = InfSGD(net.parameters(), lr=0.1)
@@ -210,8 +213,16 @@ def test_finite_net_nan_loss_refused():
     assert all(torch.equal(a, p) for a, p in zip(before, fin.parameters()))
 
 
-@pytest.mark.parametrize("kw", [dict(lr=float("nan")), dict(lr=-0.1), dict(weight_decay=float("nan")),
-                                dict(momentum=float("inf")), dict(dampening=float("nan"))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lr=float("nan")),
+        dict(lr=-0.1),
+        dict(weight_decay=float("nan")),
+        dict(momentum=float("inf")),
+        dict(dampening=float("nan")),
+    ],
+)
 def test_non_finite_hyperparameters_refused(kw):
     with pytest.raises(ValueError, match="finite"):
         InfSGD(_net().parameters(), **{"lr": 0.1, **kw})
@@ -280,8 +291,11 @@ def test_clipping_reads_projected_finite_gradients_and_rows():
 # ------------------------------------------------------------------ checked state dicts
 def test_architecture_mismatch_named_on_load():
     net = _net(bias_alpha=0.5)
-    for kw, field in ((dict(bias_alpha=1.0), "bias_alpha"), (dict(layernorm=True), "layernorm"),
-                      (dict(first_layer_alpha=2.0), "first_layer_alpha")):
+    for kw, field in (
+        (dict(bias_alpha=1.0), "bias_alpha"),
+        (dict(layernorm=True), "layernorm"),
+        (dict(first_layer_alpha=2.0), "first_layer_alpha"),
+    ):
         other = _net(**{"bias_alpha": 0.5, **kw})
         with pytest.raises(RuntimeError, match=field):
             other.load_state_dict(net.state_dict())

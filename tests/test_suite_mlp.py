@@ -34,6 +34,7 @@ function) the constant C is large (docs/math.md, "Notes on the conventions"). Ad
 (``--seeds 12``) or widen the range (``--widths 256,1024,4096,16384``) before concluding
 anything; a gap that stays flat there points at the sampling code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,13 +99,24 @@ def run(cfg: Config, widths=WIDTHS, seed: int = 0):
     """
     torch.manual_seed(seed)
     X, y = sine_data()
-    infnet = InfMLP(2, 1, cfg.r, L=cfg.depth, last_layer_alpha=cfg.last_layer_alpha, bias_alpha=cfg.bias_alpha,
-                    layernorm=cfg.layernorm, tract_lambda=cfg.tract_lambda, dtype=DTYPE)
+    infnet = InfMLP(
+        2,
+        1,
+        cfg.r,
+        L=cfg.depth,
+        last_layer_alpha=cfg.last_layer_alpha,
+        bias_alpha=cfg.bias_alpha,
+        layernorm=cfg.layernorm,
+        tract_lambda=cfg.tract_lambda,
+        dtype=DTYPE,
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     nets = {0: infnet}
     nets.update({n: FinPiMLPSample(infnet, n, generator=gen) for n in widths})
-    opts = {n: InfSGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            for n, m in nets.items()}
+    opts = {
+        n: InfSGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        for n, m in nets.items()
+    }
     losses = {n: [] for n in nets}
     batch_gen = torch.Generator().manual_seed(seed + 2)
     for _ in range(cfg.steps):
@@ -115,12 +127,20 @@ def run(cfg: Config, widths=WIDTHS, seed: int = 0):
         out_inf = infnet(X)
         scale = out_inf.norm()
         output_gap = {n: ((nets[n](X) - out_inf).norm() / scale).item() for n in widths}
-        resampled_gap = {n: ((FinPiMLPSample(infnet, n, generator=gen)(X) - out_inf).norm() / scale).item()
-                         for n in widths}
+        resampled_gap = {
+            n: ((FinPiMLPSample(infnet, n, generator=gen)(X) - out_inf).norm() / scale).item() for n in widths
+        }
     inf_losses = np.array(losses[0])
-    loss_gap = {n: float(np.mean(np.abs(np.array(losses[n]) - inf_losses)) / np.mean(inf_losses)) for n in widths}
-    return {"losses": losses, "loss_gap": loss_gap, "output_gap": output_gap, "resampled_gap": resampled_gap,
-            "rows": infnet.rows_per_layer()}
+    loss_gap = {
+        n: float(np.mean(np.abs(np.array(losses[n]) - inf_losses)) / np.mean(inf_losses)) for n in widths
+    }
+    return {
+        "losses": losses,
+        "loss_gap": loss_gap,
+        "output_gap": output_gap,
+        "resampled_gap": resampled_gap,
+        "rows": infnet.rows_per_layer(),
+    }
 
 
 def fitted_exponent(widths, gaps) -> float:
@@ -183,19 +203,36 @@ FAST_GRID = [
 
 def full_grid():
     for ln, wd, ba, (clip, pp), lla, mom, depth in itertools.product(
-            (False, True), (0.0, 0.1), (0.0, 1.0), ((0.0, False), (0.1, False), (0.1, True)),
-            (1.0, 10.0), (0.0, 0.9), (1, 2)):
+        (False, True),
+        (0.0, 0.1),
+        (0.0, 1.0),
+        ((0.0, False), (0.1, False), (0.1, True)),
+        (1.0, 10.0),
+        (0.0, 0.9),
+        (1, 2),
+    ):
         if lla == 10.0 and clip == 0.0:
             continue  # diverges in infinite width too (see above)
-        yield Config(layernorm=ln, weight_decay=wd, bias_alpha=ba, gclip=clip, per_param=pp,
-                     last_layer_alpha=lla, momentum=mom, depth=depth, steps=8 if lla == 10.0 else 20)
+        yield Config(
+            layernorm=ln,
+            weight_decay=wd,
+            bias_alpha=ba,
+            gclip=clip,
+            per_param=pp,
+            last_layer_alpha=lla,
+            momentum=mom,
+            depth=depth,
+            steps=8 if lla == 10.0 else 20,
+        )
 
 
 def _check(summary, cfg):
     lo, hi = SLOPE_BAND
     for key in ("loss_gap", "output_gap"):
         slope = summary[key + "_exponent"]
-        assert lo <= slope <= hi, f"{cfg}: {key} exponent {slope:.2f} outside {SLOPE_BAND}; gaps {summary[key]}"
+        assert lo <= slope <= hi, (
+            f"{cfg}: {key} exponent {slope:.2f} outside {SLOPE_BAND}; gaps {summary[key]}"
+        )
 
 
 def _cfg_id(c: Config) -> str:
@@ -224,9 +261,11 @@ def test_finite_tracks_infinite(index, fast_summaries):
     exponent = 0.5 * (summary["loss_gap_exponent"] + summary["output_gap_exponent"])
     assert exponent <= FAST_MAX_EXPONENT, (
         f"{cfg}: the gaps grow with the width (mean exponent {exponent:.2f}); "
-        f"loss gaps {summary['loss_gap']}, output gaps {summary['output_gap']}")
+        f"loss gaps {summary['loss_gap']}, output gaps {summary['output_gap']}"
+    )
     assert summary["loss_gap"][-1] <= FAST_MAX_LOSS_GAP, (
-        f"{cfg}: RMS loss gap {summary['loss_gap'][-1]:.3f} at n = {FAST_WIDTHS[-1]}")
+        f"{cfg}: RMS loss gap {summary['loss_gap'][-1]:.3f} at n = {FAST_WIDTHS[-1]}"
+    )
 
 
 def test_finite_tracks_infinite_pooled_exponent(fast_summaries):
@@ -282,6 +321,7 @@ def test_finite_tracks_infinite_full_grid(cfg):
 
 def plot(cfg: Config, path: str, seed: int = 0, widths=WIDTHS):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -313,8 +353,9 @@ def main(argv=None):
             p.add_argument(flag, type=type(default) if default is not None else float, default=default)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
-                   help="comma-separated widths of the finite nets")
+    p.add_argument(
+        "--widths", default=",".join(map(str, WIDTHS)), help="comma-separated widths of the finite nets"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(max(1, args.threads))
@@ -330,11 +371,13 @@ def main(argv=None):
     for key in ("loss_gap", "output_gap", "resampled_gap"):
         gaps = ", ".join(f"n={n}: {g:.4f}" for n, g in zip(widths, summary[key]))
         print(f"{key:14s} {gaps}   exponent {summary[key + '_exponent']:.2f}")
-    print("exponent: the gap fitted as C·n^e; -0.5 is the expected n^-1/2. Training gaps (RMS "
-          "over seeds) near 0: the finite nets do not converge, a bug. Resampled gap (median of "
-          "single sampled nets) near 0 with few seeds: usually the seed-to-seed spread of one "
-          "draw hiding the trend; rerun with more --seeds or a wider --widths range before "
-          "suspecting the sampler (see this module's docstring).")
+    print(
+        "exponent: the gap fitted as C·n^e; -0.5 is the expected n^-1/2. Training gaps (RMS "
+        "over seeds) near 0: the finite nets do not converge, a bug. Resampled gap (median of "
+        "single sampled nets) near 0 with few seeds: usually the seed-to-seed spread of one "
+        "draw hiding the trend; rerun with more --seeds or a wider --widths range before "
+        "suspecting the sampler (see this module's docstring)."
+    )
     if args.plot:
         plot(cfg, args.plot, widths=widths)
         print(f"loss curves written to {args.plot}")

@@ -1,4 +1,5 @@
 """experiments.table1 end to end on a tiny digits run (1 seed, 2 epochs, 400 training images)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,21 @@ import pytest
 from experiments import table1
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--seeds", "1", "--epochs", "2", "--train-size", "400", "--test-size", "150", "--r", "16",
-        "--width", "256", "--no-progress"]
+TINY = [
+    "--seeds",
+    "1",
+    "--epochs",
+    "2",
+    "--train-size",
+    "400",
+    "--test-size",
+    "150",
+    "--r",
+    "16",
+    "--width",
+    "256",
+    "--no-progress",
+]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -72,8 +86,13 @@ def test_refuses_to_overwrite_and_reports_user_errors_in_one_line(tiny_run, tmp_
         table1.main(["--methods", "gp", "--save-dir", str(tmp_path)])
     with pytest.raises(table1.UserError, match="--lr"):
         table1.main(["--lr", "-1", "--save-dir", str(tmp_path)])
-    proc = subprocess.run([sys.executable, "-m", "experiments.table1", "--seeds", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.table1", "--seeds", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert proc.stderr.strip() == "error: --seeds must be at least 1, got 0"
 
@@ -88,8 +107,21 @@ def test_cifar10_uses_the_same_code_path(tmp_path):
     assert data.X_train.shape == (200, 3072) and data.X_test.shape == (60, 3072)
     norms = data.X_train.norm(dim=1)
     assert 0.5 < float(norms.mean()) < 1.5  # standardised and divided by √d
-    doc = table1.main(["--dataset", "cifar10", "--data", str(root), "--methods", "NNGP,NTK",
-                       "--seeds", "1", "--save-dir", str(tmp_path / "out"), "--no-progress"])
+    doc = table1.main(
+        [
+            "--dataset",
+            "cifar10",
+            "--data",
+            str(root),
+            "--methods",
+            "NNGP,NTK",
+            "--seeds",
+            "1",
+            "--save-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert list(doc["results"]) == ["NNGP", "NTK"]
     assert all(r["mean"] > 0.5 for r in doc["results"].values())  # chance 0.1
     assert "paper" in doc["table"].splitlines()[0]

@@ -2,6 +2,7 @@
 
 Gradients are compared in the relative Frobenius norm ``|a - b| / |b|``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,7 +70,7 @@ def grads_of(module, x, target=None, seed=0):
 # alone is 6e-6 to 8e-6 on 8 × 32 inputs (ours: 2e-7, test_float32_woodbury_is_accurate),
 # too close to 1e-5 to be a test. So the float32 comparisons of that branch use λ = 1.
 
-LINEAR_CASES = [(8, 32), (64, 16)]       # (b, d): Woodbury branch, direct branch
+LINEAR_CASES = [(8, 32), (64, 16)]  # (b, d): Woodbury branch, direct branch
 
 
 @needs_official
@@ -103,9 +104,9 @@ def test_linear_tokens_match_official(dtype):
 
 # (N, C, H, k, stride, padding): b = N·L vs d = C·k²
 CONV2D_CASES = [
-    (1, 8, 6, 3, 1, 0),   # b = 16 < d = 72: Woodbury
-    (4, 3, 8, 3, 1, 1),   # b = 256 > d = 27: direct
-    (2, 3, 9, 3, 2, 1),   # strided, b = 50 > 27
+    (1, 8, 6, 3, 1, 0),  # b = 16 < d = 72: Woodbury
+    (4, 3, 8, 3, 1, 1),  # b = 256 > d = 27: direct
+    (2, 3, 9, 3, 2, 1),  # strided, b = 50 > 27
 ]
 
 
@@ -141,13 +142,15 @@ def test_float32_woodbury_is_accurate():
 
 # --- convolutions against an unfold-as-linear reference -------------------------------
 
+
 def reference_patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """Patches (N·L, C·K) by explicit indexing, one output position at a time."""
     nd = x.dim() - 2
     k, s, dil = conv.kernel_size, conv.stride, conv.dilation
     if conv.padding == "same":
-        pads = [((dil[i] * (k[i] - 1)) // 2, dil[i] * (k[i] - 1) - (dil[i] * (k[i] - 1)) // 2)
-                for i in range(nd)]
+        pads = [
+            ((dil[i] * (k[i] - 1)) // 2, dil[i] * (k[i] - 1) - (dil[i] * (k[i] - 1)) // 2) for i in range(nd)
+        ]
     elif conv.padding == "valid":
         pads = [(0, 0)] * nd
     else:
@@ -159,8 +162,9 @@ def reference_patches(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     rows = []
     for n in range(x.shape[0]):
         for pos in itertools.product(*[range(L) for L in sizes]):
-            idx = tuple(slice(pos[i] * s[i], pos[i] * s[i] + dil[i] * (k[i] - 1) + 1, dil[i])
-                        for i in range(nd))
+            idx = tuple(
+                slice(pos[i] * s[i], pos[i] * s[i] + dil[i] * (k[i] - 1) + 1, dil[i]) for i in range(nd)
+            )
             rows.append(xp[(n, slice(None)) + idx].reshape(-1))
     return torch.stack(rows)
 
@@ -178,26 +182,30 @@ def reference_conv_tract(conv: nn.Module, x: torch.Tensor, lam: float):
     X = reference_patches(x.detach(), conv)
     G = y.grad.movedim(1, -1).reshape(-1, n)
     dg, ng = X.shape[1] // groups, n // groups
-    plain = torch.cat([G[:, j * ng:(j + 1) * ng].T @ X[:, j * dg:(j + 1) * dg] for j in range(groups)])
+    plain = torch.cat([G[:, j * ng : (j + 1) * ng].T @ X[:, j * dg : (j + 1) * dg] for j in range(groups)])
     # float64 sums in different orders: 1e-12 is rounding level
     assert rel(plain, conv.weight.grad.reshape(n, -1)) < 1e-12, "reference patches are wrong"
-    tract = torch.cat([reference_tract(X[:, j * dg:(j + 1) * dg], G[:, j * ng:(j + 1) * ng], lam)
-                       for j in range(groups)])
+    tract = torch.cat(
+        [
+            reference_tract(X[:, j * dg : (j + 1) * dg], G[:, j * ng : (j + 1) * ng], lam)
+            for j in range(groups)
+        ]
+    )
     return tract.reshape(conv.weight.shape), conv.bias.grad if conv.bias is not None else None, xx.grad
 
 
 CONV_REF_CASES = [
     # (module, input shape)
-    (lambda: nn.Conv1d(4, 6, 3), (3, 4, 11)),                                      # b=27 > d=12
+    (lambda: nn.Conv1d(4, 6, 3), (3, 4, 11)),  # b=27 > d=12
     (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2), (2, 4, 13)),
-    (lambda: nn.Conv1d(4, 6, 4, padding="same", bias=False), (1, 4, 9)),          # b=9 < d=16
+    (lambda: nn.Conv1d(4, 6, 4, padding="same", bias=False), (1, 4, 9)),  # b=9 < d=16
     (lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular", groups=2), (2, 4, 7)),
-    (lambda: nn.Conv1d(4, 4, 3, padding=1, groups=4), (2, 4, 6)),                  # depthwise
-    (lambda: nn.Conv3d(2, 5, (2, 3, 2)), (2, 2, 4, 5, 4)),                          # b=72 > d=24
+    (lambda: nn.Conv1d(4, 4, 3, padding=1, groups=4), (2, 4, 6)),  # depthwise
+    (lambda: nn.Conv3d(2, 5, (2, 3, 2)), (2, 2, 4, 5, 4)),  # b=72 > d=24
     (lambda: nn.Conv3d(2, 5, 3, stride=(1, 2, 1), padding=1, dilation=(1, 1, 2)), (1, 2, 3, 4, 5)),
     (lambda: nn.Conv3d(3, 4, 2, padding="same", padding_mode="replicate"), (1, 3, 2, 2, 3)),  # b=12 < 24
     (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect"), (2, 4, 5, 6)),
-    (lambda: nn.Conv2d(3, 4, (2, 3), padding="same"), (1, 3, 3, 4)),               # b=12 < d=18
+    (lambda: nn.Conv2d(3, 4, (2, 3), padding="same"), (1, 3, 3, 4)),  # b=12 < d=18
 ]
 
 
@@ -227,6 +235,7 @@ def test_unbatched_conv1d_input():
 
 # --- the two branches, the large-λ limit ------------------------------------------------
 
+
 @pytest.mark.parametrize("b,d", [(5, 20), (20, 5), (12, 12)])
 def test_woodbury_equals_direct(b, d):
     torch.manual_seed(6)
@@ -238,8 +247,9 @@ def test_woodbury_equals_direct(b, d):
     assert rel(direct, reference_tract(X, G, 0.1)) < 1e-10
 
 
-@pytest.mark.parametrize("make,shape", [(lambda: nn.Linear(30, 4), (6, 30)),
-                                        (lambda: nn.Conv2d(3, 4, 3, padding=1), (1, 3, 3, 3))])
+@pytest.mark.parametrize(
+    "make,shape", [(lambda: nn.Linear(30, 4), (6, 30)), (lambda: nn.Conv2d(3, 4, 3, padding=1), (1, 3, 3, 3))]
+)
 def test_branches_agree_through_the_wrapper(make, shape):
     torch.manual_seed(7)
     layer = make().double()
@@ -325,7 +335,7 @@ def test_create_graph_warns_and_keeps_input_gradient():
                 (gx,) = torch.autograd.grad(torch.tanh(m(xx)).sum(), xx, create_graph=True)
         else:
             (gx,) = torch.autograd.grad(torch.tanh(m(xx)).sum(), xx, create_graph=True)
-        (gx ** 2).sum().backward()
+        (gx**2).sum().backward()
         out.append((gx.detach(), m.bias.grad))
     assert torch.equal(out[0][0], out[1][0])
     assert torch.equal(out[0][1], out[1][1])
@@ -333,9 +343,11 @@ def test_create_graph_warns_and_keeps_input_gradient():
 
 # --- mixed precision ------------------------------------------------------------------------
 
-MP_CASES = [(lambda: nn.Linear(16, 8), (32, 16)),            # direct
-            (lambda: nn.Linear(64, 8), (12, 64)),            # Woodbury
-            (lambda: nn.Conv2d(3, 8, 3, padding=1), (4, 3, 8, 8))]
+MP_CASES = [
+    (lambda: nn.Linear(16, 8), (32, 16)),  # direct
+    (lambda: nn.Linear(64, 8), (12, 64)),  # Woodbury
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), (4, 3, 8, 8)),
+]
 
 
 @pytest.mark.parametrize("case", range(len(MP_CASES)))
@@ -374,6 +386,7 @@ def test_low_precision_layer(case, dtype, tol):
 
 
 # --- the wrapper as a module ------------------------------------------------------------------
+
 
 class Stem(nn.Module):
     def __init__(self):
@@ -472,8 +485,17 @@ class ScaledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
-@pytest.mark.parametrize("module", [nn.ConvTranspose2d(3, 4, 3), nn.Bilinear(2, 2, 2), nn.ReLU(),
-                                    nn.Sequential(nn.Linear(2, 2)), nn.Embedding(4, 3), ScaledLinear(2, 2)])
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.ConvTranspose2d(3, 4, 3),
+        nn.Bilinear(2, 2, 2),
+        nn.ReLU(),
+        nn.Sequential(nn.Linear(2, 2)),
+        nn.Embedding(4, 3),
+        ScaledLinear(2, 2),
+    ],
+)
 def test_unsupported_modules_raise(module):
     with pytest.raises(TypeError, match="Conv2d"):
         TrAct(module)
@@ -487,6 +509,7 @@ def test_already_wrapped_and_lazy_raise():
 
 
 # --- π-net input layers --------------------------------------------------------------------------
+
 
 def _pi_inf_layer(d=12, r=6, bias_alpha=0.5):
     torch.manual_seed(60)

@@ -3,6 +3,7 @@
 All runs are tiny (a few images, width-reduced models, one or two epochs) on synthetic files
 in the real CIFAR formats.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,17 @@ from experiments.tract.models import FIRST_LAYER, apply_tract, build_model
 
 pytest.importorskip("inf.tract")
 
-TINY = ["--batch_size", "4", "--train_subset", "8", "--test_subset", "4", "--no_progress",
-        "--width_mult", "0.25"]
+TINY = [
+    "--batch_size",
+    "4",
+    "--train_subset",
+    "8",
+    "--test_subset",
+    "4",
+    "--no_progress",
+    "--width_mult",
+    "0.25",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,6 +64,7 @@ def _strip_times(rows):
 
 # --------------------------------------------------------------------------- command line
 
+
 def test_official_command_lines_parse():
     lines = [
         "--method normal        --n_epochs 100 --lr 0.08 --optim sgd_w_momentum_cosine --seed 0",
@@ -82,22 +93,41 @@ def test_model_sizes_and_first_layers():
 
 # --------------------------------------------------------------------------- end to end
 
-@pytest.mark.parametrize("model,method,dataset", [
-    ("resnet18", "normal", "cifar10"), ("resnet18", "tract", "cifar100"),
-    ("vit", "normal", "cifar100"), ("vit", "tract", "cifar10"),
-])
+
+@pytest.mark.parametrize(
+    "model,method,dataset",
+    [
+        ("resnet18", "normal", "cifar10"),
+        ("resnet18", "tract", "cifar100"),
+        ("vit", "normal", "cifar100"),
+        ("vit", "tract", "cifar10"),
+    ],
+)
 def test_end_to_end(data_root, tmp_path, model, method, dataset):
     out = tmp_path / "run"
-    doc = _run(data_root, out, "--model", model, "--method", method, "--dataset", dataset,
-               "--n_epochs", "1", "--lr", "0.01", "--optim", "adam_cosine")
+    doc = _run(
+        data_root,
+        out,
+        "--model",
+        model,
+        "--method",
+        method,
+        "--dataset",
+        dataset,
+        "--n_epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--optim",
+        "adam_cosine",
+    )
     assert doc["config"]["method"] == method and doc["config"]["dataset"] == dataset
     (row,) = doc["epochs"]
     assert row["epoch"] == 1 and 0.0 <= row["test_acc"] <= 1.0
     assert all(torch.isfinite(torch.tensor(row[k])) for k in ("train_loss", "test_loss"))
     assert json.loads((out / "metrics.json").read_text()) == doc
     header, line = (out / "metrics.csv").read_text().splitlines()
-    assert header.split(",")[:5] == ["epoch", "train_loss", "train_acc", "test_loss",
-                                     "test_acc"]
+    assert header.split(",")[:5] == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     plain_keys = set(build_model(model, 10 if dataset == "cifar10" else 100, 0.25).state_dict())
     assert set(ckpt["model"]) == plain_keys  # TrAct keeps the state-dict keys
@@ -124,8 +154,9 @@ def test_tract_only_changes_first_layer_weight_grad():
             if key == first_weight:
                 assert not torch.allclose(grads[0][key], grads[1][key], rtol=1e-2)
             else:
-                torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-6, atol=1e-9,
-                                           msg=f"{name}/{mode}: {key} changed")
+                torch.testing.assert_close(
+                    grads[1][key], grads[0][key], rtol=1e-6, atol=1e-9, msg=f"{name}/{mode}: {key} changed"
+                )
 
 
 def test_tract_with_huge_lambda_is_plain_gradient_over_lambda():
@@ -135,15 +166,27 @@ def test_tract_with_huge_lambda_is_plain_gradient_over_lambda():
     wrapped = apply_tract(copy.deepcopy(plain), "resnet18", l=1e6)
     for model in (plain, wrapped):
         F.cross_entropy(model(x), y).backward()
-    torch.testing.assert_close(wrapped.conv1.weight.grad * 1e6, plain.conv1.weight.grad,
-                               rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(wrapped.conv1.weight.grad * 1e6, plain.conv1.weight.grad, rtol=1e-3, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- resume
 
+
 def test_resume_equals_uninterrupted_run(data_root, tmp_path, capsys):
-    common = ["--method", "tract", "--l", "0.1", "--n_epochs", "2", "--lr", "0.05",
-              "--optim", "sgd_w_momentum_cosine", "--seed", "3"]
+    common = [
+        "--method",
+        "tract",
+        "--l",
+        "0.1",
+        "--n_epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--optim",
+        "sgd_w_momentum_cosine",
+        "--seed",
+        "3",
+    ]
     straight = _run(data_root, tmp_path / "straight", *common)
     first = _run(data_root, tmp_path / "split", *common, "--stop_after_epochs", "1")
     assert len(first["epochs"]) == 1
@@ -171,16 +214,26 @@ def test_resume_equals_uninterrupted_run(data_root, tmp_path, capsys):
 
 
 def test_resume_refuses_a_different_run(data_root, tmp_path):
-    _run(data_root, tmp_path, "--method", "normal", "--n_epochs", "2", "--stop_after_epochs", "1",
-         "--model", "vit")
+    _run(
+        data_root,
+        tmp_path,
+        "--method",
+        "normal",
+        "--n_epochs",
+        "2",
+        "--stop_after_epochs",
+        "1",
+        "--model",
+        "vit",
+    )
     with pytest.raises(train_cifar.ConfigError, match="method"):
         _run(data_root, tmp_path, "--method", "tract", "--n_epochs", "2", "--model", "vit")
-    fresh = _run(data_root, tmp_path, "--method", "tract", "--n_epochs", "1", "--model", "vit",
-                 "--overwrite")
+    fresh = _run(data_root, tmp_path, "--method", "tract", "--n_epochs", "1", "--model", "vit", "--overwrite")
     assert fresh["config"]["method"] == "tract" and len(fresh["epochs"]) == 1
 
 
 # --------------------------------------------------------------------------- errors, plots
+
 
 def test_corrupt_and_missing_data_give_clear_errors(tmp_path):
     folder = write_synthetic_cifar10(tmp_path / "data", n_train=20, n_test=4)
@@ -189,8 +242,16 @@ def test_corrupt_and_missing_data_give_clear_errors(tmp_path):
     with pytest.raises(CorruptDatasetError, match="data_batch_4"):
         _run(tmp_path / "data", tmp_path / "out", "--method", "normal", "--n_epochs", "1")
     with pytest.raises(DatasetNotFoundError, match="cifar-100-python"):
-        _run(tmp_path / "data", tmp_path / "out", "--method", "normal", "--n_epochs", "1",
-             "--dataset", "cifar100")
+        _run(
+            tmp_path / "data",
+            tmp_path / "out",
+            "--method",
+            "normal",
+            "--n_epochs",
+            "1",
+            "--dataset",
+            "cifar100",
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -203,8 +264,20 @@ def test_compare_writes_a_png(data_root, tmp_path):
     runs = []
     for method in ("normal", "tract"):
         out = tmp_path / method
-        _run(data_root, out, "--method", method, "--n_epochs", "2", "--model", "vit",
-             "--optim", "adam", "--lr", "0.003")
+        _run(
+            data_root,
+            out,
+            "--method",
+            method,
+            "--n_epochs",
+            "2",
+            "--model",
+            "vit",
+            "--optim",
+            "adam",
+            "--lr",
+            "0.003",
+        )
         runs.append(str(out))
     png = tmp_path / "cmp.png"
     summary = train_cifar.main(["--compare", *runs, "--plot", str(png)])

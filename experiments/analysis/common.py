@@ -20,6 +20,7 @@ plain state dict or does not fit the model) raise :class:`experiments.cli.Config
 the programs' ``run_main`` entry prints as one line. ``--threads N`` (added with the data
 options) sets torch's CPU threads as soon as the command line is parsed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,22 @@ from inf.networks import InfMLP, MuMLP
 from inf.optim import InfSGD
 
 MODELS = ("inf", "fin", "mu", "cnn")
-MODEL_KEYS = ("model", "r", "width", "L", "first_layer_alpha", "last_layer_alpha", "bias_alpha", "layernorm",
-              "channels", "hidden", "in_shape", "d_out", "dtype", "seed")
+MODEL_KEYS = (
+    "model",
+    "r",
+    "width",
+    "L",
+    "first_layer_alpha",
+    "last_layer_alpha",
+    "bias_alpha",
+    "layernorm",
+    "channels",
+    "hidden",
+    "in_shape",
+    "d_out",
+    "dtype",
+    "seed",
+)
 
 
 @dataclass
@@ -75,9 +90,15 @@ def _stratified_head(y: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:n]))
 
 
-def load_data(name: str = "digits", root: str | None = None, n_train: int | None = None,
-              n_test: int | None = None, flatten: bool = True, seed: int = 0,
-              dtype: torch.dtype = torch.float32) -> Data:
+def load_data(
+    name: str = "digits",
+    root: str | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    flatten: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Data:
     """Digits (default) or CIFAR-10, optionally subsampled (class-balanced)."""
     if name == "digits":
         from experiments.data.digits import load_digits_split
@@ -93,14 +114,17 @@ def load_data(name: str = "digits", root: str | None = None, n_train: int | None
         from experiments.data.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar10, normalize
 
         if root is None:
-            raise ConfigError("--data cifar10 needs --data-root — give --data-root DIR, the CIFAR-10 folder "
-                              "(cifar-10-batches-py) or its .tar.gz archive")
+            raise ConfigError(
+                "--data cifar10 needs --data-root — give --data-root DIR, the CIFAR-10 folder "
+                "(cifar-10-batches-py) or its .tar.gz archive"
+            )
         if not Path(root).exists():
             raise ConfigError(f"--data-root {root} does not exist — give the CIFAR-10 folder or its archive")
         tr_img, y_tr = load_cifar10(root, train=True)
         te_img, y_te = load_cifar10(root, train=False)
         try:
             from experiments.data.cifar import cifar10_classes
+
             classes = list(cifar10_classes(root))
         except Exception:  # the class names are decoration only
             classes = [str(i) for i in range(10)]
@@ -157,14 +181,19 @@ def build_model(cfg: dict) -> nn.Module:
     d_in, d_out = int(np.prod(in_shape)), int(cfg["d_out"])
     torch.manual_seed(int(cfg.get("seed", 0)))
     g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-    alphas = dict(first_layer_alpha=cfg.get("first_layer_alpha", 1.0),
-                  last_layer_alpha=cfg.get("last_layer_alpha", 1.0), bias_alpha=cfg.get("bias_alpha", 1.0),
-                  layernorm=cfg.get("layernorm", False))
+    alphas = dict(
+        first_layer_alpha=cfg.get("first_layer_alpha", 1.0),
+        last_layer_alpha=cfg.get("last_layer_alpha", 1.0),
+        bias_alpha=cfg.get("bias_alpha", 1.0),
+        layernorm=cfg.get("layernorm", False),
+    )
     if kind in ("inf", "fin"):
         net = InfMLP(d_in, d_out, cfg.get("r", 32), L=cfg.get("L", 1), dtype=dtype, **alphas)
         return net if kind == "inf" else net.sample(cfg.get("width", 512), generator=g)
     if kind == "mu":
-        return MuMLP(d_in, d_out, cfg.get("width", 512), L=cfg.get("L", 1), dtype=dtype, generator=g, **alphas)
+        return MuMLP(
+            d_in, d_out, cfg.get("width", 512), L=cfg.get("L", 1), dtype=dtype, generator=g, **alphas
+        )
     return SmallCNN(in_shape[0], d_out, cfg.get("channels", 16), cfg.get("hidden", 64)).to(dtype)
 
 
@@ -200,12 +229,20 @@ class _ThreadsAction(argparse.Action):
 
 
 def add_data_args(p: argparse.ArgumentParser, n_train: int | None, n_test: int | None):
-    p.add_argument("--threads", type=positive_int, default=None, action=_ThreadsAction, metavar="N",
-                   help="torch CPU threads (default: torch's choice); set when the command line is parsed")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        action=_ThreadsAction,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice); set when the command line is parsed",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("digits", "cifar10"), default="digits")
     g.add_argument("--data-root", dest="data_root", default=None, help="CIFAR-10 folder or archive")
-    g.add_argument("--n-train", dest="n_train", type=int, default=n_train, help="training subset (class-balanced)")
+    g.add_argument(
+        "--n-train", dest="n_train", type=int, default=n_train, help="training subset (class-balanced)"
+    )
     g.add_argument("--n-test", dest="n_test", type=int, default=n_test, help="test subset")
 
 
@@ -225,8 +262,19 @@ def loss_fn(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((out - target) ** 2).sum(1).mean()
 
 
-def train(net: nn.Module, cfg: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch_size: int,
-          loss: str = "xent", seed: int = 0, callback=None, progress: bool = True) -> list[float]:
+def train(
+    net: nn.Module,
+    cfg: dict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    loss: str = "xent",
+    seed: int = 0,
+    callback=None,
+    progress: bool = True,
+) -> list[float]:
     """SGD (InfSGD: plain SGD for ordinary parameters, π-updates for π-nets) on random batches;
     ``callback(step)`` runs before the first step (step 0) and after each step (1..steps)."""
     from tqdm.auto import tqdm
@@ -255,7 +303,7 @@ def train(net: nn.Module, cfg: dict, x: torch.Tensor, y: torch.Tensor, steps: in
 @torch.no_grad()
 def predict(net: nn.Module, cfg: dict, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     xin = model_inputs(cfg, x)
-    return torch.cat([net(xin[i:i + batch_size]) for i in range(0, len(xin), batch_size)])
+    return torch.cat([net(xin[i : i + batch_size]) for i in range(0, len(xin), batch_size)])
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -281,18 +329,23 @@ def read_checkpoint(path, flag: str = "--checkpoint"):
     that is not a torch checkpoint, or one holding Python objects (refused, never run)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{flag} {path} does not exist — give a checkpoint written by a previous run "
-                          "(OUT/model.pt) or a saved state dict")
+        raise ConfigError(
+            f"{flag} {path} does not exist — give a checkpoint written by a previous run "
+            "(OUT/model.pt) or a saved state dict"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ConfigError(f"{flag} {path} holds Python objects that loading would execute; refused — load only "
-                          "checkpoints you trust, re-saved as plain tensors: torch.save(model.state_dict(), FILE)"
-                          ) from None
+        raise ConfigError(
+            f"{flag} {path} holds Python objects that loading would execute; refused — load only "
+            "checkpoints you trust, re-saved as plain tensors: torch.save(model.state_dict(), FILE)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{flag} {path} is not a readable torch checkpoint ({first[:120]}) — give the model.pt "
-                          "a previous run wrote") from None
+        raise ConfigError(
+            f"{flag} {path} is not a readable torch checkpoint ({first[:120]}) — give the model.pt "
+            "a previous run wrote"
+        ) from None
 
 
 def load_checkpoint(path, cli_cfg: dict) -> tuple[nn.Module, dict]:
@@ -303,23 +356,30 @@ def load_checkpoint(path, cli_cfg: dict) -> tuple[nn.Module, dict]:
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
         saved = ckpt.get("config") or ckpt.get("args") or {}
         if not isinstance(saved, dict):
-            raise ConfigError(f"--checkpoint {path}: its config is a {type(saved).__name__}, not a dict — re-save it "
-                              "with save_checkpoint or as a bare state dict")
+            raise ConfigError(
+                f"--checkpoint {path}: its config is a {type(saved).__name__}, not a dict — re-save it "
+                "with save_checkpoint or as a bare state dict"
+            )
         cfg = {**cli_cfg, **{k: v for k, v in saved.items() if k in MODEL_KEYS}}
         state = ckpt["model"]
     elif isinstance(ckpt, dict):
         cfg, state = dict(cli_cfg), ckpt
     else:
-        raise ConfigError(f"--checkpoint {path}: expected a state dict or a dict with 'model', got "
-                          f"{type(ckpt).__name__} — give a checkpoint written by save_checkpoint or a state dict")
+        raise ConfigError(
+            f"--checkpoint {path}: expected a state dict or a dict with 'model', got "
+            f"{type(ckpt).__name__} — give a checkpoint written by save_checkpoint or a state dict"
+        )
     net = build_model(cfg)
     try:
         net.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        source = "the checkpoint's config" if "model" in ckpt else "the command-line flags (--model, --width, …)"
+        source = (
+            "the checkpoint's config" if "model" in ckpt else "the command-line flags (--model, --width, …)"
+        )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--checkpoint {path} does not fit the model {cfg['model']} described by {source}: "
-                          f"{first[:200]}") from None
+        raise ConfigError(
+            f"--checkpoint {path} does not fit the model {cfg['model']} described by {source}: {first[:200]}"
+        ) from None
     return net, cfg
 
 

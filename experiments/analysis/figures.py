@@ -24,6 +24,7 @@ features there (``inf.analysis.decomposition.network_basis``), and the coefficie
 
 The numbers behind the pictures go to ``--json`` (default ``runs/analysis/figures.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,18 @@ def digits(size: int = 16):
     return xtr[:, :1].float() / 255, ytr, xte[:, :1].float() / 255, yte
 
 
-def train_run(depth: int, data, steps: int, lr: float, batch_size: int, seed: int, width_mult: float,
-              record_steps, snapshot_steps, progress: bool = False) -> tuple[PaperCNN, TrajectoryRecorder, float]:
+def train_run(
+    depth: int,
+    data,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    width_mult: float,
+    record_steps,
+    snapshot_steps,
+    progress: bool = False,
+) -> tuple[PaperCNN, TrajectoryRecorder, float]:
     """Train the paper's CNN; record the held-out outputs at ``record_steps`` and parameter
     snapshots at ``snapshot_steps``. Returns the final model, the recorder and the seconds."""
     from tqdm.auto import tqdm
@@ -86,7 +97,9 @@ def fig2a(rec: TrajectoryRecorder, path, top: int = 20) -> dict:
     basis = rec.basis
     res = basis.residual(rec.outputs[0], top=top)
     vals = res["values"].abs().numpy()
-    final = basis.grid(rec.outputs[-1]).reshape(-1)[[i * len(basis) + j for i, j in res["index"]]].abs().numpy()
+    final = (
+        basis.grid(rec.outputs[-1]).reshape(-1)[[i * len(basis) + j for i, j in res["index"]]].abs().numpy()
+    )
     labels = [f"{i + 1}" if i == j else f"{i + 1},{j + 1}" for i, j in res["index"]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1.6, 1]})
     x = np.arange(len(vals) + 1)
@@ -98,8 +111,13 @@ def fig2a(rec: TrajectoryRecorder, path, top: int = 20) -> dict:
     a1.legend()
     a1.set_title("coefficients at initialisation")
     m = len(basis)
-    a2.bar(np.arange(m) - 0.2, rec.betas()[0, :, 0].abs().numpy(), width=0.4, color="tab:blue",
-           label=r"$|\beta_i(\theta_0)|$")
+    a2.bar(
+        np.arange(m) - 0.2,
+        rec.betas()[0, :, 0].abs().numpy(),
+        width=0.4,
+        color="tab:blue",
+        label=r"$|\beta_i(\theta_0)|$",
+    )
     a2.bar(np.arange(m) + 0.2, basis.s.numpy(), width=0.4, color="tab:green", label=r"final $\beta_i = s_i$")
     a2.set_xticks(np.arange(m), [str(i + 1) for i in range(m)])
     a2.set_xlabel("basis function i")
@@ -111,9 +129,15 @@ def fig2a(rec: TrajectoryRecorder, path, top: int = 20) -> dict:
     fig.suptitle("Fig. 2a: small initialisation — the coefficients start far below their final values")
     fig.tight_layout()
     _save(fig, path, 100)
-    return {"beta0_abs": rec.betas()[0, :, 0].abs().tolist(), "s": basis.s.tolist(),
-            "top_pairs": res["index"], "top_abs_beta0": vals.tolist(), "top_abs_final": final.tolist(),
-            "grid_residual": res["grid_residual"], "total_residual": res["total_residual"]}
+    return {
+        "beta0_abs": rec.betas()[0, :, 0].abs().tolist(),
+        "s": basis.s.tolist(),
+        "top_pairs": res["index"],
+        "top_abs_beta0": vals.tolist(),
+        "top_abs_final": final.tolist(),
+        "grid_residual": res["grid_residual"],
+        "total_residual": res["total_residual"],
+    }
 
 
 def fig2b(steps, results, path, top: int = 10) -> dict:
@@ -124,20 +148,33 @@ def fig2b(steps, results, path, top: int = 10) -> dict:
     im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
-            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=10,
-                    color="black" if M[i, j] > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                f"{M[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=10,
+                color="black" if M[i, j] > 0.6 else "white",
+            )
     ax.set_xticks(range(M.shape[1]), [str(i + 1) for i in range(M.shape[1])])
     ax.set_yticks(range(M.shape[0]), [str(i + 1) for i in range(M.shape[0])])
     ax.set_xlabel(r"$j$  ($\nabla\beta_j$)")
     ax.set_ylabel(r"$i$  ($\nabla\beta_i$)")
     fig.colorbar(im, ax=ax, label=r"$\max_t |\cos(\nabla\beta_i(\theta_t), \nabla\beta_j(\theta_t))|$")
-    ax.set_title(f"Fig. 2b: gradient independence, max over iterations {steps[0]}…{steps[-1]} (exact gradients)")
+    ax.set_title(
+        f"Fig. 2b: gradient independence, max over iterations {steps[0]}…{steps[-1]} (exact gradients)"
+    )
     fig.tight_layout()
     _save(fig, path, 100)
     off = M - np.diag(np.diag(M))
     per_step = [float((c - torch.diag(c.diagonal())).max()) for c in C]
-    return {"steps": list(steps), "max_offdiag": float(off.max()), "mean_offdiag": float(off.sum() / (top * (top - 1))),
-            "max_offdiag_per_step": per_step}
+    return {
+        "steps": list(steps),
+        "max_offdiag": float(off.max()),
+        "mean_offdiag": float(off.sum() / (top * (top - 1))),
+        "max_offdiag_per_step": per_step,
+    }
 
 
 def fig2c(steps, results, path, top: int = 4) -> dict:
@@ -154,16 +191,22 @@ def fig2c(steps, results, path, top: int = 4) -> dict:
         cmap = mpl.colors.ListedColormap(getattr(mpl.cm, cmaps[i % 4])(np.linspace(0.3, 1, 256)))
         ok = B[:, i] > 0
         ax.scatter(np.log(B[ok, i]), np.log(G[ok, i]), c=t[ok], cmap=cmap, norm=norm, s=20)
-        ax.plot([], [], "o", ms=9, color=getattr(mpl.cm, cmaps[i % 4])(0.8), label=fr"$i = {i + 1}$")
+        ax.plot([], [], "o", ms=9, color=getattr(mpl.cm, cmaps[i % 4])(0.8), label=rf"$i = {i + 1}$")
     grey = mpl.colors.ListedColormap(mpl.cm.Greys(np.linspace(0.3, 1, 256)))
-    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=grey), ax=ax, pad=0.01,
-                 label="iteration (shade of each colour: light = early, dark = late)")
+    fig.colorbar(
+        mpl.cm.ScalarMappable(norm=norm, cmap=grey),
+        ax=ax,
+        pad=0.01,
+        label="iteration (shade of each colour: light = early, dark = late)",
+    )
     ax.set_xlabel(r"$\log |\beta_i(\theta_t)|$")
     ax.set_ylabel(r"$\log \|\nabla_\theta \beta_i(\theta_t)\|$")
     ax.grid(alpha=0.3)
     ax.legend(title="basis function", loc="upper left")
-    ax.set_title(f"Fig. 2c: coefficient against gradient norm, iterations {int(t.min())}…{int(t.max())} "
-                 "(light → dark: early → late)")
+    ax.set_title(
+        f"Fig. 2c: coefficient against gradient norm, iterations {int(t.min())}…{int(t.max())} "
+        "(light → dark: early → late)"
+    )
     fig.tight_layout()
     _save(fig, path, 100)
     out = {}
@@ -171,9 +214,14 @@ def fig2c(steps, results, path, top: int = 4) -> dict:
         lb, lg = np.log(B[:, i]), np.log(G[:, i])
         half = len(t) // 2
         slope = float(np.polyfit(lb[half:], lg[half:], 1)[0]) if len(t) >= 4 else float("nan")
-        out[str(i + 1)] = {"abs_beta_first": float(B[0, i]), "abs_beta_last": float(B[-1, i]),
-                           "grad_norm_first": float(G[0, i]), "grad_norm_last": float(G[-1, i]),
-                           "corr_log": float(np.corrcoef(lb, lg)[0, 1]), "slope_second_half": slope}
+        out[str(i + 1)] = {
+            "abs_beta_first": float(B[0, i]),
+            "abs_beta_last": float(B[-1, i]),
+            "grad_norm_first": float(G[0, i]),
+            "grad_norm_last": float(G[-1, i]),
+            "corr_log": float(np.corrcoef(lb, lg)[0, 1]),
+            "slope_second_half": slope,
+        }
     return out
 
 
@@ -185,7 +233,7 @@ def fig3(runs: dict, path) -> dict:
     for ax, (depth, rec) in zip(axes, runs.items()):
         B = rec.betas()[:, :5, 0].numpy()
         for i in range(B.shape[1]):
-            ax.plot(rec.steps, B[:, i], lw=2.2, color=plt.cm.tab10(i), label=fr"$\beta_{{{i + 1}}}$")
+            ax.plot(rec.steps, B[:, i], lw=2.2, color=plt.cm.tab10(i), label=rf"$\beta_{{{i + 1}}}$")
         ax.set_title(f"CNN with {depth} conv blocks")
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -203,22 +251,36 @@ def fig3(runs: dict, path) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.analysis.figures", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.analysis.figures", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--figures", nargs="+", default=["2a", "2b", "2c", "3"], choices=["2a", "2b", "2c", "3"])
     p.add_argument("--out", default="docs/img", help="folder for the PNGs")
     p.add_argument("--json", default="runs/analysis/figures.json", help="where the numbers go")
-    p.add_argument("--steps", type=int, default=1000, help="training iterations (the basis is the final network's)")
+    p.add_argument(
+        "--steps", type=int, default=1000, help="training iterations (the basis is the final network's)"
+    )
     p.add_argument("--iters", type=int, default=400, help="iterations shown in fig 2c")
     p.add_argument("--every", type=int, default=2, help="fig 2c: gradients every this many iterations")
     p.add_argument("--lr", type=float, default=2.0, help="LARS learning rate (trust coefficient 0.001)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--width-mult", dest="width_mult", type=float, default=0.25,
-                   help="channels of the paper's CNNs × this (1: 256, 128, 64)")
+    p.add_argument(
+        "--width-mult",
+        dest="width_mult",
+        type=float,
+        default=0.25,
+        help="channels of the paper's CNNs × this (1: 256, 128, 64)",
+    )
     p.add_argument("--size", type=int, default=16, help="digit image size (multiple of 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--projected-check", dest="projected_check", type=int, default=0,
-                   help="K > 0: also compute fig 2b's cosines through a projected NTK (fresh sketch per "
-                        "iteration) and report its error against the exact gradients")
+    p.add_argument(
+        "--projected-check",
+        dest="projected_check",
+        type=int,
+        default=0,
+        help="K > 0: also compute fig 2b's cosines through a projected NTK (fresh sketch per "
+        "iteration) and report its error against the exact gradients",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     if args.steps < max(args.iters, 100) or args.every < 1:
@@ -242,13 +304,27 @@ def main(argv=None) -> dict:
             snaps |= set(range(0, 101, 10))
         if "2c" in want:
             snaps |= set(range(0, args.iters + 1, args.every))
-        model, rec, secs = train_run(3, data, args.steps, args.lr, args.batch_size, args.seed, args.width_mult,
-                                     record_steps, sorted(snaps), args.progress)
+        model, rec, secs = train_run(
+            3,
+            data,
+            args.steps,
+            args.lr,
+            args.batch_size,
+            args.seed,
+            args.width_mult,
+            record_steps,
+            sorted(snaps),
+            args.progress,
+        )
         rec.set_function_basis(network_basis(model, data[2]))
         runs[3] = rec
         acc = float((rec.outputs[-1].argmax(1) == data[3]).double().mean())
-        report["depth3"] = {"train_seconds": secs, "test_accuracy": acc, "s": rec.basis.s.tolist(),
-                            "beta_final_minus_s": float((rec.betas()[-1, :, 0] - rec.basis.s).abs().max())}
+        report["depth3"] = {
+            "train_seconds": secs,
+            "test_accuracy": acc,
+            "s": rec.basis.s.tolist(),
+            "beta_final_minus_s": float((rec.betas()[-1, :, 0] - rec.basis.s).abs().max()),
+        }
         log.info("depth 3: %d iterations in %.0f s, test accuracy %.3f", args.steps, secs, acc)
         snap_steps = rec.snapshot_steps
         work = PaperCNN(3, 1, 10, args.size, args.width_mult)
@@ -264,23 +340,45 @@ def main(argv=None) -> dict:
         if "2a" in want:
             report["fig2a"] = fig2a(rec, out / "analysis_fig2a_small_init.png")
             r = report["fig2a"]
-            log.info("fig 2a: |β_i(θ_0)| %s, final s_i %s", np.round(r["beta0_abs"], 4).tolist(),
-                     np.round(r["s"], 3).tolist())
+            log.info(
+                "fig 2a: |β_i(θ_0)| %s, final s_i %s",
+                np.round(r["beta0_abs"], 4).tolist(),
+                np.round(r["s"], 3).tolist(),
+            )
         if "2b" in want:
             steps_b = [s for s in range(0, 101, 10)]
-            report["fig2b"] = fig2b(steps_b, [grads[s] for s in steps_b], out / "analysis_fig2b_independence.png")
-            log.info("fig 2b: max_{i≠j} max_t |cos| = %.3f (mean over pairs %.3f)", report["fig2b"]["max_offdiag"],
-                     report["fig2b"]["mean_offdiag"])
+            report["fig2b"] = fig2b(
+                steps_b, [grads[s] for s in steps_b], out / "analysis_fig2b_independence.png"
+            )
+            log.info(
+                "fig 2b: max_{i≠j} max_t |cos| = %.3f (mean over pairs %.3f)",
+                report["fig2b"]["max_offdiag"],
+                report["fig2b"]["mean_offdiag"],
+            )
             if args.projected_check:
-                report["projected_check"] = projected_check(work, rec, steps_b, grads, args.projected_check, args.seed)
+                report["projected_check"] = projected_check(
+                    work, rec, steps_b, grads, args.projected_check, args.seed
+                )
         if "2c" in want:
             steps_c = list(range(0, args.iters + 1, args.every))
-            report["fig2c"] = fig2c(steps_c, [grads[s] for s in steps_c], out / "analysis_fig2c_beta_vs_grad.png")
+            report["fig2c"] = fig2c(
+                steps_c, [grads[s] for s in steps_c], out / "analysis_fig2c_beta_vs_grad.png"
+            )
             log.info("fig 2c: %s", json.dumps(report["fig2c"]))
     if "3" in want:
         for depth in (2, 4):
-            model, rec, secs = train_run(depth, data, args.steps, args.lr, args.batch_size, args.seed,
-                                         args.width_mult, record_steps, [], args.progress)
+            model, rec, secs = train_run(
+                depth,
+                data,
+                args.steps,
+                args.lr,
+                args.batch_size,
+                args.seed,
+                args.width_mult,
+                record_steps,
+                [],
+                args.progress,
+            )
             rec.set_function_basis(network_basis(model, data[2]))
             runs[depth] = rec
             log.info("depth %d: %d iterations in %.0f s", depth, args.steps, secs)
@@ -305,8 +403,12 @@ def projected_check(work, rec, steps, grads, K: int, seed: int) -> dict:
         exact = grads[step]
         errs.append(float((approx["gram"] - exact["gram"]).norm() / exact["gram"].norm()))
         d_max.append((approx["max_cos"] - exact["max_cos"]) / exact["max_cos"])
-    out = {"K": K, "gram_rel_error_mean": float(np.mean(errs)), "max_cos_rel_error_mean": float(np.mean(d_max)),
-           "max_cos_rel_error_absmax": float(np.max(np.abs(d_max)))}
+    out = {
+        "K": K,
+        "gram_rel_error_mean": float(np.mean(errs)),
+        "max_cos_rel_error_mean": float(np.mean(d_max)),
+        "max_cos_rel_error_absmax": float(np.max(np.abs(d_max))),
+    }
     log.info("projected check (K = %d, fresh sketches): %s", K, json.dumps(out))
     return out
 

@@ -24,6 +24,7 @@ removed. Differences from the torchvision originals, to keep the heads CIFAR-siz
   ReLU · max-pool 2, channels (256, 64), (256, 128, 64), (256, 128, 128, 64) times
   ``width_mult``, flatten, linear.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,17 @@ from torch import nn
 
 from experiments.tract.models import ResNet, ViT
 
-__all__ = ["MODELS", "build_model", "PaperCNN", "AlexNet", "VGG11", "CifarResNet", "ResNet50", "CifarViT",
-           "scale_init"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "PaperCNN",
+    "AlexNet",
+    "VGG11",
+    "CifarResNet",
+    "ResNet50",
+    "CifarViT",
+    "scale_init",
+]
 
 MODELS = ("alexnet", "vgg11", "resnet18", "resnet34", "resnet50", "vit", "cnn2", "cnn3", "cnn4")
 
@@ -52,8 +62,14 @@ class PaperCNN(_Head):
 
     WIDTHS = {2: (256, 64), 3: (256, 128, 64), 4: (256, 128, 128, 64)}
 
-    def __init__(self, depth: int = 3, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 width_mult: float = 1.0):
+    def __init__(
+        self,
+        depth: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        width_mult: float = 1.0,
+    ):
         super().__init__()
         if depth not in self.WIDTHS:
             raise ValueError(f"the paper's CNN has depth 2, 3 or 4, got {depth}")
@@ -80,14 +96,29 @@ class AlexNet(_Head):
         super().__init__()
         c0 = 2 * image_size
         self.body = nn.Sequential(
-            _stem(in_channels, image_size), nn.ReLU(inplace=True),
-            nn.Conv2d(c0, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 4, hidden), nn.ReLU(inplace=True),
-                                        nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+            _stem(in_channels, image_size),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c0, 192, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5),
+            nn.Linear(256 * 4, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+        )
         self.fc = nn.Linear(hidden, num_classes, bias=False)
 
     def features(self, x):
@@ -107,12 +138,22 @@ class VGG11(_Head):
                     continue
                 layers.append(nn.MaxPool2d(2))
             else:
-                conv = _stem(c, image_size) if c == in_channels and not layers else nn.Conv2d(c, item, 3, padding=1)
+                conv = (
+                    _stem(c, image_size)
+                    if c == in_channels and not layers
+                    else nn.Conv2d(c, item, 3, padding=1)
+                )
                 layers += [conv, nn.ReLU(inplace=True)]
                 c = conv.out_channels
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                                        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5))
+        self.classifier = nn.Sequential(
+            nn.Linear(c, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+        )
         self.fc = nn.Linear(hidden, num_classes, bias=False)
 
     def features(self, x):
@@ -123,8 +164,9 @@ class CifarResNet(ResNet):
     """:class:`experiments.tract.models.ResNet` with a bias-free ``fc`` and ``features``."""
 
     def __init__(self, blocks_per_stage, in_channels: int = 3, num_classes: int = 10, image_size: int = 32):
-        super().__init__(blocks_per_stage, num_classes=num_classes, in_channels=in_channels,
-                         width_mult=2 * image_size / 64)
+        super().__init__(
+            blocks_per_stage, num_classes=num_classes, in_channels=in_channels, width_mult=2 * image_size / 64
+        )
         self.fc = nn.Linear(self.fc.in_features, num_classes, bias=False)
 
     def features(self, x):
@@ -146,8 +188,11 @@ class _Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
-        self.shortcut = (nn.Identity() if stride == 1 and in_channels == out else
-                         nn.Sequential(nn.Conv2d(in_channels, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_channels == out
+            else nn.Sequential(nn.Conv2d(in_channels, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+        )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -180,8 +225,15 @@ class CifarViT(ViT):
     """:class:`experiments.tract.models.ViT` with a bias-free ``head`` and ``features``."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32):
-        super().__init__(num_classes=num_classes, image_size=image_size, patch_size=4, width=128, depth=12, heads=4,
-                         in_channels=in_channels)
+        super().__init__(
+            num_classes=num_classes,
+            image_size=image_size,
+            patch_size=4,
+            width=128,
+            depth=12,
+            heads=4,
+            in_channels=in_channels,
+        )
         self.head = nn.Linear(128, num_classes, bias=False)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
 
@@ -199,7 +251,9 @@ class CifarViT(ViT):
         return self.head(self.features(x))
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
+def build_model(
+    name: str, in_channels: int, num_classes: int, image_size: int, width_mult: float = 1.0
+) -> nn.Module:
     """A fresh model by name (:data:`MODELS`); ``width_mult`` only scales the paper's CNNs."""
     if name == "alexnet":
         return AlexNet(in_channels, num_classes, image_size)

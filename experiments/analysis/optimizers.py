@@ -17,6 +17,7 @@ LAMB — You et al. (2020), "Large Batch Optimization for Deep Learning: Trainin
     r = (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε) + λ w
     w ← w − γ · (‖w‖ / ‖r‖) · r        (trust ratio 1 when ‖w‖ or ‖r‖ is 0)
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,17 +29,36 @@ __all__ = ["LARS", "LAMB"]
 class LARS(Optimizer):
     """Layer-wise adaptive rate scaling on SGD with momentum (module docstring)."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8, dampening: float = 0.0,
-                 nesterov: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+    ):
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError(f"LARS: invalid settings lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
-                             f"trust_coefficient={trust_coefficient}")
+            raise ValueError(
+                f"LARS: invalid settings lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
+                f"trust_coefficient={trust_coefficient}"
+            )
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("LARS: nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
-                                      nesterov=nesterov))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient,
+                eps=eps,
+                dampening=dampening,
+                nesterov=nesterov,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,10 +93,18 @@ class LARS(Optimizer):
 class LAMB(Optimizer):
     """Layer-wise adaptive moments (module docstring)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ):
         if lr < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps < 0 or weight_decay < 0:
-            raise ValueError(f"LAMB: invalid settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise ValueError(
+                f"LAMB: invalid settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -101,7 +129,7 @@ class LAMB(Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                r = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + group["eps"])
+                r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
                 if group["weight_decay"]:
                     r = r + group["weight_decay"] * p
                 w_norm, r_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(r)

@@ -28,6 +28,7 @@ surrogate fitted on the train × train kernel, their prediction agreement and th
 rank correlation of their class probabilities, Kendall's τ, and the overlap of their
 misclassified test examples).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,24 +79,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_args(p, n_train=None, n_test=None)
     add_train_args(p, steps=300, lr=0.5, batch_size=64, loss="xent")
     k = p.add_argument_group("kernel")
-    k.add_argument("--proj-dim", dest="proj_dim", type=nonnegative_int, default=512,
-                   help="K, projection dimension (0: exact, small models only)")
-    k.add_argument("--proj-type", dest="proj_type", choices=("sparse", "rademacher", "normal"), default="sparse",
-                   help="sparse: CountSketch, O(P) per example; rademacher/normal: TRAK's dense projections")
-    k.add_argument("--proj-nnz", dest="proj_nnz", type=positive_int, default=1,
-                   help="non-zeros per column of the sparse projection")
+    k.add_argument(
+        "--proj-dim",
+        dest="proj_dim",
+        type=nonnegative_int,
+        default=512,
+        help="K, projection dimension (0: exact, small models only)",
+    )
+    k.add_argument(
+        "--proj-type",
+        dest="proj_type",
+        choices=("sparse", "rademacher", "normal"),
+        default="sparse",
+        help="sparse: CountSketch, O(P) per example; rademacher/normal: TRAK's dense projections",
+    )
+    k.add_argument(
+        "--proj-nnz",
+        dest="proj_nnz",
+        type=positive_int,
+        default=1,
+        help="non-zeros per column of the sparse projection",
+    )
     k.add_argument("--proj-seed", dest="proj_seed", type=int, default=0)
     k.add_argument("--kind", choices=("trace", "pseudo"), default="trace")
-    k.add_argument("--pseudo-scale", dest="pseudo_scale", choices=("mean", "sum"), default="mean",
-                   help="pseudo-NTK with its 1/C (mean) or without (sum, the fork's pNTK)")
+    k.add_argument(
+        "--pseudo-scale",
+        dest="pseudo_scale",
+        choices=("mean", "sum"),
+        default="mean",
+        help="pseudo-NTK with its 1/C (mean) or without (sum, the fork's pNTK)",
+    )
     k.add_argument("--cosine", action="store_true", help="cosine-normalise the kernels before every use")
-    k.add_argument("--chunk-size", dest="chunk_size", type=positive_int, default=None, help="examples per chunk")
+    k.add_argument(
+        "--chunk-size", dest="chunk_size", type=positive_int, default=None, help="examples per chunk"
+    )
     k.add_argument("--topk", type=positive_int, default=6)
-    k.add_argument("--n-show", dest="n_show", type=positive_int, default=8, help="test images in the top-k grid")
-    k.add_argument("--surrogate", choices=("logistic", "ridge", "svm", "glm"), default="logistic",
-                   help="kernel logistic regression, kernel ridge, kSVM or kGLM")
-    k.add_argument("--reg", type=positive_float, default=None,
-                   help="surrogate regularisation (default per method: 1e-3; svm 1 = 1/C; glm 1e-4 = alpha)")
+    k.add_argument(
+        "--n-show", dest="n_show", type=positive_int, default=8, help="test images in the top-k grid"
+    )
+    k.add_argument(
+        "--surrogate",
+        choices=("logistic", "ridge", "svm", "glm"),
+        default="logistic",
+        help="kernel logistic regression, kernel ridge, kSVM or kGLM",
+    )
+    k.add_argument(
+        "--reg",
+        type=positive_float,
+        default=None,
+        help="surrogate regularisation (default per method: 1e-3; svm 1 = 1/C; glm 1e-4 = alpha)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--overwrite", action="store_true", help="recompute stored features from scratch")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -114,14 +147,26 @@ def kernels(net, cfg, data, args, out: Path) -> dict:
         if args.kind == "pseudo" and args.pseudo_scale == "sum":
             C = data.num_classes
             K_tr, K_te, d_te = K_tr * C, K_te * C, d_te * C
-        ker = {"train": K_tr, "test": K_te, "diag_train": K_tr.diagonal().clone(), "diag_test": d_te,
-               "method": "inf_ntk (exact)"}
+        ker = {
+            "train": K_tr,
+            "test": K_te,
+            "diag_train": K_tr.diagonal().clone(),
+            "diag_test": d_te,
+            "method": "inf_ntk (exact)",
+        }
         if args.cosine:
             ker["test"] = cosine_normalize(K_te, d_te, ker["diag_train"])
             ker["train"] = cosine_normalize(K_tr, ker["diag_train"])
         return ker
-    kw = dict(proj_type=args.proj_type, seed=args.proj_seed, outputs="sum" if args.kind == "pseudo" else "all",
-              chunk_size=args.chunk_size, overwrite=args.overwrite, progress=args.progress, proj_nnz=args.proj_nnz)
+    kw = dict(
+        proj_type=args.proj_type,
+        seed=args.proj_seed,
+        outputs="sum" if args.kind == "pseudo" else "all",
+        chunk_size=args.chunk_size,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        proj_nnz=args.proj_nnz,
+    )
     K = args.proj_dim or None
     t = time.time()
     F_tr = pntk_features(net, xtr, K, path=out / "features_train", **kw)
@@ -131,9 +176,13 @@ def kernels(net, cfg, data, args, out: Path) -> dict:
     K_tr = ntk_from_features(F_tr, **opts)
     K_te = ntk_from_features(F_te, F_tr, **opts)
     d_te = kernel_diagonal(F_te, args.kind, pseudo_scale=args.pseudo_scale)
-    return {"train": K_tr, "test": K_te, "diag_train": K_tr.diagonal().clone(),
-            "diag_test": torch.ones_like(d_te) if args.cosine else d_te,
-            "method": f"pNTK (K={F_tr.shape[2]}, {args.proj_type})" if K else "empirical NTK (exact)"}
+    return {
+        "train": K_tr,
+        "test": K_te,
+        "diag_train": K_tr.diagonal().clone(),
+        "diag_test": torch.ones_like(d_te) if args.cosine else d_te,
+        "method": f"pNTK (K={F_tr.shape[2]}, {args.proj_type})" if K else "empirical NTK (exact)",
+    }
 
 
 def main(argv=None) -> dict:
@@ -149,21 +198,46 @@ def main(argv=None) -> dict:
         log.info("loaded %s (%s)", args.checkpoint, cfg["model"])
     else:
         net = build_model(cfg)
-        losses = train(net, cfg, data.x_train, data.y_train, args.steps, args.lr, args.batch_size, args.loss,
-                       seed=args.seed, progress=args.progress)
+        losses = train(
+            net,
+            cfg,
+            data.x_train,
+            data.y_train,
+            args.steps,
+            args.lr,
+            args.batch_size,
+            args.loss,
+            seed=args.seed,
+            progress=args.progress,
+        )
         save_checkpoint(out / "model.pt", net, cfg, {"losses": losses})
-        log.info("trained %s for %d steps (final loss %.4f); saved %s", cfg["model"], args.steps,
-                 losses[-1] if losses else float("nan"), out / "model.pt")
+        log.info(
+            "trained %s for %d steps (final loss %.4f); saved %s",
+            cfg["model"],
+            args.steps,
+            losses[-1] if losses else float("nan"),
+            out / "model.pt",
+        )
     net.eval()
     ker = kernels(net, cfg, data, args, out)
     np.save(out / "kernel_test_train.npy", ker["test"].numpy())
 
     n_show = min(args.n_show, len(data.y_test))
     k = min(args.topk, len(data.y_train))
-    vals, idx = topk_similar(None, kernel=(ker["test"][:n_show], ker["diag_test"][:n_show], ker["diag_train"]), k=k)
-    save_topk_grid(out / "topk.png", data.images_test[:n_show], data.images_train, idx, vals,
-                   data.y_test[:n_show], data.y_train, data.classes,
-                   title=f"{cfg['model']}: most similar training images by {args.kind}-NTK cosine")
+    vals, idx = topk_similar(
+        None, kernel=(ker["test"][:n_show], ker["diag_test"][:n_show], ker["diag_train"]), k=k
+    )
+    save_topk_grid(
+        out / "topk.png",
+        data.images_test[:n_show],
+        data.images_train,
+        idx,
+        vals,
+        data.y_test[:n_show],
+        data.y_train,
+        data.classes,
+        title=f"{cfg['model']}: most similar training images by {args.kind}-NTK cosine",
+    )
     same = float((data.y_train[idx] == data.y_test[:n_show, None]).double().mean())
 
     sur = KernelSurrogate(args.surrogate, args.reg).fit(ker["train"], data.y_train, data.num_classes)
@@ -171,18 +245,33 @@ def main(argv=None) -> dict:
     pred = sur.predict(ker["test"])
     logits = predict(net, cfg, data.x_test).double()
     report = {
-        "model": cfg, "data": args.data, "n_train": len(data.y_train), "n_test": len(data.y_test),
-        "kernel": ker["method"], "kind": args.kind, "cosine": args.cosine, "pseudo_scale": args.pseudo_scale,
-        "surrogate": args.surrogate, "reg": sur.reg,
+        "model": cfg,
+        "data": args.data,
+        "n_train": len(data.y_train),
+        "n_test": len(data.y_test),
+        "kernel": ker["method"],
+        "kind": args.kind,
+        "cosine": args.cosine,
+        "pseudo_scale": args.pseudo_scale,
+        "surrogate": args.surrogate,
+        "reg": sur.reg,
         "net_train_accuracy": accuracy(predict(net, cfg, data.x_train), data.y_train),
         "topk_same_label": same,
         **surrogate_agreement(logits, proba, data.y_test, surrogate_pred=pred),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    log.info("network test accuracy %.3f, %s surrogate %.3f, agreement %.3f, Spearman %.3f (per example %.3f), "
-             "Kendall %.3f, misclassified overlap %.2f", report["net_accuracy"], args.surrogate,
-             report["surrogate_accuracy"], report["prediction_agreement"], report["spearman_all"],
-             report["spearman_per_example"], report["kendall_all"], report["misclassified_overlap"])
+    log.info(
+        "network test accuracy %.3f, %s surrogate %.3f, agreement %.3f, Spearman %.3f (per example %.3f), "
+        "Kendall %.3f, misclassified overlap %.2f",
+        report["net_accuracy"],
+        args.surrogate,
+        report["surrogate_accuracy"],
+        report["prediction_agreement"],
+        report["spearman_all"],
+        report["spearman_per_example"],
+        report["kendall_all"],
+        report["misclassified_overlap"],
+    )
     log.info("top-%d neighbours share the test label %.0f%% of the time; wrote %s", k, 100 * same, out)
     return report
 

@@ -17,6 +17,7 @@ numbers, timings and the fitted slopes.
 Outputs in ``--out`` (default ``runs/analysis/pntk_residuals``): ``residuals.png``,
 ``residuals.json``, ``model.pt``.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,21 +46,36 @@ from .common import (
 
 log = logging.getLogger("pntk_residuals")
 
-LABELS = {"sparse": "sparse JL (CountSketch)", "normal": "dense Gaussian (TRAK)",
-          "rademacher": "dense Rademacher (TRAK)"}
+LABELS = {
+    "sparse": "sparse JL (CountSketch)",
+    "normal": "dense Gaussian (TRAK)",
+    "rademacher": "dense Rademacher (TRAK)",
+}
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m experiments.analysis.pntk_residuals", description=__doc__.split("\n")[0])
+    p = ArgumentParser(
+        prog="python -m experiments.analysis.pntk_residuals", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--checkpoint", default=None, help="model to analyse (else: train one)")
     add_model_args(p, default_model="mu")
     add_data_args(p, n_train=200, n_test=None)
     add_train_args(p, steps=300, lr=0.5, batch_size=64, loss="xent")
     k = p.add_argument_group("projections")
-    k.add_argument("--ks", type=positive_int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
-                   help="projection dimensions K")
-    k.add_argument("--proj-types", dest="proj_types", nargs="+", choices=("sparse", "normal", "rademacher"),
-                   default=["sparse", "normal"])
+    k.add_argument(
+        "--ks",
+        type=positive_int,
+        nargs="+",
+        default=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+        help="projection dimensions K",
+    )
+    k.add_argument(
+        "--proj-types",
+        dest="proj_types",
+        nargs="+",
+        choices=("sparse", "normal", "rademacher"),
+        default=["sparse", "normal"],
+    )
     k.add_argument("--seeds", type=positive_int, default=3, help="projections per K and type")
     p.add_argument("--out", default="runs/analysis/pntk_residuals")
     p.add_argument("--png", default=None, help="where to write the picture (default OUT/residuals.png)")
@@ -78,6 +94,7 @@ def _cosine(k: torch.Tensor) -> torch.Tensor:
 
 def plot(result: dict, path: Path) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -91,8 +108,15 @@ def plot(result: dict, path: Path) -> Path:
             vals = np.array(rows[key])  # (len(K), seeds)
             mean, sd = vals.mean(1), vals.std(1)
             slope = rows[f"slope_{key}"]
-            ax.errorbar(Ks, mean, yerr=sd, marker=markers.get(t, "o"), capsize=3, lw=1.8,
-                        label=f"{LABELS.get(t, t)} (slope {slope:.2f})")
+            ax.errorbar(
+                Ks,
+                mean,
+                yerr=sd,
+                marker=markers.get(t, "o"),
+                capsize=3,
+                lw=1.8,
+                label=f"{LABELS.get(t, t)} (slope {slope:.2f})",
+            )
         first = np.mean([np.mean(r[key][0]) for r in result["projections"].values()])
         ax.plot(Ks, first * np.sqrt(Ks[0] / Ks), "k--", lw=1.2, label=r"$\propto K^{-1/2}$ (the JL rate)")
         ax.set_xscale("log", base=2)
@@ -102,8 +126,11 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=11)
-    fig.suptitle(f"Projected vs exact trace-NTK: {result['model_desc']}, {result['n']} digits, "
-                 f"P = {result['P']:,} parameters, mean ± sd of {result['seeds']} projections", fontsize=13)
+    fig.suptitle(
+        f"Projected vs exact trace-NTK: {result['model_desc']}, {result['n']} digits, "
+        f"P = {result['P']:,} parameters, mean ± sd of {result['seeds']} projections",
+        fontsize=13,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -125,13 +152,26 @@ def main(argv=None) -> dict:
         net, cfg = load_checkpoint(args.checkpoint, cfg)
     else:
         net = build_model(cfg)
-        train(net, cfg, data.x_train, data.y_train, args.steps, args.lr, args.batch_size, args.loss, seed=args.seed,
-              progress=args.progress)
+        train(
+            net,
+            cfg,
+            data.x_train,
+            data.y_train,
+            args.steps,
+            args.lr,
+            args.batch_size,
+            args.loss,
+            seed=args.seed,
+            progress=args.progress,
+        )
         save_checkpoint(out / "model.pt", net, cfg)
     if cfg["model"] == "inf":
         from experiments.cli import ConfigError
-        raise ConfigError("--model inf has an exact tangent kernel (inf_ntk) and nothing to project — use "
-                          "--model mu, fin or cnn")
+
+        raise ConfigError(
+            "--model inf has an exact tangent kernel (inf_ntk) and nothing to project — use "
+            "--model mu, fin or cnn"
+        )
     net.eval()
     X = model_inputs(cfg, data.x_train)
     P = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -140,8 +180,16 @@ def main(argv=None) -> dict:
     t_exact = time.time() - t
     log.info("exact trace-NTK of %d examples (P = %d) in %.1fs", len(X), P, t_exact)
     exact_cos = _cosine(exact)
-    result = {"model": cfg, "model_desc": f"{cfg['model']} model", "n": len(X), "P": P, "ks": args.ks,
-              "seeds": args.seeds, "exact_seconds": t_exact, "projections": {}}
+    result = {
+        "model": cfg,
+        "model_desc": f"{cfg['model']} model",
+        "n": len(X),
+        "P": P,
+        "ks": args.ks,
+        "seeds": args.seeds,
+        "exact_seconds": t_exact,
+        "projections": {},
+    }
     if cfg["model"] in ("mu", "fin"):
         kind = "μP MLP" if cfg["model"] == "mu" else "finite π-MLP"
         result["model_desc"] = f"{kind}, width {cfg.get('width')}, {cfg.get('L')} hidden layer(s)"
@@ -161,10 +209,18 @@ def main(argv=None) -> dict:
             rows["residual"].append(r)
             rows["residual_cosine"].append(rc)
             rows["seconds"].append(float(np.mean(ts)))
-            log.info("%-10s K=%5d residual %.4f (cosine %.4f), %.2fs per feature set", ptype, K, np.mean(r),
-                     np.mean(rc), np.mean(ts))
+            log.info(
+                "%-10s K=%5d residual %.4f (cosine %.4f), %.2fs per feature set",
+                ptype,
+                K,
+                np.mean(r),
+                np.mean(rc),
+                np.mean(ts),
+            )
         for key in ("residual", "residual_cosine"):
-            rows[f"slope_{key}"] = float(np.polyfit(np.log(args.ks), np.log(np.mean(rows[key], axis=1)), 1)[0])
+            rows[f"slope_{key}"] = float(
+                np.polyfit(np.log(args.ks), np.log(np.mean(rows[key], axis=1)), 1)[0]
+            )
         result["projections"][ptype] = rows
     (out / "residuals.json").write_text(json.dumps(result, indent=1))
     png = plot(result, Path(args.png) if args.png else out / "residuals.png")

@@ -26,6 +26,7 @@ non-empty folder):
 
 Files are written atomically. See docs/analysis.md for what differs from the authors' code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ class UserError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     from .models import MODELS
 
-    p = argparse.ArgumentParser(prog="python -m experiments.analysis.train",
-                                description="Basis-function decomposition harness (Ma, Guo & Fattahi 2022)")
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.analysis.train",
+        description="Basis-function decomposition harness (Ma, Guo & Fattahi 2022)",
+    )
     p.add_argument("--model", default="resnet18", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--init_scale", default=1.0, type=float, help="initial parameters = init_scale × default")
     p.add_argument("--data", default="Cifar10", help="Mnist, Cifar10 or Cifar100")
@@ -66,25 +69,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="sgd", help="sgd, lars, lamb, adamw (or adam)")
     p.add_argument("--batch_size", default=256, type=int)
     p.add_argument("--num_epoch", default=310, type=int)
-    p.add_argument("--lr_setting", default=[1e-1, 5, 1e-2], nargs="*", type=float,
-                   help="lr_max epoch_warm lr_warm: warm up linearly from lr_warm to lr_max in epoch_warm epochs")
-    p.add_argument("--decay_rate", default=0.33, type=float, help="learning-rate factor every decay_stepsize epochs")
+    p.add_argument(
+        "--lr_setting",
+        default=[1e-1, 5, 1e-2],
+        nargs="*",
+        type=float,
+        help="lr_max epoch_warm lr_warm: warm up linearly from lr_warm to lr_max in epoch_warm epochs",
+    )
+    p.add_argument(
+        "--decay_rate", default=0.33, type=float, help="learning-rate factor every decay_stepsize epochs"
+    )
     p.add_argument("--decay_stepsize", default=50, type=int)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num_run", default=0, type=int, help="run number (part of the run folder's name)")
     p.add_argument("--call_wandb", default=False, action="store_true", help="accepted and ignored (no wandb)")
     p.add_argument("--no-call_wandb", dest="call_wandb", action="store_false")
-    p.add_argument("--gradient", default=False, action="store_true",
-                   help="also record the Frobenius norm of the output Jacobian on the test set each epoch (slow)")
+    p.add_argument(
+        "--gradient",
+        default=False,
+        action="store_true",
+        help="also record the Frobenius norm of the output Jacobian on the test set each epoch (slow)",
+    )
     p.add_argument("--no-gradient", dest="gradient", action="store_false")
-    p.add_argument("--path", default="none", type=str, help="run folder (default: a new one under runs/analysis/train)")
-    p.add_argument("--log", default="essential", help="'detail' also saves the final features and test outputs")
-    p.add_argument("--k_M", default=[5, 5], nargs="*", type=float,
-                   help="CIFAR-100 squared loss: weight = k·one_hot + 1, loss = mean(weight·(out − M·one_hot)²)")
+    p.add_argument(
+        "--path", default="none", type=str, help="run folder (default: a new one under runs/analysis/train)"
+    )
+    p.add_argument(
+        "--log", default="essential", help="'detail' also saves the final features and test outputs"
+    )
+    p.add_argument(
+        "--k_M",
+        default=[5, 5],
+        nargs="*",
+        type=float,
+        help="CIFAR-100 squared loss: weight = k·one_hot + 1, loss = mean(weight·(out − M·one_hot)²)",
+    )
     p.add_argument("--scheduler", default="default", help="default (warm-up then steps) or onecycle")
-    p.add_argument("--data_root", default=None, help="folder with the data (MNIST idx files, CIFAR python version)")
+    p.add_argument(
+        "--data_root", default=None, help="folder with the data (MNIST idx files, CIFAR python version)"
+    )
     p.add_argument("--train_subset", default=None, type=int, help="use only N training examples")
-    p.add_argument("--test_subset", default=None, type=int, help="use only N test examples (the held-out set)")
+    p.add_argument(
+        "--test_subset", default=None, type=int, help="use only N test examples (the held-out set)"
+    )
     p.add_argument("--width_mult", default=1.0, type=float, help="channel multiplier of the cnn2/3/4 models")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
@@ -98,7 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.optimizer not in OPTIMIZERS:
         problems.append(f"--optimizer {args.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if len(args.lr_setting) != 3:
-        problems.append(f"--lr_setting takes 3 numbers (lr_max epoch_warm lr_warm), got {len(args.lr_setting)}")
+        problems.append(
+            f"--lr_setting takes 3 numbers (lr_max epoch_warm lr_warm), got {len(args.lr_setting)}"
+        )
     if len(args.k_M) != 2:
         problems.append(f"--k_M takes 2 numbers (k M), got {len(args.k_M)}")
     if args.batch_size < 1 or args.num_epoch < 1 or args.decay_stepsize < 1:
@@ -135,18 +164,28 @@ def load_data(args) -> dict:
 
             loader = cifar.load_cifar10 if args.data == "Cifar10" else cifar.load_cifar100
             (xtr, ytr), (xte, yte) = loader(root, True), loader(root, False)
-            mean, std = ((cifar.CIFAR10_MEAN, (0.2471, 0.2435, 0.2616)) if args.data == "Cifar10" else
-                         ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)))  # the authors' constants
+            mean, std = (
+                (cifar.CIFAR10_MEAN, (0.2471, 0.2435, 0.2616))
+                if args.data == "Cifar10"
+                else ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+            )  # the authors' constants
     except (DatasetError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     g = torch.Generator().manual_seed(args.seed)
     if args.train_subset is not None and args.train_subset < len(ytr):
-        keep = torch.randperm(len(ytr), generator=g)[:args.train_subset].sort().values
+        keep = torch.randperm(len(ytr), generator=g)[: args.train_subset].sort().values
         xtr, ytr = xtr[keep], ytr[keep]
     if args.test_subset is not None and args.test_subset < len(yte):
-        xte, yte = xte[:args.test_subset], yte[:args.test_subset]
-    return {"x_train": xtr, "y_train": ytr.long(), "x_test": xte, "y_test": yte.long(), "mean": mean, "std": std,
-            "augment": args.data == "Cifar100"}  # the authors augment CIFAR-100 only
+        xte, yte = xte[: args.test_subset], yte[: args.test_subset]
+    return {
+        "x_train": xtr,
+        "y_train": ytr.long(),
+        "x_test": xte,
+        "y_test": yte.long(),
+        "mean": mean,
+        "std": std,
+        "augment": args.data == "Cifar100",
+    }  # the authors augment CIFAR-100 only
 
 
 def _prepare(images: torch.Tensor, data: dict) -> torch.Tensor:
@@ -191,8 +230,9 @@ def make_optimizer(args, model):
         decay = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         ids = {id(p) for p in decay}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                 lr=lr)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr
+        )
     return torch.optim.AdamW(model.parameters(), lr=lr)
 
 
@@ -211,7 +251,7 @@ def output_jacobian_norm(model, x: torch.Tensor, batch_size: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     total = 0.0
     for a in range(0, len(x), batch_size):
-        for xi in x[a:a + batch_size]:
+        for xi in x[a : a + batch_size]:
             out = model(xi[None].to(params[0].device))[0]
             for c in range(out.shape[0]):
                 g = torch.autograd.grad(out[c], params, retain_graph=c < out.shape[0] - 1, allow_unused=True)
@@ -226,7 +266,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, features:
     device = next(model.parameters()).device
     outs, feats = [], []
     for a in range(0, len(x), batch_size):
-        xb = x[a:a + batch_size].to(device)
+        xb = x[a : a + batch_size].to(device)
         if features:
             h = model.features(xb)
             feats.append(h.double().cpu())
@@ -248,9 +288,11 @@ def run_folder(args) -> Path:
         return path
     lr_max, warm, lr_warm = args.lr_setting
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    name = (f"{args.model}-{args.data}-init{args.init_scale:g}-{args.loss_fn}-{args.optimizer}-bs{args.batch_size}"
-            f"-ep{args.num_epoch}-lr{lr_max:g}-warm{warm:g}-{lr_warm:g}-decay{args.decay_rate:g}per"
-            f"{args.decay_stepsize}-seed{args.seed}-run{args.num_run}-{stamp}")
+    name = (
+        f"{args.model}-{args.data}-init{args.init_scale:g}-{args.loss_fn}-{args.optimizer}-bs{args.batch_size}"
+        f"-ep{args.num_epoch}-lr{lr_max:g}-warm{warm:g}-{lr_warm:g}-decay{args.decay_rate:g}per"
+        f"{args.decay_stepsize}-seed{args.seed}-run{args.num_run}-{stamp}"
+    )
     base = Path("runs/analysis/train")
     base.mkdir(parents=True, exist_ok=True)
     for k in range(1000):
@@ -283,7 +325,7 @@ def _plots(out: Path, record: dict, m: int, title: str):
     epochs = np.arange(beta.shape[0])
     fig, ax = plt.subplots(figsize=(12, 6.5))
     for i in range(min(5, m)):
-        ax.plot(epochs, beta[:, i], lw=2.2, label=fr"$\beta_{{{i + 1}}}$", color=plt.cm.tab10(i))
+        ax.plot(epochs, beta[:, i], lw=2.2, label=rf"$\beta_{{{i + 1}}}$", color=plt.cm.tab10(i))
     ax.set_xlabel("epoch (0: initialisation)")
     ax.set_ylabel(r"$\beta_i(\theta_t)$")
     ax.grid(alpha=0.3)
@@ -293,8 +335,12 @@ def _plots(out: Path, record: dict, m: int, title: str):
     _save(fig, out / "beta.png", 100)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    a1.plot(np.arange(1, len(record["train_loss"]) + 1), record["train_loss"], lw=2,
-            label="train loss (sum over batches)")
+    a1.plot(
+        np.arange(1, len(record["train_loss"]) + 1),
+        record["train_loss"],
+        lw=2,
+        label="train loss (sum over batches)",
+    )
     a1.set_yscale("log")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
@@ -327,8 +373,10 @@ def train(args) -> dict:
     data = load_data(args)
     channels, num_classes, size = DATASETS[args.data]
     if tuple(data["x_train"].shape[1:]) != (channels, size, size):
-        raise UserError(f"{args.data} images should be {channels}×{size}×{size}, "
-                        f"the files hold {tuple(data['x_train'].shape[1:])}")
+        raise UserError(
+            f"{args.data} images should be {channels}×{size}×{size}, "
+            f"the files hold {tuple(data['x_train'].shape[1:])}"
+        )
     try:
         model = build_model(args.model, channels, num_classes, size, args.width_mult)
     except ValueError as e:
@@ -347,8 +395,9 @@ def train(args) -> dict:
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     sched = None
     if args.scheduler == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr_setting[0], epochs=args.num_epoch,
-                                                    steps_per_epoch=steps_per_epoch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr_setting[0], epochs=args.num_epoch, steps_per_epoch=steps_per_epoch
+        )
     g = torch.Generator().manual_seed(args.seed)
     eval_bs = max(args.batch_size, 256)
 
@@ -369,7 +418,7 @@ def train(args) -> dict:
         order = torch.randperm(n_train, generator=g)
         total_loss, correct = 0.0, 0
         for a in range(0, n_train, args.batch_size):
-            idx = order[a:a + args.batch_size]
+            idx = order[a : a + args.batch_size]
             xb = data["x_train"][idx]
             if data["augment"]:
                 from experiments.data.cifar import random_crop_flip
@@ -381,8 +430,10 @@ def train(args) -> dict:
             logits = model(xb)
             loss = loss_value(args, logits, yb, num_classes)
             if not torch.isfinite(loss):
-                raise UserError(f"the loss became {float(loss)} in epoch {epoch + 1}: lower the learning rate "
-                                f"(--lr_setting) or --init_scale")
+                raise UserError(
+                    f"the loss became {float(loss)} in epoch {epoch + 1}: lower the learning rate "
+                    f"(--lr_setting) or --init_scale"
+                )
             loss.backward()
             opt.step()
             if sched is not None:
@@ -405,28 +456,58 @@ def train(args) -> dict:
     try:
         basis = function_basis(feats, model.fc.weight.detach().cpu())
     except ValueError as e:
-        raise UserError(f"no basis from the final network ({e}): dead units or a diverged run; "
-                        f"try another --seed, --init_scale or learning rate") from None
+        raise UserError(
+            f"no basis from the final network ({e}): dead units or a diverged run; "
+            f"try another --seed, --init_scale or learning rate"
+        ) from None
     F_out = torch.stack(outputs)  # epochs + 1 × N × C
     beta = basis.coefficients(F_out.double())
     record["beta"] = beta.tolist()
     record["s"] = basis.s.tolist()
     record["feature_singular_values"] = basis.S[:50].tolist()
-    atomic_savez(out / "trajectory.npz", beta=beta.numpy(), s=basis.s.numpy(),
-                 feature_singular_values=basis.S.numpy(), lr=np.array(record["lr"]),
-                 train_loss=np.array(record["train_loss"]), train_acc=np.array(record["train_acc"]),
-                 test_acc=np.array(record["test_acc"]), output_grad_norm=np.array(record["output_grad_norm"]))
+    atomic_savez(
+        out / "trajectory.npz",
+        beta=beta.numpy(),
+        s=basis.s.numpy(),
+        feature_singular_values=basis.S.numpy(),
+        lr=np.array(record["lr"]),
+        train_loss=np.array(record["train_loss"]),
+        train_acc=np.array(record["train_acc"]),
+        test_acc=np.array(record["test_acc"]),
+        output_grad_norm=np.array(record["output_grad_norm"]),
+    )
     if args.log == "detail":
-        atomic_savez(out / "detail.npz", features=feats.numpy(), test_outputs=F_out.numpy(),
-                     readout_weight=model.fc.weight.detach().cpu().numpy())
-    summary = {"args": vars(args), "run_folder": str(out), "seconds": seconds, "n_train": n_train,
-               "n_test": len(y_test), "final_beta_minus_s": float((beta[-1] - basis.s).abs().max()), **record}
+        atomic_savez(
+            out / "detail.npz",
+            features=feats.numpy(),
+            test_outputs=F_out.numpy(),
+            readout_weight=model.fc.weight.detach().cpu().numpy(),
+        )
+    summary = {
+        "args": vars(args),
+        "run_folder": str(out),
+        "seconds": seconds,
+        "n_train": n_train,
+        "n_test": len(y_test),
+        "final_beta_minus_s": float((beta[-1] - basis.s).abs().max()),
+        **record,
+    }
     _atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
-    _plots(out, record, len(basis), f"{args.model} on {args.data} ({args.optimizer}, {args.loss_fn}): "
-                                    f"coefficients on the final network's basis")
-    log.info("%d epochs in %.0f s; final test accuracy %.3f; β_1..5 at init %s, final %s", args.num_epoch, seconds,
-             record["test_acc"][-1], np.round(beta[0, :5].numpy(), 4).tolist(),
-             np.round(beta[-1, :5].numpy(), 4).tolist())
+    _plots(
+        out,
+        record,
+        len(basis),
+        f"{args.model} on {args.data} ({args.optimizer}, {args.loss_fn}): "
+        f"coefficients on the final network's basis",
+    )
+    log.info(
+        "%d epochs in %.0f s; final test accuracy %.3f; β_1..5 at init %s, final %s",
+        args.num_epoch,
+        seconds,
+        record["test_acc"][-1],
+        np.round(beta[0, :5].numpy(), 4).tolist(),
+        np.round(beta[-1, :5].numpy(), 4).tolist(),
+    )
     log.info("wrote %s", out)
     return summary
 

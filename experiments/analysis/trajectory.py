@@ -29,6 +29,7 @@ functions), ``beta_vs_gradnorm.png`` (``|β_i|`` against ``‖∇β_i‖``),
 ``independence.png`` (``max_{i≠j} |cos(∇β_i, ∇β_j)|`` over training),
 ``trajectory.npz`` (everything recorded) and ``summary.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,21 +72,43 @@ log = logging.getLogger("trajectory")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.analysis.trajectory", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.analysis.trajectory",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_args(p, default_model="inf")
     add_data_args(p, n_train=256, n_test=None)
     add_train_args(p, steps=600, lr=0.2, batch_size=32, loss="mse")
     a = p.add_argument_group("analysis")
-    a.add_argument("--basis", choices=("paper", "kernel", "after", "ntk-init", "ntk-final"), default="paper",
-                   help="paper: the basis-function paper's basis on the held-out set; otherwise a kernel eigenbasis")
-    a.add_argument("--grad-proj-dim", dest="grad_proj_dim", type=int, default=0,
-                   help="paper basis: K of a projected NTK for the gradients (0: exact gradients)")
+    a.add_argument(
+        "--basis",
+        choices=("paper", "kernel", "after", "ntk-init", "ntk-final"),
+        default="paper",
+        help="paper: the basis-function paper's basis on the held-out set; otherwise a kernel eigenbasis",
+    )
+    a.add_argument(
+        "--grad-proj-dim",
+        dest="grad_proj_dim",
+        type=int,
+        default=0,
+        help="paper basis: K of a projected NTK for the gradients (0: exact gradients)",
+    )
     a.add_argument("--records", type=int, default=30, help="recorded steps (log-spaced)")
-    a.add_argument("--kernel-records", dest="kernel_records", type=int, default=6,
-                   help="how many of them also record the tangent kernel")
-    a.add_argument("--proj-dim", dest="proj_dim", type=int, default=256,
-                   help="K of the projected NTK of finite models (0: exact)")
+    a.add_argument(
+        "--kernel-records",
+        dest="kernel_records",
+        type=int,
+        default=6,
+        help="how many of them also record the tangent kernel",
+    )
+    a.add_argument(
+        "--proj-dim",
+        dest="proj_dim",
+        type=int,
+        default=256,
+        help="K of the projected NTK of finite models (0: exact)",
+    )
     a.add_argument("--top", type=int, default=12, help="basis functions drawn in beta_curves.png")
     p.add_argument("--out", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -116,10 +139,16 @@ def gradients_how(args, cfg, paper: bool) -> str:
     if cfg["model"] == "inf":
         return "exact (tangent kernel of the infinite π-net, inf_ntk)"
     if paper:
-        return (f"projected full NTK, K = {args.grad_proj_dim}, fresh sketch per step" if args.grad_proj_dim
-                else "exact (autograd of each scalar β_i)")
-    return (f"projected trace NTK, K = {args.proj_dim}, fresh sketch per recorded step" if args.proj_dim
-            else "exact trace NTK")
+        return (
+            f"projected full NTK, K = {args.grad_proj_dim}, fresh sketch per step"
+            if args.grad_proj_dim
+            else "exact (autograd of each scalar β_i)"
+        )
+    return (
+        f"projected trace NTK, K = {args.proj_dim}, fresh sketch per recorded step"
+        if args.proj_dim
+        else "exact trace NTK"
+    )
 
 
 def main(argv=None) -> dict:
@@ -144,13 +173,15 @@ def main(argv=None) -> dict:
         """The tangent kernel; a projected one gets a fresh random sketch at every call, so
         the errors of different steps are independent rather than one shared bias."""
         return tangent_kernel(model, X, proj_dim=args.proj_dim or None, seed=next(sketches))
+
     if paper:
         xho = model_inputs(cfg, data.x_test)
         rec = TrajectoryRecorder(None, xho, data.y_test, num_classes=data.num_classes)
         snap_at = set(record_at[::every]) | {record_at[-1]}
     else:
-        rec = TrajectoryRecorder(None, xtr, data.y_train, num_classes=data.num_classes, kernel_fn=kernel_fn,
-                                 kernel_every=every)
+        rec = TrajectoryRecorder(
+            None, xtr, data.y_train, num_classes=data.num_classes, kernel_fn=kernel_fn, kernel_every=every
+        )
     wanted = set(record_at)
 
     def callback(step):
@@ -161,23 +192,43 @@ def main(argv=None) -> dict:
                 rec.record(net, step)
 
     t = time.time()
-    losses = train(net, cfg, data.x_train, data.y_train, args.steps, args.lr, args.batch_size, args.loss,
-                   seed=args.seed, callback=callback, progress=args.progress)
+    losses = train(
+        net,
+        cfg,
+        data.x_train,
+        data.y_train,
+        args.steps,
+        args.lr,
+        args.batch_size,
+        args.loss,
+        seed=args.seed,
+        callback=callback,
+        progress=args.progress,
+    )
     if not paper and rec.kernel_steps[-1] != rec.steps[-1]:
         rec.kernel_steps.append(rec.steps[-1])  # the final kernel is always recorded
         rec.kernels.append(kernel_fn(net, xtr).double())
-    log.info("trained %s for %d steps in %.0fs (final loss %.4f)", cfg["model"], args.steps, time.time() - t,
-             losses[-1])
+    log.info(
+        "trained %s for %d steps in %.0fs (final loss %.4f)",
+        cfg["model"],
+        args.steps,
+        time.time() - t,
+        losses[-1],
+    )
     save_checkpoint(out / "model.pt", net, cfg, {"losses": losses})
 
     if paper:
         rec.set_function_basis(network_basis(net, rec.X))
         t = time.time()
-        rec.compute_gradients(net, top=20, proj_dim=args.grad_proj_dim or None, seed=args.seed,
-                              progress=args.progress)
-        log.info("gradients of β_i (%s) at %d steps in %.0f s",
-                 f"projected NTK, K = {args.grad_proj_dim}, fresh sketches" if args.grad_proj_dim else "exact",
-                 len(rec.gradient_steps), time.time() - t)
+        rec.compute_gradients(
+            net, top=20, proj_dim=args.grad_proj_dim or None, seed=args.seed, progress=args.progress
+        )
+        log.info(
+            "gradients of β_i (%s) at %d steps in %.0f s",
+            f"projected NTK, K = {args.grad_proj_dim}, fresh sketches" if args.grad_proj_dim else "exact",
+            len(rec.gradient_steps),
+            time.time() - t,
+        )
         eigvals, phi = rec.basis.s, rec.phi
         label = f"paper's (final network, {len(rec.X)} held-out examples)"
     else:
@@ -196,26 +247,37 @@ def main(argv=None) -> dict:
 
     indep = {str(top): rec.independence(top).tolist() for top in (5, 10, 20) if top <= phi.shape[1]}
     summary = {
-        "model": cfg, "data": args.data, "n_train": len(data.y_train), "steps": args.steps, "lr": args.lr,
-        "loss": args.loss, "basis": args.basis,
+        "model": cfg,
+        "data": args.data,
+        "n_train": len(data.y_train),
+        "steps": args.steps,
+        "lr": args.lr,
+        "loss": args.loss,
+        "basis": args.basis,
         "gradients": gradients_how(args, cfg, paper),
         "final_loss": losses[-1],
         "train_accuracy": accuracy(predict(net, cfg, data.x_train), data.y_train),
         "test_accuracy": accuracy(predict(net, cfg, data.x_test), data.y_test),
-        "eigenvalues": eigvals[:args.top].tolist(),
+        "eigenvalues": eigvals[: args.top].tolist(),
         "learned_at_step": learned_at(rec, args.top),
         "kernel_steps": rec.grad_steps,
-        "beta_at_init": rec.betas()[0, :args.top].norm(dim=1).tolist(),
-        "beta_final": rec.betas()[-1, :args.top].norm(dim=1).tolist(),
+        "beta_at_init": rec.betas()[0, : args.top].norm(dim=1).tolist(),
+        "beta_final": rec.betas()[-1, : args.top].norm(dim=1).tolist(),
         "independence": indep,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("train accuracy %.3f, test accuracy %.3f", summary["train_accuracy"], summary["test_accuracy"])
-    log.info("|β_i| at initialisation %s, final %s", [round(v, 4) for v in summary["beta_at_init"]],
-             [round(v, 4) for v in summary["beta_final"]])
+    log.info(
+        "|β_i| at initialisation %s, final %s",
+        [round(v, 4) for v in summary["beta_at_init"]],
+        [round(v, 4) for v in summary["beta_final"]],
+    )
     log.info("step at which β_i is half learned, i = 1..%d: %s", args.top, summary["learned_at_step"])
-    log.info("gradient independence (top 10) over training: %s [%s]",
-             ", ".join(f"{v:.2f}" for v in indep.get("10", [])), summary["gradients"])
+    log.info(
+        "gradient independence (top 10) over training: %s [%s]",
+        ", ".join(f"{v:.2f}" for v in indep.get("10", [])),
+        summary["gradients"],
+    )
     log.info("wrote %s", out)
     return summary
 

@@ -29,6 +29,7 @@ in it metrics.csv / metrics.json / curves.png after every epoch and checkpoint.p
 --evaluate-only``). Running a finished run's command again prints its final metrics;
 ``--overwrite`` trains it again. The final result line goes to stdout, progress to stderr.
 """
+
 from __future__ import annotations
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -60,16 +61,26 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
         prog=PROG,
         description="Train an infinite-width π-MLP (--width 0), a finite π-net (--width n) or "
-                    "a μP MLP (--width n --gaussian-init --no-Gproj) on CIFAR-10. Inputs: each "
-                    "channel standardized with the training-set pixel mean and std, then "
-                    "flattened to 3072 values; images are not rescaled to unit norm.")
-    p.add_argument("--data", default="./data",
-                   help="CIFAR-10 python version: the cifar-10-batches-py/ folder, the folder "
-                        "holding it, or cifar-10-python.tar.gz")
-    p.add_argument("--train-size", type=int, default=None, metavar="N",
-                   help="train on a fixed subset of N training images (nested across N)")
-    p.add_argument("--test-size", type=int, default=None, metavar="N",
-                   help="evaluate on a fixed subset of N test images")
+        "a μP MLP (--width n --gaussian-init --no-Gproj) on CIFAR-10. Inputs: each "
+        "channel standardized with the training-set pixel mean and std, then "
+        "flattened to 3072 values; images are not rescaled to unit norm.",
+    )
+    p.add_argument(
+        "--data",
+        default="./data",
+        help="CIFAR-10 python version: the cifar-10-batches-py/ folder, the folder "
+        "holding it, or cifar-10-python.tar.gz",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on a fixed subset of N training images (nested across N)",
+    )
+    p.add_argument(
+        "--test-size", type=int, default=None, metavar="N", help="evaluate on a fixed subset of N test images"
+    )
     add_model_args(p, r=200, depth=1)
     add_optim_args(p)
     add_run_args(p)
@@ -89,22 +100,22 @@ def main(argv=None) -> dict:
 def _run(args) -> dict:
     device = device_from_args(args)
     cli.apply_threads(args.threads)
-    ckpt = (load_checkpoint(args.model_path, flag="--model-path", program=PROGRAM)
-            if args.model_path else None)
+    ckpt = load_checkpoint(args.model_path, flag="--model-path", program=PROGRAM) if args.model_path else None
     if ckpt is not None and args.evaluate_only:
         adopt_architecture(args, ckpt)
     train = None if args.evaluate_only else load_cifar10_set(args.data, True, args.train_size)
     test = load_cifar10_set(args.data, False, args.test_size)
     if ckpt is not None and ckpt["shape"] != {"d_in": test.dim, "d_out": test.num_classes}:
-        raise ConfigError(f"--model-path {args.model_path} holds a net with {ckpt['shape']} "
-                          f"inputs/outputs, not a CIFAR-10 classifier (3072 → 10) — pass a "
-                          f"cifar10mlp checkpoint")
+        raise ConfigError(
+            f"--model-path {args.model_path} holds a net with {ckpt['shape']} "
+            f"inputs/outputs, not a CIFAR-10 classifier (3072 → 10) — pass a "
+            f"cifar10mlp checkpoint"
+        )
     seed_everything(args.seed)
     net = build_model(model_spec(args, test.dim, test.num_classes), device)
     precision = apply_precision(net, args, device)
     train = None if train is None else train.to(device)
-    return fit(args, net, train, test.to(device), device, program=PROGRAM, precision=precision,
-               ckpt=ckpt)
+    return fit(args, net, train, test.to(device), device, program=PROGRAM, precision=precision, ckpt=ckpt)
 
 
 def _cli(argv=None) -> None:

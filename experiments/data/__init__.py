@@ -2,6 +2,7 @@
 
 Nothing is ever downloaded: the programs read files the user already has.
 """
+
 from experiments.data.cifar import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -19,8 +20,17 @@ from experiments.data.cifar import (
 )
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
-    "DatasetError", "DatasetNotFoundError", "CorruptDatasetError",
-    "load_cifar10", "load_cifar100", "cifar10_classes", "cifar100_classes",
-    "normalize", "random_crop_flip",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "CorruptDatasetError",
+    "load_cifar10",
+    "load_cifar100",
+    "cifar10_classes",
+    "cifar100_classes",
+    "normalize",
+    "random_crop_flip",
 ]

@@ -29,6 +29,7 @@ Transforms work on whole batches of uint8 images (``B × 3 × 32 × 32``) on any
 usual CIFAR augmentation), driven by an explicit CPU ``torch.Generator`` so that it is
 reproducible and its state can be checkpointed, and :func:`normalize` (per-channel mean/std).
 """
+
 from __future__ import annotations
 
 import io
@@ -44,10 +45,19 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
-    "DatasetError", "DatasetNotFoundError", "CorruptDatasetError",
-    "load_cifar10", "load_cifar100", "cifar10_classes", "cifar100_classes",
-    "normalize", "random_crop_flip",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "CorruptDatasetError",
+    "load_cifar10",
+    "load_cifar100",
+    "cifar10_classes",
+    "cifar100_classes",
+    "normalize",
+    "random_crop_flip",
 ]
 
 # Per-channel statistics on the 0..1 scale. The CIFAR-10 values are the ones the official
@@ -93,28 +103,44 @@ class _Layout:
         return f"{self.name} python version"
 
     def how_to_get(self) -> str:
-        return (f"Get the \"{self.version_title}\" ({self.archive}) from {_HOMEPAGE} and pass "
-                f"the archive, the {self.folder}/ folder unpacked from it, or the folder that "
-                f"holds either (nothing is downloaded automatically).")
+        return (
+            f'Get the "{self.version_title}" ({self.archive}) from {_HOMEPAGE} and pass '
+            f"the archive, the {self.folder}/ folder unpacked from it, or the folder that "
+            f"holds either (nothing is downloaded automatically)."
+        )
 
 
 CIFAR10 = _Layout(
-    name="CIFAR-10", folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
-    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
-    meta_file="batches.meta", labels_key="labels", names_key="label_names", num_classes=10,
+    name="CIFAR-10",
+    folder="cifar-10-batches-py",
+    archive="cifar-10-python.tar.gz",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    meta_file="batches.meta",
+    labels_key="labels",
+    names_key="label_names",
+    num_classes=10,
 )
 CIFAR100 = _Layout(
-    name="CIFAR-100", folder="cifar-100-python", archive="cifar-100-python.tar.gz",
-    train_files=("train",), test_files=("test",),
-    meta_file="meta", labels_key="fine_labels", names_key="fine_label_names", num_classes=100,
+    name="CIFAR-100",
+    folder="cifar-100-python",
+    archive="cifar-100-python.tar.gz",
+    train_files=("train",),
+    test_files=("test",),
+    meta_file="meta",
+    labels_key="fine_labels",
+    names_key="fine_label_names",
+    num_classes=100,
 )
 
 
 # --------------------------------------------------------------------------- locating files
 
+
 @dataclass(frozen=True)
 class _Source:
     """Where a dataset's files live: a folder, or a tar.gz archive holding ``layout.folder``."""
+
     path: Path
     is_archive: bool
 
@@ -134,9 +160,9 @@ def _locate(layout: _Layout, root: str | os.PathLike) -> _Source:
         raise DatasetNotFoundError(
             f"{layout.name} not found under {root}: looked for the folder "
             f"{root / layout.folder}, the archive {root / layout.archive}, and the files "
-            f"{', '.join(expected)} directly in {root}. {layout.how_to_get()}")
-    raise DatasetNotFoundError(
-        f"{layout.name} data path {root} does not exist. {layout.how_to_get()}")
+            f"{', '.join(expected)} directly in {root}. {layout.how_to_get()}"
+        )
+    raise DatasetNotFoundError(f"{layout.name} data path {root} does not exist. {layout.how_to_get()}")
 
 
 def _read_files(layout: _Layout, source: _Source, names: tuple[str, ...]) -> dict[str, bytes]:
@@ -149,7 +175,8 @@ def _read_files(layout: _Layout, source: _Source, names: tuple[str, ...]) -> dic
                 raise DatasetNotFoundError(
                     f"{layout.name} file {path} is missing (the {layout.folder}/ folder should "
                     f"hold {', '.join(layout.train_files + layout.test_files)} and "
-                    f"{layout.meta_file}). {layout.how_to_get()}")
+                    f"{layout.meta_file}). {layout.how_to_get()}"
+                )
             raw[name] = path.read_bytes()
         return raw
 
@@ -169,16 +196,19 @@ def _read_files(layout: _Layout, source: _Source, names: tuple[str, ...]) -> dic
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise CorruptDatasetError(
             f"{source.path} is not a readable tar(.gz) archive ({err}); expected the "
-            f"{layout.archive} of the {layout.version_title}. {layout.how_to_get()}") from err
+            f"{layout.archive} of the {layout.version_title}. {layout.how_to_get()}"
+        ) from err
     missing = [member for member, name in wanted.items() if name not in raw]
     if missing:
         raise CorruptDatasetError(
             f"archive {source.path} lacks {', '.join(missing)}; expected the {layout.archive} "
-            f"of the {layout.version_title}. {layout.how_to_get()}")
+            f"of the {layout.version_title}. {layout.how_to_get()}"
+        )
     return raw
 
 
 # --------------------------------------------------------------------------- parsing
+
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Rebuilds dicts, lists, strings, numbers and numpy arrays, and refuses anything else."""
@@ -195,8 +225,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a "
-                                         f"CIFAR file")
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR file")
         if module.startswith("numpy.core") and hasattr(np, "_core"):
             # numpy 2 renamed numpy.core to numpy._core; the original files use the old name
             module = "numpy._core" + module.removeprefix("numpy.core")
@@ -210,11 +239,13 @@ def _unpickle(raw: bytes, where: str, layout: _Layout) -> dict:
     except Exception as err:  # a damaged pickle can fail in many ways; all mean "corrupt"
         raise CorruptDatasetError(
             f"{where} is not a readable {layout.name} pickle ({type(err).__name__}: {err}). "
-            f"Re-download or re-extract it. {layout.how_to_get()}") from err
+            f"Re-download or re-extract it. {layout.how_to_get()}"
+        ) from err
     if not isinstance(obj, dict):
         raise CorruptDatasetError(
             f"{where} holds a {type(obj).__name__}, expected the dict of a {layout.name} "
-            f"file. {layout.how_to_get()}")
+            f"file. {layout.how_to_get()}"
+        )
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -223,22 +254,33 @@ def _parse_batch(entry: dict, where: str, layout: _Layout) -> tuple[np.ndarray, 
         if key not in entry:
             raise CorruptDatasetError(
                 f"{where} has no '{key}' entry (found {sorted(entry)}); expected a "
-                f"{layout.name} data file with 'data' and '{layout.labels_key}'.")
+                f"{layout.name} data file with 'data' and '{layout.labels_key}'."
+            )
     data = entry["data"]
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == _PIXELS):
-        desc = (f"an array of shape {data.shape} and dtype {data.dtype}"
-                if isinstance(data, np.ndarray) else f"a {type(data).__name__}")
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == _PIXELS
+    ):
+        desc = (
+            f"an array of shape {data.shape} and dtype {data.dtype}"
+            if isinstance(data, np.ndarray)
+            else f"a {type(data).__name__}"
+        )
         raise CorruptDatasetError(
-            f"{where}: 'data' is {desc}, expected a uint8 array of shape (N, {_PIXELS}).")
+            f"{where}: 'data' is {desc}, expected a uint8 array of shape (N, {_PIXELS})."
+        )
     labels = _integer_labels(entry[layout.labels_key], where, layout)
     if labels.shape != (data.shape[0],):
         raise CorruptDatasetError(
-            f"{where}: {labels.size} labels for {data.shape[0]} images; expected one each.")
+            f"{where}: {labels.size} labels for {data.shape[0]} images; expected one each."
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
         raise CorruptDatasetError(
             f"{where}: labels range over [{labels.min()}, {labels.max()}], expected "
-            f"0..{layout.num_classes - 1} for {layout.name}.")
+            f"0..{layout.num_classes - 1} for {layout.name}."
+        )
     return data, labels
 
 
@@ -259,13 +301,15 @@ def _integer_labels(raw, where: str, layout: _Layout) -> np.ndarray:
             raise CorruptDatasetError(
                 f"{where}: label {i} of '{key}' is {float(values.flat[i])!r}, not an integer "
                 f"({int(bad.sum())} such labels); expected integer class indices "
-                f"0..{layout.num_classes - 1}. Re-download the {layout.archive}.")
+                f"0..{layout.num_classes - 1}. Re-download the {layout.archive}."
+            )
         return values.astype(np.int64)
     if values.dtype.kind == "f":  # empty
         return values.astype(np.int64)
     raise CorruptDatasetError(
         f"{where}: '{key}' holds {values.dtype} values, not ints; expected integer class "
-        f"indices 0..{layout.num_classes - 1}. Re-download the {layout.archive}.")
+        f"indices 0..{layout.num_classes - 1}. Re-download the {layout.archive}."
+    )
 
 
 def _where(source: _Source, layout: _Layout, name: str) -> str:
@@ -291,13 +335,13 @@ def _load(layout: _Layout, root, train: bool) -> tuple[torch.Tensor, torch.Tenso
 def _classes(layout: _Layout, root) -> list[str]:
     source = _locate(layout, root)
     where = _where(source, layout, layout.meta_file)
-    meta = _unpickle(_read_files(layout, source, (layout.meta_file,))[layout.meta_file],
-                     where, layout)
+    meta = _unpickle(_read_files(layout, source, (layout.meta_file,))[layout.meta_file], where, layout)
     names = meta.get(layout.names_key)
     if not isinstance(names, list) or len(names) != layout.num_classes:
         raise CorruptDatasetError(
             f"{where}: expected '{layout.names_key}', a list of {layout.num_classes} class "
-            f"names; found {type(names).__name__}.")
+            f"names; found {type(names).__name__}."
+        )
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -330,6 +374,7 @@ def cifar100_classes(root) -> list[str]:
 
 # --------------------------------------------------------------------------- transforms
 
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``(images / 255 - mean) / std`` per channel: float32 for uint8 input, else input's dtype.
 
@@ -342,8 +387,9 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4,
-                     flip: bool = True) -> torch.Tensor:
+def random_crop_flip(
+    images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True
+) -> torch.Tensor:
     """Pad each image with ``padding`` zero pixels per side, crop back to the original size at
     a random offset, and mirror it left-right with probability 1/2.
 
@@ -367,5 +413,6 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
     batch_index = torch.arange(b, device=device).view(b, 1, 1, 1)
     channel_index = torch.arange(c, device=device).view(1, c, 1, 1)
-    return padded[batch_index, channel_index,
-                  rows.to(device).view(b, 1, h, 1), cols.to(device).view(b, 1, 1, w)]
+    return padded[
+        batch_index, channel_index, rows.to(device).view(b, 1, h, 1), cols.to(device).view(b, 1, 1, w)
+    ]

@@ -6,6 +6,7 @@ so nothing is downloaded. Each 8×8 image (grey levels 0..16) is scaled to 0..25
 unchanged. The train/test split is stratified and fixed (it does not depend on the training
 seed).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,10 @@ def load_digits_split(size: int = 32, test_fraction: float = 0.25, split_seed: i
     images = images.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
     train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(), test_size=test_fraction, random_state=split_seed,
-        stratify=labels.numpy())
+        torch.arange(len(labels)).numpy(),
+        test_size=test_fraction,
+        random_state=split_seed,
+        stratify=labels.numpy(),
+    )
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]

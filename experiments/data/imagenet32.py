@@ -28,6 +28,7 @@ Missing files raise :class:`DatasetNotFoundError`; unreadable or malformed ones 
 :class:`CorruptDatasetError` (both from :mod:`experiments.data.cifar`) naming the file and
 the layout expected.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,15 +43,23 @@ import torch
 
 from experiments.data.cifar import CorruptDatasetError, DatasetNotFoundError
 
-__all__ = ["ImageNet32", "load_imagenet32", "NUM_CLASSES", "NUM_TRAIN_BATCHES",
-           "train_file_stem", "VAL_FILE_STEM"]
+__all__ = [
+    "ImageNet32",
+    "load_imagenet32",
+    "NUM_CLASSES",
+    "NUM_TRAIN_BATCHES",
+    "train_file_stem",
+    "VAL_FILE_STEM",
+]
 
 NUM_CLASSES = 1000
 NUM_TRAIN_BATCHES = 10
 VAL_FILE_STEM = "val_data"
 _TRAIN_RE = re.compile(r"^train_data_batch_(\d+)(\.npz)?$")
-_SOURCE = ("downsampled ImageNet is not downloaded by this program: get 'Imagenet32' "
-           "(npz or the older pickle version) from https://image-net.org and unpack it")
+_SOURCE = (
+    "downsampled ImageNet is not downloaded by this program: get 'Imagenet32' "
+    "(npz or the older pickle version) from https://image-net.org and unpack it"
+)
 
 
 def train_file_stem(k: int) -> str:
@@ -59,18 +68,22 @@ def train_file_stem(k: int) -> str:
 
 
 def _layout_text(image_size: int) -> str:
-    return (f"expected a dict / npz with 'data' (N × {3 * image_size * image_size} uint8, "
-            f"channel-major) and 'labels' (N integers in 1..{NUM_CLASSES})")
+    return (
+        f"expected a dict / npz with 'data' (N × {3 * image_size * image_size} uint8, "
+        f"channel-major) and 'labels' (N integers in 1..{NUM_CLASSES})"
+    )
 
 
 # --------------------------------------------------------------------------- file discovery
+
 
 def _search_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"ImageNet32 folder {root} does not exist (or is not a folder). It should hold "
             f"train_data_batch_1[.npz] … train_data_batch_{NUM_TRAIN_BATCHES}[.npz] and "
-            f"val_data[.npz], directly or in a sub-folder; {_SOURCE}.")
+            f"val_data[.npz], directly or in a sub-folder; {_SOURCE}."
+        )
     return [root] + sorted(p for p in root.iterdir() if p.is_dir())
 
 
@@ -95,7 +108,8 @@ def _missing(root: Path, stem: str, fmt: str) -> DatasetNotFoundError:
     names = " or ".join(n for n, _ in _candidates(stem, fmt))
     return DatasetNotFoundError(
         f"ImageNet32 file {names} not found in {root} or its immediate sub-folders "
-        f"(format {fmt!r}); {_SOURCE}.")
+        f"(format {fmt!r}); {_SOURCE}."
+    )
 
 
 def _discover_train_batches(dirs: list[Path], fmt: str) -> list[int]:
@@ -111,21 +125,27 @@ def _discover_train_batches(dirs: list[Path], fmt: str) -> list[int]:
 
 # --------------------------------------------------------------------------- parsing
 
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles containers, numbers, strings and numpy arrays; refuses every other global."""
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
-            module = "numpy._core." + module[len("numpy.core."):]  # numpy ≥ 2 spelling
+            module = "numpy._core." + module[len("numpy.core.") :]  # numpy ≥ 2 spelling
         return super().find_class(module, name)
 
 
@@ -139,7 +159,8 @@ def _read_raw(path: Path, layout: str, want_data: bool, image_size: int):
                 if not {"data", "labels"} <= keys:
                     raise CorruptDatasetError(
                         f"{where} has members {sorted(keys)}, not 'data' and 'labels'; "
-                        f"{_layout_text(image_size)}.")
+                        f"{_layout_text(image_size)}."
+                    )
                 labels = f["labels"]
                 data = f["data"] if want_data else None
             return data, labels
@@ -150,15 +171,17 @@ def _read_raw(path: Path, layout: str, want_data: bool, image_size: int):
     except Exception as err:  # a damaged zip or pickle fails in many ways; all mean "corrupt"
         raise CorruptDatasetError(
             f"{where} cannot be read ({type(err).__name__}: {err}); "
-            f"{_layout_text(image_size)}. Re-download or re-extract it.") from err
+            f"{_layout_text(image_size)}. Re-download or re-extract it."
+        ) from err
     if not isinstance(obj, dict):
         raise CorruptDatasetError(
-            f"{where} holds a {type(obj).__name__}, not a dict; {_layout_text(image_size)}.")
+            f"{where} holds a {type(obj).__name__}, not a dict; {_layout_text(image_size)}."
+        )
     obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     if "data" not in obj or "labels" not in obj:
         raise CorruptDatasetError(
-            f"{where} has keys {sorted(map(str, obj))}, not 'data' and 'labels'; "
-            f"{_layout_text(image_size)}.")
+            f"{where} has keys {sorted(map(str, obj))}, not 'data' and 'labels'; {_layout_text(image_size)}."
+        )
     return (obj["data"] if want_data else None), obj["labels"]
 
 
@@ -169,13 +192,14 @@ def _check_labels(labels, path: Path, image_size: int) -> np.ndarray:
         raise CorruptDatasetError(f"labels of {path} are not a list of integers ({err})") from err
     if lab.ndim != 1 or (lab.size and not np.issubdtype(lab.dtype, np.integer)):
         raise CorruptDatasetError(
-            f"labels of {path} have shape {lab.shape} and dtype {lab.dtype}; "
-            f"{_layout_text(image_size)}.")
+            f"labels of {path} have shape {lab.shape} and dtype {lab.dtype}; {_layout_text(image_size)}."
+        )
     lab = lab.astype(np.int64)
     if lab.size and (lab.min() < 1 or lab.max() > NUM_CLASSES):
         raise CorruptDatasetError(
             f"labels of {path} range over {lab.min()}..{lab.max()}; the released files use "
-            f"1..{NUM_CLASSES}. {_layout_text(image_size)}.")
+            f"1..{NUM_CLASSES}. {_layout_text(image_size)}."
+        )
     return lab - 1
 
 
@@ -184,15 +208,17 @@ def _check_data(data, n_labels: int, path: Path, image_size: int) -> np.ndarray:
     width = 3 * image_size * image_size
     if arr.ndim != 2 or arr.shape[1] != width or arr.dtype != np.uint8:
         raise CorruptDatasetError(
-            f"data of {path} has shape {arr.shape} and dtype {arr.dtype}; "
-            f"{_layout_text(image_size)}.")
+            f"data of {path} has shape {arr.shape} and dtype {arr.dtype}; {_layout_text(image_size)}."
+        )
     if arr.shape[0] != n_labels:
         raise CorruptDatasetError(
-            f"{path} holds {arr.shape[0]} images but {n_labels} labels (truncated file?)")
+            f"{path} holds {arr.shape[0]} images but {n_labels} labels (truncated file?)"
+        )
     return arr
 
 
 # --------------------------------------------------------------------------- the dataset
+
 
 class ImageNet32:
     """Lazily read split of downsampled ImageNet (see the module docstring for the files).
@@ -214,9 +240,19 @@ class ImageNet32:
     The file list is resolved on construction, so missing files fail early.
     """
 
-    def __init__(self, root, train: bool = True, *, classes: Iterable[int] | None = None,
-                 relabel: bool = True, subset: int | None = None, seed: int = 0,
-                 batches: Iterable[int] | None = None, fmt: str = "auto", image_size: int = 32):
+    def __init__(
+        self,
+        root,
+        train: bool = True,
+        *,
+        classes: Iterable[int] | None = None,
+        relabel: bool = True,
+        subset: int | None = None,
+        seed: int = 0,
+        batches: Iterable[int] | None = None,
+        fmt: str = "auto",
+        image_size: int = 32,
+    ):
         if fmt not in ("auto", "npz", "pickle"):
             raise ValueError(f"fmt must be 'auto', 'npz' or 'pickle', got {fmt!r}")
         if subset is not None and subset < 0:
@@ -245,8 +281,11 @@ class ImageNet32:
                 if gaps:
                     raise _missing(self.root, train_file_stem(gaps[0]), fmt)
                 if len(present) < NUM_TRAIN_BATCHES:
-                    warnings.warn(f"only {len(present)} of the {NUM_TRAIN_BATCHES} ImageNet32 "
-                                  f"training batches found in {self.root}", stacklevel=2)
+                    warnings.warn(
+                        f"only {len(present)} of the {NUM_TRAIN_BATCHES} ImageNet32 "
+                        f"training batches found in {self.root}",
+                        stacklevel=2,
+                    )
                 batches = present
             stems = [train_file_stem(int(k)) for k in batches]
         else:
@@ -287,8 +326,10 @@ class ImageNet32:
             gen = torch.Generator().manual_seed(self.seed)
             keep = np.sort(torch.randperm(total, generator=gen)[: self.subset].numpy())
             offsets = np.cumsum([0] + counts)
-            per_file = [ix[keep[(keep >= lo) & (keep < hi)] - lo]
-                        for ix, lo, hi in zip(per_file, offsets[:-1], offsets[1:])]
+            per_file = [
+                ix[keep[(keep >= lo) & (keep < hi)] - lo]
+                for ix, lo, hi in zip(per_file, offsets[:-1], offsets[1:])
+            ]
         self._selection = per_file
         return per_file
 
@@ -331,17 +372,34 @@ class ImageNet32:
         for i in range(len(parts)):
             img, lab = parts[i]
             parts[i] = None  # free each part once copied: peak ≈ result + one part
-            images[pos:pos + len(lab)] = img
-            labels[pos:pos + len(lab)] = lab
+            images[pos : pos + len(lab)] = img
+            labels[pos : pos + len(lab)] = lab
             pos += len(lab)
             del img, lab
         return images, labels
 
 
-def load_imagenet32(root, train: bool = True, *, classes: Sequence[int] | None = None,
-                    relabel: bool = True, subset: int | None = None, seed: int = 0,
-                    batches: Iterable[int] | None = None, fmt: str = "auto",
-                    image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def load_imagenet32(
+    root,
+    train: bool = True,
+    *,
+    classes: Sequence[int] | None = None,
+    relabel: bool = True,
+    subset: int | None = None,
+    seed: int = 0,
+    batches: Iterable[int] | None = None,
+    fmt: str = "auto",
+    image_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(uint8 N × 3 × 32 × 32 images, int64 labels in 0..999)``; see :class:`ImageNet32`."""
-    return ImageNet32(root, train, classes=classes, relabel=relabel, subset=subset, seed=seed,
-                      batches=batches, fmt=fmt, image_size=image_size).load()
+    return ImageNet32(
+        root,
+        train,
+        classes=classes,
+        relabel=relabel,
+        subset=subset,
+        seed=seed,
+        batches=batches,
+        fmt=fmt,
+        image_size=image_size,
+    ).load()

@@ -5,6 +5,7 @@ batch by batch: optional crop+flip augmentation, per-channel standardization, fl
 ``3·32·32 = 3072`` values in channel-major order (no per-image rescaling).
 :func:`fixed_subset` gives the fixed, nested subsets behind ``--train-size``/``--test-size``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,15 @@ import torch
 
 from experiments.data.cifar import CIFAR10_MEAN, load_cifar10, normalize, random_crop_flip
 
-__all__ = ["CIFAR10_PIXEL_MEAN", "CIFAR10_PIXEL_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-           "ImageSet", "fixed_subset", "load_cifar10_set"]
+__all__ = [
+    "CIFAR10_PIXEL_MEAN",
+    "CIFAR10_PIXEL_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageSet",
+    "fixed_subset",
+    "load_cifar10_set",
+]
 
 log = logging.getLogger("experiments")
 
@@ -70,11 +78,13 @@ class ImageSet:
         return int(np.prod(self.images.shape[1:]))
 
     def to(self, device) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.mean, self.std,
-                        self.num_classes, self.name)
+        return ImageSet(
+            self.images.to(device), self.labels.to(device), self.mean, self.std, self.num_classes, self.name
+        )
 
-    def inputs(self, idx=None, generator: torch.Generator | None = None,
-               augment: bool = False) -> torch.Tensor:
+    def inputs(
+        self, idx=None, generator: torch.Generator | None = None, augment: bool = False
+    ) -> torch.Tensor:
         x = self.images if idx is None else self.images[idx]
         if augment and generator is not None:
             x = random_crop_flip(x, generator)
@@ -88,5 +98,4 @@ def load_cifar10_set(root, train: bool, size: int | None = None) -> ImageSet:
     idx = fixed_subset(len(labels), size, f"CIFAR-10 {split}", salt=0 if train else 1)
     if idx is not None:
         images, labels = images[idx], labels[idx]
-    return ImageSet(images, labels, CIFAR10_PIXEL_MEAN, CIFAR10_PIXEL_STD, 10,
-                    f"CIFAR-10 {split}")
+    return ImageSet(images, labels, CIFAR10_PIXEL_MEAN, CIFAR10_PIXEL_STD, 10, f"CIFAR-10 {split}")

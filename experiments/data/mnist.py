@@ -9,6 +9,7 @@ Files (in ``root``, or in ``root/MNIST/raw`` as torchvision lays them out)::
 An idx file is a big-endian header — two zero bytes, a type code (0x08: unsigned byte), the
 number of dimensions d — then d big-endian uint32 sizes, then the data in C order.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,10 +23,18 @@ import torch
 
 __all__ = ["load_mnist", "read_idx", "write_idx", "write_synthetic_mnist", "MnistNotFoundError"]
 
-FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
-          0x0E: np.dtype(">f8")}
+FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_TYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class MnistNotFoundError(FileNotFoundError):
@@ -41,11 +50,13 @@ def read_idx(path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
         raise ValueError(f"{path}: not an idx file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_TYPES[raw[2]]), raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = raw[4 + 4 * ndim:]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = raw[4 + 4 * ndim :]
     if len(data) != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"{path}: header says shape {shape} ({int(np.prod(shape)) * dtype.itemsize} bytes) "
-                         f"but {len(data)} bytes follow: truncated or corrupt")
+        raise ValueError(
+            f"{path}: header says shape {shape} ({int(np.prod(shape)) * dtype.itemsize} bytes) "
+            f"but {len(data)} bytes follow: truncated or corrupt"
+        )
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -72,8 +83,9 @@ def _find(root: Path, name: str) -> Path:
         for candidate in (folder / name, folder / (name + ".gz")):
             if candidate.is_file():
                 return candidate
-    raise MnistNotFoundError(f"MNIST file {name}[.gz] not found in {root} (nor in {root}/MNIST/raw): "
-                             "put the four idx files there")
+    raise MnistNotFoundError(
+        f"MNIST file {name}[.gz] not found in {root} (nor in {root}/MNIST/raw): put the four idx files there"
+    )
 
 
 def load_mnist(root, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +96,16 @@ def load_mnist(root, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     img_name, lab_name = FILES[train]
     images, labels = read_idx(_find(root, img_name)), read_idx(_find(root, lab_name))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"MNIST in {root}: images {images.shape} and labels {labels.shape} do not match "
-                         "(expected N × H × W and N)")
+        raise ValueError(
+            f"MNIST in {root}: images {images.shape} and labels {labels.shape} do not match "
+            "(expected N × H × W and N)"
+        )
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def write_synthetic_mnist(directory, n_train: int = 60, n_test: int = 20, seed: int = 0, compress: bool = True,
-                          size: int = 28) -> Path:
+def write_synthetic_mnist(
+    directory, n_train: int = 60, n_test: int = 20, seed: int = 0, compress: bool = True, size: int = 28
+) -> Path:
     """Tiny MNIST-format files (noise plus a fixed template per class) in ``directory``; returns it."""
     rng = np.random.default_rng(seed)
     templates = rng.integers(0, 256, size=(10, size, size))

@@ -45,6 +45,7 @@ Each character gives one class per rotation by a multiple of 90 degrees
 of a split is the split's character ``c // 4`` rotated by ``c % 4`` quarter
 turns.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -152,7 +153,8 @@ class _DirSource:
             for char in sorted(_visible_dirs(self.path / alpha)):
                 folder = self.path / alpha / char
                 pngs = sorted(
-                    e.name for e in os.scandir(folder)
+                    e.name
+                    for e in os.scandir(folder)
                     if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(".png")
                 )
                 if not pngs:
@@ -219,8 +221,9 @@ class _ZipSource:
             lines.append(f"{self.set_name}/{alpha}/{char}/{parts[-1]}\t{info.file_size}\t{info.CRC}")
         for members in chars.values():
             members.sort()
-        self.empty_characters = [f"{self.path}:{name}/" for key, name in sorted(seen.items())
-                                 if key not in chars]
+        self.empty_characters = [
+            f"{self.path}:{name}/" for key, name in sorted(seen.items()) if key not in chars
+        ]
         return chars, lines
 
     def read(self, member: str) -> bytes:
@@ -229,7 +232,8 @@ class _ZipSource:
             return self._zf.read(member)
         except Exception as e:  # BadZipFile (CRC), zlib.error, EOFError, ...
             raise OmniglotCorruptError(
-                f"Could not read member {member!r} of zip archive {self.path}: {e}") from e
+                f"Could not read member {member!r} of zip archive {self.path}: {e}"
+            ) from e
 
 
 def _visible_dirs(path: Path) -> list[str]:
@@ -240,7 +244,8 @@ def _find_sources(root: Path, sets: Sequence[str]):
     if not root.is_dir():
         raise OmniglotNotFoundError(
             f"Omniglot root folder {root} does not exist (or is not a folder). "
-            + _LAYOUT_HELP.format(root=root))
+            + _LAYOUT_HELP.format(root=root)
+        )
     sources = []
     for set_name in sets:
         folder, archive = root / set_name, root / f"{set_name}.zip"
@@ -251,7 +256,8 @@ def _find_sources(root: Path, sets: Sequence[str]):
         else:
             raise OmniglotNotFoundError(
                 f"Omniglot image set {set_name!r} not found: looked for the folder {folder} "
-                f"and the zip file {archive}. " + _LAYOUT_HELP.format(root=root))
+                f"and the zip file {archive}. " + _LAYOUT_HELP.format(root=root)
+            )
     return sources
 
 
@@ -288,8 +294,9 @@ class OmniglotImages:
         invert: whether :meth:`to_float` maps strokes to 1 (background 0).
     """
 
-    def __init__(self, root, characters, images, offsets, counts, set_counts,
-                 image_size, resample, invert, locations):
+    def __init__(
+        self, root, characters, images, offsets, counts, set_counts, image_size, resample, invert, locations
+    ):
         self.root = Path(root)
         self.characters: list[CharacterKey] = characters
         self.images: np.ndarray = images
@@ -310,8 +317,9 @@ class OmniglotImages:
 
     def describe_location(self) -> str:
         """Human-readable 'where': sources and how many characters each held."""
-        parts = [f"{loc} ({self.set_counts[s]} characters)"
-                 for loc, s in zip(self.locations, self.set_counts)]
+        parts = [
+            f"{loc} ({self.set_counts[s]} characters)" for loc, s in zip(self.locations, self.set_counts)
+        ]
         return ", ".join(parts)
 
     def to_float(self, raw: np.ndarray) -> torch.Tensor:
@@ -324,11 +332,13 @@ class OmniglotImages:
     def character_images(self, index: int) -> torch.Tensor:
         """All drawings of character ``index`` as a float tensor ``(count, 1, S, S)``."""
         o, n = int(self.offsets[index]), int(self.counts[index])
-        return self.to_float(self.images[o:o + n])
+        return self.to_float(self.images[o : o + n])
 
     def __repr__(self) -> str:
-        return (f"OmniglotImages(root={str(self.root)!r}, characters={len(self)}, "
-                f"drawings={len(self.images)}, size={self.image_size}, invert={self.invert})")
+        return (
+            f"OmniglotImages(root={str(self.root)!r}, characters={len(self)}, "
+            f"drawings={len(self.images)}, size={self.image_size}, invert={self.invert})"
+        )
 
 
 # Loaded arrays shared between load_omniglot calls: key -> (fingerprint, payload).
@@ -349,8 +359,12 @@ def _read_cache_file(path: Path, fingerprint: str, image_size: int, resample: st
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            if (int(z["version"]) != _CACHE_VERSION or str(z["fingerprint"]) != fingerprint
-                    or int(z["image_size"]) != image_size or str(z["resample"]) != resample):
+            if (
+                int(z["version"]) != _CACHE_VERSION
+                or str(z["fingerprint"]) != fingerprint
+                or int(z["image_size"]) != image_size
+                or str(z["resample"]) != resample
+            ):
                 return None
             return {
                 "keys": [tuple(row) for row in z["keys"].tolist()],
@@ -431,17 +445,18 @@ def load_omniglot(
             if not chars:
                 raise OmniglotNotFoundError(
                     f"No drawings found in {s.location}: expected PNG files at "
-                    f"<alphabet>/<character>/*.png inside it. " + _LAYOUT_HELP.format(root=root))
+                    f"<alphabet>/<character>/*.png inside it. " + _LAYOUT_HELP.format(root=root)
+                )
             if s.empty_characters:
                 # refusing, rather than dropping the character, keeps the character order and
                 # the standard (1028, 172, 423) split of --split-sizes auto from changing silently
                 raise OmniglotCorruptError(
                     f"Omniglot character folder {s.empty_characters[0]} holds no PNG drawings"
-                    + (f" ({len(s.empty_characters)} such folders)"
-                       if len(s.empty_characters) > 1 else "")
+                    + (f" ({len(s.empty_characters)} such folders)" if len(s.empty_characters) > 1 else "")
                     + ": the data looks incompletely extracted. Re-extract the official zips, or "
-                      "delete the empty folders to use the remaining characters (the split then "
-                      "differs from the standard one).")
+                    "delete the empty folders to use the remaining characters (the split then "
+                    "differs from the standard one)."
+                )
             listings.append((s, chars, lines))
         digest = hashlib.sha1()
         for _, _, lines in listings:
@@ -455,8 +470,9 @@ def load_omniglot(
             payload = _MEMORY_CACHE[mem_key][1]
         cache_path = None
         if cache_file:
-            cache_path = (_default_cache_path(root, image_size, resample) if cache_file is True
-                          else Path(cache_file))
+            cache_path = (
+                _default_cache_path(root, image_size, resample) if cache_file is True else Path(cache_file)
+            )
             if payload is None:
                 payload = _read_cache_file(cache_path, fingerprint, image_size, resample)
             elif not cache_path.is_file():  # found in memory, but the file was asked for too
@@ -477,14 +493,24 @@ def load_omniglot(
     counts = payload["counts"]
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     set_counts = {name: sum(1 for c in characters if c.set_name == name) for name in sets}
-    return OmniglotImages(root, characters, payload["images"], offsets, counts, set_counts,
-                          image_size, resample, invert, [s.location for s in sources])
+    return OmniglotImages(
+        root,
+        characters,
+        payload["images"],
+        offsets,
+        counts,
+        set_counts,
+        image_size,
+        resample,
+        invert,
+        [s.location for s in sources],
+    )
 
 
 def _decode_all(listings, image_size: int, resample) -> dict:
     keys, counts, arrays = [], [], []
     for source, chars, _ in listings:  # sources are already in set order
-        for (alpha, char) in sorted(chars):
+        for alpha, char in sorted(chars):
             members = chars[(alpha, char)]
             keys.append((source.set_name, alpha, char))
             counts.append(len(members))
@@ -501,16 +527,18 @@ def _decode_all(listings, image_size: int, resample) -> dict:
 # --------------------------------------------------------------------------- split
 
 
-def proportional_split_sizes(n_characters: int,
-                             reference: Sequence[int] = DEFAULT_SPLIT_SIZES) -> tuple[int, int, int]:
+def proportional_split_sizes(
+    n_characters: int, reference: Sequence[int] = DEFAULT_SPLIT_SIZES
+) -> tuple[int, int, int]:
     """Scale ``reference`` (train, val, test) sizes to ``n_characters`` in total.
 
     Uses largest-remainder rounding so the sizes sum to ``n_characters``, and
     gives every split at least one character when ``n_characters >= 3``.
     """
     if n_characters < len(reference):
-        raise ValueError(f"need at least {len(reference)} characters for a proportional "
-                         f"split, got {n_characters}")
+        raise ValueError(
+            f"need at least {len(reference)} characters for a proportional split, got {n_characters}"
+        )
     total = sum(reference)
     exact = [n_characters * r / total for r in reference]
     sizes = [int(np.floor(e)) for e in exact]
@@ -538,18 +566,20 @@ def resolve_split_sizes(n_characters: int, split_sizes, where: str = "") -> tupl
         return proportional_split_sizes(n_characters)
     sizes = tuple(int(s) for s in split_sizes)
     if len(sizes) != 3 or min(sizes) < 0:
-        raise ValueError(f"split_sizes must be three non-negative counts (train, val, test), got {split_sizes!r}")
+        raise ValueError(
+            f"split_sizes must be three non-negative counts (train, val, test), got {split_sizes!r}"
+        )
     if sum(sizes) > n_characters:
         raise OmniglotSplitError(
             f"The Omniglot split asks for {sum(sizes)} characters ({sizes[0]} train + {sizes[1]} val + "
             f"{sizes[2]} test) but only {n_characters} characters were found"
             + (f" in {where}" if where else "")
-            + ". Pass split_sizes='proportional' or explicit counts that fit.")
+            + ". Pass split_sizes='proportional' or explicit counts that fit."
+        )
     return sizes  # type: ignore[return-value]
 
 
-def split_characters(n_characters: int, split_sizes=DEFAULT_SPLIT_SIZES,
-                     where: str = "") -> dict[str, range]:
+def split_characters(n_characters: int, split_sizes=DEFAULT_SPLIT_SIZES, where: str = "") -> dict[str, range]:
     """Indices (into the sorted character list) of each split: consecutive blocks.
 
     ``train`` is the first block, ``val`` the next and ``test`` the one after;
@@ -570,8 +600,13 @@ class OmniglotSplit:
     ``rotations[c % R]`` quarter turns, where ``R = len(rotations)``.
     """
 
-    def __init__(self, data: OmniglotImages, split: str = "train",
-                 split_sizes=DEFAULT_SPLIT_SIZES, rotations: Sequence[int] = (0, 1, 2, 3)):
+    def __init__(
+        self,
+        data: OmniglotImages,
+        split: str = "train",
+        split_sizes=DEFAULT_SPLIT_SIZES,
+        rotations: Sequence[int] = (0, 1, 2, 3),
+    ):
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         rotations = tuple(int(r) % 4 for r in rotations)
@@ -631,12 +666,12 @@ class OmniglotSplit:
         return self.data.to_float(self.gather(np.int64(c), np.arange(n)))
 
     def __repr__(self) -> str:
-        return (f"OmniglotSplit({self.name!r}, characters={self.num_characters}, "
-                f"classes={self.num_classes})")
+        return f"OmniglotSplit({self.name!r}, characters={self.num_characters}, classes={self.num_classes})"
 
 
-def omniglot_splits(root, split_sizes=DEFAULT_SPLIT_SIZES, rotations: Sequence[int] = (0, 1, 2, 3),
-                    **load_kwargs) -> dict[str, OmniglotSplit]:
+def omniglot_splits(
+    root, split_sizes=DEFAULT_SPLIT_SIZES, rotations: Sequence[int] = (0, 1, 2, 3), **load_kwargs
+) -> dict[str, OmniglotSplit]:
     """Load ``root`` once and return ``{"train": ..., "val": ..., "test": ...}``.
 
     ``load_kwargs`` go to :func:`load_omniglot`.  A split given zero
@@ -644,5 +679,8 @@ def omniglot_splits(root, split_sizes=DEFAULT_SPLIT_SIZES, rotations: Sequence[i
     """
     data = load_omniglot(root, **load_kwargs)
     blocks = split_characters(len(data), split_sizes, data.describe_location())
-    return {name: OmniglotSplit(data, name, split_sizes, rotations)
-            for name in SPLIT_NAMES if len(blocks[name]) > 0}
+    return {
+        name: OmniglotSplit(data, name, split_sizes, rotations)
+        for name in SPLIT_NAMES
+        if len(blocks[name]) > 0
+    }

@@ -8,6 +8,7 @@ so a reader that handles these handles the downloaded files. Only the sizes diff
 Images are ``noise / 2 + template[label] / 2`` with one fixed random template per class, so a
 model can learn them a little. Labels cycle through every class (then are shuffled).
 """
+
 from __future__ import annotations
 
 import io
@@ -21,11 +22,22 @@ from experiments.data.cifar import CIFAR10, CIFAR100, _Layout
 
 __all__ = ["write_synthetic_cifar10", "write_synthetic_cifar100", "py2_pickle"]
 
-CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
-                       "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 # --------------------------------------------------------------------------- Python 2 pickles
+
 
 def py2_pickle(obj) -> bytes:
     """``obj`` pickled as Python 2's cPickle (protocol 2) would have written it.
@@ -116,6 +128,7 @@ def _emit(obj, out: bytearray) -> None:
 
 # --------------------------------------------------------------------------- datasets
 
+
 def _make_split(rng: np.random.Generator, templates: np.ndarray, n: int):
     num_classes = templates.shape[0]
     labels = rng.permutation(np.arange(n) % num_classes)
@@ -151,8 +164,9 @@ def _filenames(labels, names, rng) -> list[str]:
     return [f"{names[k]}_s_{int(rng.integers(0, 10**6)):06d}.png" for k in labels]
 
 
-def write_synthetic_cifar10(directory, n_train: int = 50, n_test: int = 20, seed: int = 0,
-                            archive: bool = False) -> Path:
+def write_synthetic_cifar10(
+    directory, n_train: int = 50, n_test: int = 20, seed: int = 0, archive: bool = False
+) -> Path:
     """Write a tiny CIFAR-10 "python version" and return what to pass as ``root``.
 
     ``archive=False``: ``directory/cifar-10-batches-py/`` with ``data_batch_1`` …
@@ -167,30 +181,38 @@ def write_synthetic_cifar10(directory, n_train: int = 50, n_test: int = 20, seed
     files = {}
     chunks = np.array_split(np.arange(n_train), len(CIFAR10.train_files))
     for i, (name, rows) in enumerate(zip(CIFAR10.train_files, chunks), start=1):
-        files[name] = py2_pickle({
-            "batch_label": f"training batch {i} of 5",
-            "labels": [int(k) for k in train_labels[rows]],
-            "data": np.ascontiguousarray(train_data[rows]),
-            "filenames": _filenames(train_labels[rows], CIFAR10_CLASS_NAMES, rng),
-        })
-    files["test_batch"] = py2_pickle({
-        "batch_label": "testing batch 1 of 1",
-        "labels": [int(k) for k in test_labels],
-        "data": test_data,
-        "filenames": _filenames(test_labels, CIFAR10_CLASS_NAMES, rng),
-    })
-    files["batches.meta"] = py2_pickle({
-        "num_cases_per_batch": 10000,
-        "label_names": list(CIFAR10_CLASS_NAMES),
-        "num_vis": 3072,
-    })
-    files["readme.html"] = b"<meta HTTP-EQUIV=\"REFRESH\" content=\"0; url=" \
-                           b"https://www.cs.toronto.edu/~kriz/cifar.html\">\n"
+        files[name] = py2_pickle(
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": [int(k) for k in train_labels[rows]],
+                "data": np.ascontiguousarray(train_data[rows]),
+                "filenames": _filenames(train_labels[rows], CIFAR10_CLASS_NAMES, rng),
+            }
+        )
+    files["test_batch"] = py2_pickle(
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": [int(k) for k in test_labels],
+            "data": test_data,
+            "filenames": _filenames(test_labels, CIFAR10_CLASS_NAMES, rng),
+        }
+    )
+    files["batches.meta"] = py2_pickle(
+        {
+            "num_cases_per_batch": 10000,
+            "label_names": list(CIFAR10_CLASS_NAMES),
+            "num_vis": 3072,
+        }
+    )
+    files["readme.html"] = (
+        b'<meta HTTP-EQUIV="REFRESH" content="0; url=https://www.cs.toronto.edu/~kriz/cifar.html">\n'
+    )
     return _write(CIFAR10, files, directory, archive)
 
 
-def write_synthetic_cifar100(directory, n_train: int = 200, n_test: int = 100, seed: int = 0,
-                             archive: bool = False) -> Path:
+def write_synthetic_cifar100(
+    directory, n_train: int = 200, n_test: int = 100, seed: int = 0, archive: bool = False
+) -> Path:
     """Write a tiny CIFAR-100 "python version" and return what to pass as ``root``.
 
     ``archive=False``: ``directory/cifar-100-python/`` with ``train``, ``test`` and ``meta``
@@ -205,13 +227,14 @@ def write_synthetic_cifar100(directory, n_train: int = 200, n_test: int = 100, s
     files = {}
     for name, n in (("train", n_train), ("test", n_test)):
         data, labels = _make_split(rng, templates, n)
-        files[name] = py2_pickle({
-            "filenames": _filenames(labels, fine_names, rng),
-            "batch_label": f"{'training' if name == 'train' else 'testing'} batch 1 of 1",
-            "fine_labels": [int(k) for k in labels],
-            "coarse_labels": [int(k) // 5 for k in labels],
-            "data": data,
-        })
-    files["meta"] = py2_pickle({"fine_label_names": fine_names,
-                                "coarse_label_names": coarse_names})
+        files[name] = py2_pickle(
+            {
+                "filenames": _filenames(labels, fine_names, rng),
+                "batch_label": f"{'training' if name == 'train' else 'testing'} batch 1 of 1",
+                "fine_labels": [int(k) for k in labels],
+                "coarse_labels": [int(k) // 5 for k in labels],
+                "data": data,
+            }
+        )
+    files["meta"] = py2_pickle({"fine_label_names": fine_names, "coarse_label_names": coarse_names})
     return _write(CIFAR100, files, directory, archive)

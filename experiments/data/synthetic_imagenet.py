@@ -7,6 +7,7 @@ files) and the real container (``numpy.savez`` archive, or a pickled dict).  Onl
 differ.  Images are ``noise / 2 + template[class] / 2`` with one random template per class,
 so they can be learnt a little.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -43,9 +44,17 @@ def _write(path: Path, entry: dict, fmt: str) -> None:
         path.write_bytes(py2_pickle(entry))
 
 
-def write_synthetic_imagenet32(directory, n_per_batch: int = 32, n_batches: int = 2,
-                               fmt: str = "npz", seed: int = 0, *, n_val: int | None = None,
-                               num_classes: int = NUM_CLASSES, image_size: int = 32) -> Path:
+def write_synthetic_imagenet32(
+    directory,
+    n_per_batch: int = 32,
+    n_batches: int = 2,
+    fmt: str = "npz",
+    seed: int = 0,
+    *,
+    n_val: int | None = None,
+    num_classes: int = NUM_CLASSES,
+    image_size: int = 32,
+) -> Path:
     """Write ``n_batches`` training files and one validation file into ``directory``.
 
     ``fmt``: ``"npz"`` (``train_data_batch_k.npz`` …), ``"pickle"`` (extension-less
@@ -64,11 +73,13 @@ def write_synthetic_imagenet32(directory, n_per_batch: int = 32, n_batches: int 
     templates = rng.integers(0, 256, size=(num_classes, width), dtype=np.uint8)
     suffix = ".npz" if fmt == "npz" else ""
     train = [_split(rng, templates, n_per_batch, num_classes) for _ in range(n_batches)]
-    mean = (np.concatenate([d for d, _ in train]).astype(np.float64).mean(0)
-            if n_batches and n_per_batch else np.zeros(width))
+    mean = (
+        np.concatenate([d for d, _ in train]).astype(np.float64).mean(0)
+        if n_batches and n_per_batch
+        else np.zeros(width)
+    )
     for k, (data, labels) in enumerate(train, start=1):
-        _write(directory / (train_file_stem(k) + suffix),
-               {"data": data, "labels": labels, "mean": mean}, fmt)
+        _write(directory / (train_file_stem(k) + suffix), {"data": data, "labels": labels, "mean": mean}, fmt)
     data, labels = _split(rng, templates, n_per_batch if n_val is None else n_val, num_classes)
     _write(directory / (VAL_FILE_STEM + suffix), {"data": data, "labels": labels}, fmt)
     return directory

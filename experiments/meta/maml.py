@@ -52,6 +52,7 @@ gradients of finite π-weights onto span(Ω) (the readout is never projected,
 docs/math.md §6, so it matters only when more than the readout is adapted);
 ``gproj_outer`` is InfSGD's ``project`` option for the outer update.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,9 +76,19 @@ from inf.parameters import FinPiParameter, owner_of, project_onto_span
 from inf.utils import clip_grad_norm_, pi_param_groups
 
 __all__ = [
-    "MODEL_KINDS", "model_kind", "build_model", "set_rows_dtype", "body_features",
-    "cross_entropy_and_error", "inf_readout_adapt", "inf_readout_rows_adapted", "finite_inner_loop",
-    "meta_param_groups", "make_meta_optimizer", "MetaLearner", "TaskResult",
+    "MODEL_KINDS",
+    "model_kind",
+    "build_model",
+    "set_rows_dtype",
+    "body_features",
+    "cross_entropy_and_error",
+    "inf_readout_adapt",
+    "inf_readout_rows_adapted",
+    "finite_inner_loop",
+    "meta_param_groups",
+    "make_meta_optimizer",
+    "MetaLearner",
+    "TaskResult",
     "mean_and_ci95",
 ]
 
@@ -86,20 +97,34 @@ MODEL_KINDS = KINDS  # "infinite", "finite", "mup" (the old "inf", "fin", "mu" a
 
 # --------------------------------------------------------------------------- models
 
+
 def model_kind(net: nn.Module) -> str:
     """``"infinite"``, ``"finite"`` or ``"mup"`` for the three supported networks."""
     try:
         return kind_of(net)
     except TypeError:
-        raise TypeError(f"MAML supports InfMLP, FinPiMLPSample and MuMLP, got "
-                        f"{type(net).__name__}") from None
+        raise TypeError(f"MAML supports InfMLP, FinPiMLPSample and MuMLP, got {type(net).__name__}") from None
 
 
-def build_model(kind: str, d_in: int, d_out: int, *, width: int | None = None, r: int = 100,
-                depth: int = 1, first_layer_alpha: float = 1.0, last_layer_alpha: float = 1.0,
-                bias_alpha: float = 1.0, last_bias_alpha: float = 0.0, layernorm: bool = False,
-                readout_zero_init: bool = True, dtype: torch.dtype = torch.float32,
-                rows_dtype: torch.dtype | None = None, device=None, seed: int = 0) -> nn.Module:
+def build_model(
+    kind: str,
+    d_in: int,
+    d_out: int,
+    *,
+    width: int | None = None,
+    r: int = 100,
+    depth: int = 1,
+    first_layer_alpha: float = 1.0,
+    last_layer_alpha: float = 1.0,
+    bias_alpha: float = 1.0,
+    last_bias_alpha: float = 0.0,
+    layernorm: bool = False,
+    readout_zero_init: bool = True,
+    dtype: torch.dtype = torch.float32,
+    rows_dtype: torch.dtype | None = None,
+    device=None,
+    seed: int = 0,
+) -> nn.Module:
     """Build one of the three networks, seeded by ``seed`` (:func:`experiments.models.build_model`
     with MAML's defaults: no readout bias, ``r = 100``).
 
@@ -110,11 +135,23 @@ def build_model(kind: str, d_in: int, d_out: int, *, width: int | None = None, r
     with a zero readout; ``readout_zero_init`` matters for ``"mup"`` only.
     """
     try:
-        spec = ModelSpec(kind=kind, d_in=d_in, d_out=d_out, r=r, width=width, depth=depth,
-                         first_layer_alpha=first_layer_alpha, last_layer_alpha=last_layer_alpha,
-                         bias_alpha=bias_alpha, last_bias_alpha=last_bias_alpha,
-                         layernorm=layernorm, readout_zero_init=readout_zero_init, seed=seed,
-                         dtype=dtype, rows_dtype=rows_dtype)
+        spec = ModelSpec(
+            kind=kind,
+            d_in=d_in,
+            d_out=d_out,
+            r=r,
+            width=width,
+            depth=depth,
+            first_layer_alpha=first_layer_alpha,
+            last_layer_alpha=last_layer_alpha,
+            bias_alpha=bias_alpha,
+            last_bias_alpha=last_bias_alpha,
+            layernorm=layernorm,
+            readout_zero_init=readout_zero_init,
+            seed=seed,
+            dtype=dtype,
+            rows_dtype=rows_dtype,
+        )
     except ConfigError as err:
         raise ValueError(str(err)) from None
     return build_from_spec(spec, device)
@@ -140,6 +177,7 @@ def _input_dtype(net: nn.Module) -> torch.dtype:
 
 # --------------------------------------------------------------------------- losses
 
+
 def cross_entropy_and_error(logits: torch.Tensor, targets: torch.Tensor):
     """Mean cross-entropy and its gradient with respect to the logits,
     ``(softmax(logits) - onehot) / N``, computed explicitly (differentiable)."""
@@ -155,14 +193,22 @@ def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- infinite readout
 
+
 def _kernel(s_a, g_a, s_b, g_b, beta: float):
     """``s_a s_b F00(ĝ_a·ĝ_b) + β²`` (the readout's kernel, bias included)."""
     K = (s_a[:, None] * s_b[None, :]) * F00(g_a @ g_b.T)
     return K + beta * beta if beta else K
 
 
-def inf_readout_adapt(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, hq: torch.Tensor,
-                      step_size: float, num_steps: int = 1, first_order: bool = False):
+def inf_readout_adapt(
+    net: InfMLP,
+    hs: torch.Tensor,
+    ys: torch.Tensor,
+    hq: torch.Tensor,
+    step_size: float,
+    num_steps: int = 1,
+    first_order: bool = False,
+):
     """Adapt an infinite net's readout on the support set and answer the queries,
     with differentiable torch ops (see the module docstring for the formula).
 
@@ -227,8 +273,9 @@ class _RowsAdapted:
 
 
 @contextmanager
-def inf_readout_rows_adapted(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, step_size: float,
-                             num_steps: int = 1):
+def inf_readout_rows_adapted(
+    net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, step_size: float, num_steps: int = 1
+):
     """Inner loop of an infinite net by appending rows to its readout (docs/math.md §5).
 
     Each step appends one row per support example (``A = δ·s``, ``B = ĝ``,
@@ -268,9 +315,19 @@ def inf_readout_rows_adapted(net: InfMLP, hs: torch.Tensor, ys: torch.Tensor, st
 
 # --------------------------------------------------------------------------- finite inner loop
 
-def finite_inner_loop(fwd, base: dict, inputs: torch.Tensor, targets: torch.Tensor, step_size: float,
-                      num_steps: int = 1, *, create_graph: bool = False, differentiable: bool = True,
-                      gproj_inner: bool = True):
+
+def finite_inner_loop(
+    fwd,
+    base: dict,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    step_size: float,
+    num_steps: int = 1,
+    *,
+    create_graph: bool = False,
+    differentiable: bool = True,
+    gproj_inner: bool = True,
+):
     """Inner SGD steps of a finite network, functionally (``torch.func.functional_call``).
 
     Args:
@@ -291,8 +348,9 @@ def finite_inner_loop(fwd, base: dict, inputs: torch.Tensor, targets: torch.Tens
         with torch.enable_grad():
             out = fwd(params, inputs)
             loss = F.cross_entropy(out.float() if out.dtype == torch.float16 else out, targets)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, list(params.values()), create_graph=create_graph, allow_unused=True
+            )
         inner_losses.append(float(loss.detach()))
         if t == 0:
             before = out.detach()
@@ -315,6 +373,7 @@ def finite_inner_loop(fwd, base: dict, inputs: torch.Tensor, targets: torch.Tens
 
 # --------------------------------------------------------------------------- meta-learner
 
+
 @dataclass
 class TaskResult:
     """What one task of a batch gave."""
@@ -326,15 +385,25 @@ class TaskResult:
     logits: torch.Tensor | None = None  # query logits after adaptation (detached), if asked
 
 
-def meta_param_groups(net: nn.Module, meta_lr: float, first_layer_lr_mult: float = 1.0,
-                      last_layer_lr_mult: float = 1.0, bias_lr_mult: float = 1.0,
-                      weight_decay: float = 0.0) -> list[dict]:
+def meta_param_groups(
+    net: nn.Module,
+    meta_lr: float,
+    first_layer_lr_mult: float = 1.0,
+    last_layer_lr_mult: float = 1.0,
+    bias_lr_mult: float = 1.0,
+    weight_decay: float = 0.0,
+) -> list[dict]:
     """:func:`inf.utils.pi_param_groups`, with every parameter of a group whose learning
     rate multiplier is 0 frozen (``requires_grad=False``): such a layer would otherwise
     record gradient rows (an infinite layer) or gradients that are never used."""
-    groups = pi_param_groups(net, meta_lr, weight_decay=weight_decay,
-                             first_layer_lr_mult=first_layer_lr_mult,
-                             last_layer_lr_mult=last_layer_lr_mult, bias_lr_mult=bias_lr_mult)
+    groups = pi_param_groups(
+        net,
+        meta_lr,
+        weight_decay=weight_decay,
+        first_layer_lr_mult=first_layer_lr_mult,
+        last_layer_lr_mult=last_layer_lr_mult,
+        bias_lr_mult=bias_lr_mult,
+    )
     for g in groups:
         if g["lr_mult"] == 0:
             for p in g["params"]:
@@ -342,14 +411,21 @@ def meta_param_groups(net: nn.Module, meta_lr: float, first_layer_lr_mult: float
     return groups
 
 
-def make_meta_optimizer(net: nn.Module, meta_lr: float, momentum: float = 0.0,
-                        first_layer_lr_mult: float = 1.0, last_layer_lr_mult: float = 1.0,
-                        bias_lr_mult: float = 1.0, weight_decay: float = 0.0,
-                        gproj_outer: bool = True) -> InfSGD:
+def make_meta_optimizer(
+    net: nn.Module,
+    meta_lr: float,
+    momentum: float = 0.0,
+    first_layer_lr_mult: float = 1.0,
+    last_layer_lr_mult: float = 1.0,
+    bias_lr_mult: float = 1.0,
+    weight_decay: float = 0.0,
+    gproj_outer: bool = True,
+) -> InfSGD:
     """The outer optimizer: InfSGD over :func:`meta_param_groups` (``project`` =
     ``gproj_outer`` for finite π-weights)."""
-    groups = meta_param_groups(net, meta_lr, first_layer_lr_mult, last_layer_lr_mult,
-                               bias_lr_mult, weight_decay)
+    groups = meta_param_groups(
+        net, meta_lr, first_layer_lr_mult, last_layer_lr_mult, bias_lr_mult, weight_decay
+    )
     return InfSGD(groups, lr=meta_lr, momentum=momentum, project=gproj_outer)
 
 
@@ -372,10 +448,22 @@ class MetaLearner:
             appended to the readout's RowStore (True) or with torch ops (False).
     """
 
-    def __init__(self, net: nn.Module, optimizer=None, scheduler=None, *, step_size: float = 0.1,
-                 num_steps: int = 1, first_order: bool = False, adapt_readout_only: bool = True,
-                 gproj_inner: bool = True, gproj_outer: bool = True, grad_clip: float = -1.0,
-                 gclip_per_param: bool = False, rows_path: bool = True):
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer=None,
+        scheduler=None,
+        *,
+        step_size: float = 0.1,
+        num_steps: int = 1,
+        first_order: bool = False,
+        adapt_readout_only: bool = True,
+        gproj_inner: bool = True,
+        gproj_outer: bool = True,
+        grad_clip: float = -1.0,
+        gclip_per_param: bool = False,
+        rows_path: bool = True,
+    ):
         self.net = net
         self.kind = model_kind(net)
         if num_steps < 1:
@@ -383,7 +471,8 @@ class MetaLearner:
         if self.kind == "infinite" and not adapt_readout_only:
             raise NotImplementedError(
                 "MAML of an infinite π-net adapts the readout only: pass --adapt-readout-only "
-                "(adapting the body layers in the inner loop is implemented for finite nets)")
+                "(adapting the body layers in the inner loop is implemented for finite nets)"
+            )
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.step_size = float(step_size)
@@ -405,8 +494,9 @@ class MetaLearner:
         return x.to(device=self.device, dtype=_input_dtype(self.net))
 
     # ----------------------------------------------------------------- one task
-    def task(self, xs, ys, xq, yq, train: bool = False, loss_scale: float = 1.0,
-             keep_logits: bool = False) -> TaskResult:
+    def task(
+        self, xs, ys, xq, yq, train: bool = False, loss_scale: float = 1.0, keep_logits: bool = False
+    ) -> TaskResult:
         """Adapt on the support set ``(xs, ys)`` and evaluate on the queries ``(xq, yq)``.
 
         With ``train`` the outer loss times ``loss_scale`` is backpropagated
@@ -423,16 +513,23 @@ class MetaLearner:
         loss = F.cross_entropy(logits.float() if logits.dtype == torch.float16 else logits, yq)
         if train:
             (loss * loss_scale).backward()
-        return TaskResult(float(loss.detach()), _accuracy(before, ys), _accuracy(logits, yq), inner,
-                          logits.detach() if keep_logits else None)
+        return TaskResult(
+            float(loss.detach()),
+            _accuracy(before, ys),
+            _accuracy(logits, yq),
+            inner,
+            logits.detach() if keep_logits else None,
+        )
 
     def _inf_task(self, xs, ys, xq, train):
         net = self.net
         ns = xs.shape[0]
         if train and self.first_order and self.rows_path:
             # the backward has to run while the inner rows are in the readout
-            raise RuntimeError("internal: first-order training on the rows path goes "
-                               "through MetaLearner._inf_rows_train_task")
+            raise RuntimeError(
+                "internal: first-order training on the rows path goes "
+                "through MetaLearner._inf_rows_train_task"
+            )
         if train and not self.first_order:
             h = body_features(net, torch.cat([xs, xq]))
             return inf_readout_adapt(net, h[:ns], ys, h[ns:], self.step_size, self.num_steps, False)
@@ -458,7 +555,7 @@ class MetaLearner:
             if second or not train:
                 with torch.set_grad_enabled(train):
                     h = body_features(net, torch.cat([xs, xq]))
-                in_s, in_q = h[:xs.shape[0]], h[xs.shape[0]:]
+                in_s, in_q = h[: xs.shape[0]], h[xs.shape[0] :]
             else:  # first order: the support features are constants
                 with torch.no_grad():
                     in_s = body_features(net, xs)
@@ -473,9 +570,18 @@ class MetaLearner:
 
             def fwd(params, inp):
                 return functional_call(module, params, (inp,))
+
         params, before, inner_losses = finite_inner_loop(
-            fwd, dict(module.named_parameters()), in_s, ys, self.step_size, self.num_steps,
-            create_graph=second, differentiable=train, gproj_inner=self.gproj_inner)
+            fwd,
+            dict(module.named_parameters()),
+            in_s,
+            ys,
+            self.step_size,
+            self.num_steps,
+            create_graph=second,
+            differentiable=train,
+            gproj_inner=self.gproj_inner,
+        )
         with torch.set_grad_enabled(train):
             logits = fwd(params, in_q)
         return logits, before, inner_losses
@@ -493,17 +599,22 @@ class MetaLearner:
         xs, ys, xq, yq = batch
         B = xs.shape[0]
         self.optimizer.zero_grad()
-        results = [self.task(xs[b], ys[b], xq[b], yq[b], train=True, loss_scale=1.0 / B,
-                             keep_logits=keep_logits) for b in range(B)]
+        results = [
+            self.task(xs[b], ys[b], xq[b], yq[b], train=True, loss_scale=1.0 / B, keep_logits=keep_logits)
+            for b in range(B)
+        ]
         gnorm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad()
         if self.scheduler is not None:
             self.scheduler.step()
-        return {"tasks": results, "outer_loss": float(np.mean([r.outer_loss for r in results])),
-                "acc_after": float(np.mean([r.acc_after for r in results])),
-                "acc_before": float(np.mean([r.acc_before for r in results])),
-                "grad_norm": gnorm}
+        return {
+            "tasks": results,
+            "outer_loss": float(np.mean([r.outer_loss for r in results])),
+            "acc_after": float(np.mean([r.acc_after for r in results])),
+            "acc_before": float(np.mean([r.acc_before for r in results])),
+            "grad_norm": gnorm,
+        }
 
     def _inf_rows_train_task(self, xs, ys, xq, yq, scale, keep_logits) -> TaskResult:
         net = self.net
@@ -516,8 +627,13 @@ class MetaLearner:
             logits = adapted.logits(hq)
             loss = F.cross_entropy(logits, yq)
             (loss * scale).backward()
-        return TaskResult(float(loss.detach()), _accuracy(adapted.logits_before, ys), _accuracy(logits, yq),
-                          adapted.inner_losses, logits.detach() if keep_logits else None)
+        return TaskResult(
+            float(loss.detach()),
+            _accuracy(adapted.logits_before, ys),
+            _accuracy(logits, yq),
+            adapted.inner_losses,
+            logits.detach() if keep_logits else None,
+        )
 
     def _clip(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -527,8 +643,11 @@ class MetaLearner:
             if not with_grad:
                 return 0.0
             if self.grad_clip is None or self.grad_clip <= 0:
-                return float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in with_grad])))
+                return float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in with_grad])
+                    )
+                )
             if self.gclip_per_param:
                 norms = [float(torch.nn.utils.clip_grad_norm_([p], self.grad_clip)) for p in with_grad]
                 return math.sqrt(sum(n * n for n in norms))
@@ -540,8 +659,10 @@ class MetaLearner:
     def evaluate_batch(self, batch, keep_logits: bool = False) -> list[TaskResult]:
         """Adapt and evaluate every task of a batch; the net is not changed."""
         xs, ys, xq, yq = batch
-        return [self.task(xs[b], ys[b], xq[b], yq[b], train=False, keep_logits=keep_logits)
-                for b in range(xs.shape[0])]
+        return [
+            self.task(xs[b], ys[b], xq[b], yq[b], train=False, keep_logits=keep_logits)
+            for b in range(xs.shape[0])
+        ]
 
     def outer_loss(self, batch) -> float:
         """Mean outer loss over the tasks of a batch (no gradient)."""
@@ -559,11 +680,14 @@ class MetaLearner:
                 progress.update(1)
                 progress.set_postfix(acc=f"{np.mean(accs):.4f}")
         acc, ci = mean_and_ci95(accs)
-        return {"mean_outer_loss": float(np.mean(losses)) if losses else float("nan"),
-                "median_outer_loss": float(np.median(losses)) if losses else float("nan"),
-                "accuracy": acc, "accuracy_ci95": ci,
-                "accuracy_before": float(np.mean(before)) if before else float("nan"),
-                "num_tasks": len(accs)}
+        return {
+            "mean_outer_loss": float(np.mean(losses)) if losses else float("nan"),
+            "median_outer_loss": float(np.median(losses)) if losses else float("nan"),
+            "accuracy": acc,
+            "accuracy_ci95": ci,
+            "accuracy_before": float(np.mean(before)) if before else float("nan"),
+            "num_tasks": len(accs),
+        }
 
 
 def mean_and_ci95(values) -> tuple[float, float]:

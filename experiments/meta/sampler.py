@@ -12,6 +12,7 @@ Randomness: batch ``i`` is drawn from ``numpy.random.default_rng([seed, i])``
 alone, so it is the same whatever batches were drawn before or after it and
 whichever order they are requested in.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -28,16 +29,16 @@ __all__ = ["TaskBatch", "TaskIndices", "TaskSampler", "omniglot_task_sampler"]
 class TaskBatch(NamedTuple):
     """One batch of tasks (unpacks as a 4-tuple)."""
 
-    support_inputs: torch.Tensor   # (B, N*K, 1, S, S), or (B, N*K, S*S) when flattened
+    support_inputs: torch.Tensor  # (B, N*K, 1, S, S), or (B, N*K, S*S) when flattened
     support_targets: torch.Tensor  # (B, N*K) int64 in [0, N)
-    query_inputs: torch.Tensor     # (B, N*Q, 1, S, S), or (B, N*Q, S*S)
-    query_targets: torch.Tensor    # (B, N*Q) int64 in [0, N)
+    query_inputs: torch.Tensor  # (B, N*Q, 1, S, S), or (B, N*Q, S*S)
+    query_targets: torch.Tensor  # (B, N*Q) int64 in [0, N)
 
 
 class TaskIndices(NamedTuple):
     """What a batch is made of, before images are gathered."""
 
-    classes: np.ndarray   # (B, N) split class of label n in task b
+    classes: np.ndarray  # (B, N) split class of label n in task b
     drawings: np.ndarray  # (B, N, K+Q) drawing numbers; [..., :K] support, [..., K:] query
 
 
@@ -56,10 +57,19 @@ class TaskSampler:
         dtype, device: of the input tensors (targets are int64 on ``device``).
     """
 
-    def __init__(self, split: OmniglotSplit, num_ways: int = 5, num_shots: int = 1,
-                 num_shots_test: int = 15, batch_size: int = 16, num_batches: int | None = 100,
-                 seed: int = 0, flatten: bool = False, dtype: torch.dtype = torch.float32,
-                 device=None):
+    def __init__(
+        self,
+        split: OmniglotSplit,
+        num_ways: int = 5,
+        num_shots: int = 1,
+        num_shots_test: int = 15,
+        batch_size: int = 16,
+        num_batches: int | None = 100,
+        seed: int = 0,
+        flatten: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         if num_ways < 1 or num_shots < 1 or num_shots_test < 0 or batch_size < 1:
             raise ValueError("need num_ways >= 1, num_shots >= 1, num_shots_test >= 0, batch_size >= 1")
         if num_batches is not None and num_batches < 0:
@@ -67,14 +77,17 @@ class TaskSampler:
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         if num_ways > split.num_classes:
-            raise ValueError(f"{num_ways}-way tasks need at least {num_ways} classes but the "
-                             f"{split.name!r} split has only {split.num_classes}")
+            raise ValueError(
+                f"{num_ways}-way tasks need at least {num_ways} classes but the "
+                f"{split.name!r} split has only {split.num_classes}"
+            )
         fewest = int(split.class_counts.min())
         if num_shots + num_shots_test > fewest:
             raise ValueError(
                 f"{num_shots} support + {num_shots_test} query drawings per class need "
                 f"{num_shots + num_shots_test} distinct drawings, but some character of the "
-                f"{split.name!r} split has only {fewest}")
+                f"{split.name!r} split has only {fewest}"
+            )
         self.split = split
         self.num_ways = num_ways
         self.num_shots = num_shots
@@ -98,7 +111,7 @@ class TaskSampler:
         B, N, M = self.batch_size, self.num_ways, self.num_shots + self.num_shots_test
         n_classes = self.split.num_classes
         classes = np.stack([rng.choice(n_classes, size=N, replace=False) for _ in range(B)])
-        counts = self.split.class_counts[classes]                       # (B, N)
+        counts = self.split.class_counts[classes]  # (B, N)
         keys = rng.random((B, N, int(counts.max())))
         keys[np.arange(keys.shape[-1]) >= counts[..., None]] = np.inf  # padding never chosen
         drawings = np.argsort(keys, axis=-1)[..., :M]
@@ -136,19 +149,37 @@ class TaskSampler:
             i += 1
 
 
-def omniglot_task_sampler(root, split: str = "train", num_ways: int = 5, num_shots: int = 1,
-                          num_shots_test: int = 15, batch_size: int = 16,
-                          num_batches: int | None = 100, seed: int = 0, flatten: bool = False,
-                          split_sizes=DEFAULT_SPLIT_SIZES, rotations=(0, 1, 2, 3),
-                          dtype: torch.dtype = torch.float32, device=None,
-                          **load_kwargs) -> TaskSampler:
+def omniglot_task_sampler(
+    root,
+    split: str = "train",
+    num_ways: int = 5,
+    num_shots: int = 1,
+    num_shots_test: int = 15,
+    batch_size: int = 16,
+    num_batches: int | None = 100,
+    seed: int = 0,
+    flatten: bool = False,
+    split_sizes=DEFAULT_SPLIT_SIZES,
+    rotations=(0, 1, 2, 3),
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    **load_kwargs,
+) -> TaskSampler:
     """Load Omniglot from ``root`` and build a :class:`TaskSampler` on one split.
 
     ``load_kwargs`` (``image_size``, ``resample``, ``invert``, ``cache_file``,
     ...) go to :func:`~experiments.data.omniglot.load_omniglot`.
     """
     data = load_omniglot(root, **load_kwargs)
-    return TaskSampler(OmniglotSplit(data, split, split_sizes, rotations), num_ways=num_ways, num_shots=num_shots,
-                       num_shots_test=num_shots_test, batch_size=batch_size,
-                       num_batches=num_batches, seed=seed, flatten=flatten, dtype=dtype,
-                       device=device)
+    return TaskSampler(
+        OmniglotSplit(data, split, split_sizes, rotations),
+        num_ways=num_ways,
+        num_shots=num_shots,
+        num_shots_test=num_shots_test,
+        batch_size=batch_size,
+        num_batches=num_batches,
+        seed=seed,
+        flatten=flatten,
+        dtype=dtype,
+        device=device,
+    )

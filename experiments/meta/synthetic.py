@@ -11,6 +11,7 @@ strokes; each drawing of that character is the prototype with its vertices
 jittered, so the classes are genuinely distinguishable (a small meta-learner
 can make progress on them) and rotated copies of a character differ from it.
 """
+
 from __future__ import annotations
 
 import io

@@ -24,6 +24,7 @@ norm, times); ``model.pt`` (state dict with the best validation accuracy) and
 ``model_last.pt`` (the last epoch's); every file is replaced atomically.
 Evaluate a run on the test split with ``python -m experiments.meta.test RUN_DIR``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,21 @@ from experiments.meta.maml import MetaLearner, build_model, make_meta_optimizer
 from experiments.meta.sampler import TaskSampler
 from experiments.models import canonical_kind
 
-__all__ = ["build_parser", "parse_args", "main", "ConfigError", "model_kind_from_args",
-           "resolve_precision", "build_net", "make_learner", "load_splits", "task_sampler",
-           "split_seed", "replace_atomically", "load_state"]
+__all__ = [
+    "build_parser",
+    "parse_args",
+    "main",
+    "ConfigError",
+    "model_kind_from_args",
+    "resolve_precision",
+    "build_net",
+    "make_learner",
+    "load_splits",
+    "task_sampler",
+    "split_seed",
+    "replace_atomically",
+    "load_state",
+]
 
 PROG = "python -m experiments.meta.train"
 PROGRAM = "meta.train"
@@ -61,115 +74,241 @@ METRICS_CSV = "metrics.csv"
 BEST_MODEL = "model.pt"
 LAST_MODEL = "model_last.pt"
 IMAGE_SIZE = 28
-METRIC_COLUMNS = ("epoch", "train_mean_outer_loss", "train_median_outer_loss", "train_accuracy",
-                  "train_accuracy_before", "train_grad_norm", "val_mean_outer_loss",
-                  "val_median_outer_loss", "val_accuracy", "val_accuracy_ci95", "lr", "rows",
-                  "train_time_s", "val_time_s")
+METRIC_COLUMNS = (
+    "epoch",
+    "train_mean_outer_loss",
+    "train_median_outer_loss",
+    "train_accuracy",
+    "train_accuracy_before",
+    "train_grad_norm",
+    "val_mean_outer_loss",
+    "val_median_outer_loss",
+    "val_accuracy",
+    "val_accuracy_ci95",
+    "lr",
+    "rows",
+    "train_time_s",
+    "val_time_s",
+)
 # options that only say how to run, not what is trained (left out of the run name's hash)
-OPERATIONAL = ("folder", "output_folder", "verbose", "num_workers", "use_cuda", "overwrite_existing",
-               "no_progress", "run_name", "threads", "cache_file")
-CURVE_PANELS = (("mean outer loss", ("train_mean_outer_loss", "val_mean_outer_loss")),
-                ("query accuracy", ("train_accuracy", "val_accuracy")))
+OPERATIONAL = (
+    "folder",
+    "output_folder",
+    "verbose",
+    "num_workers",
+    "use_cuda",
+    "overwrite_existing",
+    "no_progress",
+    "run_name",
+    "threads",
+    "cache_file",
+)
+CURVE_PANELS = (
+    ("mean outer loss", ("train_mean_outer_loss", "val_mean_outer_loss")),
+    ("query accuracy", ("train_accuracy", "val_accuracy")),
+)
 
 
 # --------------------------------------------------------------------------- command line
 
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
-        prog=PROG,
-        description="MAML on Omniglot with infinite/finite π-nets or μP MLPs (no torchmeta).")
-    p.add_argument("folder", help="Omniglot data folder (images_background/ and images_evaluation/, "
-                                  "as folders or the official zips)")
-    p.add_argument("--dataset", default="omniglot", choices=("omniglot",),
-                   help="only Omniglot is supported")
-    p.add_argument("--output-folder", default=None,
-                   help="where run folders are written (nothing is saved if not given)")
-    p.add_argument("--run-name", default=None,
-                   help="run folder name inside --output-folder (default: model kind + options hash)")
-    p.add_argument("--load-model-path", default=None,
-                   help="model to start from: a model.pt of a run (or a plain state dict)")
+        prog=PROG, description="MAML on Omniglot with infinite/finite π-nets or μP MLPs (no torchmeta)."
+    )
+    p.add_argument(
+        "folder",
+        help="Omniglot data folder (images_background/ and images_evaluation/, "
+        "as folders or the official zips)",
+    )
+    p.add_argument("--dataset", default="omniglot", choices=("omniglot",), help="only Omniglot is supported")
+    p.add_argument(
+        "--output-folder", default=None, help="where run folders are written (nothing is saved if not given)"
+    )
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="run folder name inside --output-folder (default: model kind + options hash)",
+    )
+    p.add_argument(
+        "--load-model-path",
+        default=None,
+        help="model to start from: a model.pt of a run (or a plain state dict)",
+    )
     p.add_argument("--num-ways", type=int, default=5, help="classes per task (N)")
     p.add_argument("--num-shots", type=int, default=5, help="support examples per class (K)")
-    p.add_argument("--num-shots-test", type=int, default=15,
-                   help="query examples per class; <= 0 means --num-shots")
-    p.add_argument("--split-sizes", default="auto",
-                   help="characters in train,val,test: 'auto' (the standard 1028,172,423 when the "
-                        "data holds enough characters, else 'proportional'), 'proportional', or "
-                        "three counts 'a,b,c'")
-    p.add_argument("--no-cache-file", dest="cache_file", action="store_false",
-                   help="do not keep the resized images in <folder>/omniglot_cache_28px_lanczos.npz")
+    p.add_argument(
+        "--num-shots-test", type=int, default=15, help="query examples per class; <= 0 means --num-shots"
+    )
+    p.add_argument(
+        "--split-sizes",
+        default="auto",
+        help="characters in train,val,test: 'auto' (the standard 1028,172,423 when the "
+        "data holds enough characters, else 'proportional'), 'proportional', or "
+        "three counts 'a,b,c'",
+    )
+    p.add_argument(
+        "--no-cache-file",
+        dest="cache_file",
+        action="store_false",
+        help="do not keep the resized images in <folder>/omniglot_cache_28px_lanczos.npz",
+    )
     # model
-    p.add_argument("--hidden-size", type=int, default=-1,
-                   help="width; negative: infinite π-net; positive: finite π-net (or μP MLP with --mu-net)")
-    p.add_argument("--mu-net", "--mu-init", "--gaussian-init", dest="mu_net", action="store_true",
-                   help="use the μP MLP with Gaussian init (inf.networks.MuMLP) instead of a π-net; "
-                        "needs a positive --hidden-size")
+    p.add_argument(
+        "--hidden-size",
+        type=int,
+        default=-1,
+        help="width; negative: infinite π-net; positive: finite π-net (or μP MLP with --mu-net)",
+    )
+    p.add_argument(
+        "--mu-net",
+        "--mu-init",
+        "--gaussian-init",
+        dest="mu_net",
+        action="store_true",
+        help="use the μP MLP with Gaussian init (inf.networks.MuMLP) instead of a π-net; "
+        "needs a positive --hidden-size",
+    )
     p.add_argument("--depth", type=int, default=2, help="number of hidden layers (L)")
-    p.add_argument("--infnet-r", "--infnet_r", dest="infnet_r", type=cli.positive_int, default=100,
-                   help="rank r of the π-net (the infinite net, and the one finite π-nets are sampled from)")
-    p.add_argument("--normalize", default="None", choices=("None", "LN", "BN"),
-                   help="None, or LN (layernorm variant of the π-layers); BN is not supported")
+    p.add_argument(
+        "--infnet-r",
+        "--infnet_r",
+        dest="infnet_r",
+        type=cli.positive_int,
+        default=100,
+        help="rank r of the π-net (the infinite net, and the one finite π-nets are sampled from)",
+    )
+    p.add_argument(
+        "--normalize",
+        default="None",
+        choices=("None", "LN", "BN"),
+        help="None, or LN (layernorm variant of the π-layers); BN is not supported",
+    )
     p.add_argument("--bias-alpha", type=float, default=1.0, help="bias multiplier β of input/hidden layers")
-    p.add_argument("--last-bias-alpha", type=float, default=0.0,
-                   help="bias multiplier of the readout; 0 (default): the readout has no bias")
+    p.add_argument(
+        "--last-bias-alpha",
+        type=float,
+        default=0.0,
+        help="bias multiplier of the readout; 0 (default): the readout has no bias",
+    )
     p.add_argument("--first-layer-alpha", type=float, default=1.0, help="α_1, multiplies the first layer")
     p.add_argument("--last-layer-alpha", type=float, default=1.0, help="α_L, multiplies the readout")
-    p.add_argument("--readout-zero-init", action="store_true",
-                   help="μP MLP: zero readout at init (π-nets always start with a zero readout)")
-    p.add_argument("--adapt-readout-only", action="store_true",
-                   help="the inner loop adapts the readout only (required for the infinite net)")
+    p.add_argument(
+        "--readout-zero-init",
+        action="store_true",
+        help="μP MLP: zero readout at init (π-nets always start with a zero readout)",
+    )
+    p.add_argument(
+        "--adapt-readout-only",
+        action="store_true",
+        help="the inner loop adapts the readout only (required for the infinite net)",
+    )
     # optimization
     p.add_argument("--optimizer", default="sgd", choices=("sgd",), help="outer optimizer (InfSGD)")
     p.add_argument("--meta-lr", type=cli.positive_float, default=1e-3, help="outer learning rate")
     p.add_argument("--meta-momentum", type=cli.nonnegative_float, default=0.0, help="outer momentum")
-    p.add_argument("--meta-weight-decay", type=cli.nonnegative_float, default=0.0,
-                   help="outer weight decay")
-    p.add_argument("--scheduler", default="None", choices=("None", "cosine", "multistep", "linear", "exp"),
-                   help="outer lr schedule, stepped once per meta-batch")
-    p.add_argument("--lr-drop-ratio", type=float, default=0.5,
-                   help="multistep: factor at each milestone; exp: factor per epoch")
-    p.add_argument("--lr-drop-milestones", default="",
-                   help="multistep: comma-separated epochs (fractions allowed) at which the lr drops")
-    p.add_argument("--first-layer-lr-mult", type=cli.nonnegative_float, default=1.0,
-                   help="lr multiplier of the input layer")
-    p.add_argument("--last-layer-lr-mult", type=cli.nonnegative_float, default=1.0,
-                   help="lr multiplier of the readout (0 freezes it in the outer loop)")
-    p.add_argument("--bias-lr-mult", type=cli.nonnegative_float, default=1.0,
-                   help="lr multiplier of biases")
-    p.add_argument("--grad-clip", type=float, default=-1.0,
-                   help="clip the outer gradient to this norm (π-aware); <= 0: no clipping")
+    p.add_argument("--meta-weight-decay", type=cli.nonnegative_float, default=0.0, help="outer weight decay")
+    p.add_argument(
+        "--scheduler",
+        default="None",
+        choices=("None", "cosine", "multistep", "linear", "exp"),
+        help="outer lr schedule, stepped once per meta-batch",
+    )
+    p.add_argument(
+        "--lr-drop-ratio",
+        type=float,
+        default=0.5,
+        help="multistep: factor at each milestone; exp: factor per epoch",
+    )
+    p.add_argument(
+        "--lr-drop-milestones",
+        default="",
+        help="multistep: comma-separated epochs (fractions allowed) at which the lr drops",
+    )
+    p.add_argument(
+        "--first-layer-lr-mult",
+        type=cli.nonnegative_float,
+        default=1.0,
+        help="lr multiplier of the input layer",
+    )
+    p.add_argument(
+        "--last-layer-lr-mult",
+        type=cli.nonnegative_float,
+        default=1.0,
+        help="lr multiplier of the readout (0 freezes it in the outer loop)",
+    )
+    p.add_argument("--bias-lr-mult", type=cli.nonnegative_float, default=1.0, help="lr multiplier of biases")
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=-1.0,
+        help="clip the outer gradient to this norm (π-aware); <= 0: no clipping",
+    )
     p.add_argument("--gclip-per-param", action="store_true", help="clip every parameter tensor separately")
     p.add_argument("--batch-size", type=int, default=25, help="tasks per meta-batch")
     p.add_argument("--num-steps", type=int, default=1, help="inner (adaptation) steps")
     p.add_argument("--num-epochs", type=int, default=50, help="epochs of meta-training")
     p.add_argument("--num-batches", type=int, default=100, help="meta-batches per epoch")
     p.add_argument("--num-test-batches", type=int, default=100, help="meta-batches per validation")
-    p.add_argument("--step-size", type=cli.nonnegative_float, default=0.1,
-                   help="inner learning rate η (0: no adaptation)")
+    p.add_argument(
+        "--step-size",
+        type=cli.nonnegative_float,
+        default=0.1,
+        help="inner learning rate η (0: no adaptation)",
+    )
     p.add_argument("--first-order", action="store_true", help="first-order MAML (default: second order)")
-    p.add_argument("--Gproj-inner", dest="Gproj_inner", action="store_true",
-                   help="finite π-nets: project inner gradients of π-weights onto span(Ω) (the readout "
-                        "is never projected, so this matters only without --adapt-readout-only)")
-    p.add_argument("--Gproj-outer", dest="Gproj_outer", action="store_true",
-                   help="finite π-nets: project the outer gradients onto span(Ω) (InfSGD project=True)")
+    p.add_argument(
+        "--Gproj-inner",
+        dest="Gproj_inner",
+        action="store_true",
+        help="finite π-nets: project inner gradients of π-weights onto span(Ω) (the readout "
+        "is never projected, so this matters only without --adapt-readout-only)",
+    )
+    p.add_argument(
+        "--Gproj-outer",
+        dest="Gproj_outer",
+        action="store_true",
+        help="finite π-nets: project the outer gradients onto span(Ω) (InfSGD project=True)",
+    )
     # misc
-    p.add_argument("--num-workers", type=int, default=1,
-                   help="accepted for compatibility; tasks are sampled from images held in memory "
-                        "in the main process, so it has no effect")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="accepted for compatibility; tasks are sampled from images held in memory "
+        "in the main process, so it has no effect",
+    )
     p.add_argument("--verbose", action="store_true", help="print the configuration and the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--use-cuda", action="store_true",
-                   help="run on the GPU (an error on a machine without one)")
+    p.add_argument(
+        "--use-cuda", action="store_true", help="run on the GPU (an error on a machine without one)"
+    )
     cli.add_threads_arg(p)
-    p.add_argument("--overwrite-existing", "--overwrite", dest="overwrite_existing", action="store_true",
-                   help="run again even if the run folder holds a finished run")
-    p.add_argument("--validate-only", action="store_true",
-                   help="no training: evaluate the (loaded) model once on --test-dataset-split")
-    p.add_argument("--test-dataset-split", default="val", choices=("val", "test"),
-                   help="split evaluated after every epoch (and by --validate-only)")
+    p.add_argument(
+        "--overwrite-existing",
+        "--overwrite",
+        dest="overwrite_existing",
+        action="store_true",
+        help="run again even if the run folder holds a finished run",
+    )
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="no training: evaluate the (loaded) model once on --test-dataset-split",
+    )
+    p.add_argument(
+        "--test-dataset-split",
+        default="val",
+        choices=("val", "test"),
+        help="split evaluated after every epoch (and by --validate-only)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seeds the model and the task sampling")
-    p.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64"),
-                   help="precision; float16: see docs/maml.md (rows in half for the infinite net)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float16", "float32", "float64"),
+        help="precision; float16: see docs/maml.md (rows in half for the infinite net)",
+    )
     return p
 
 
@@ -196,8 +335,10 @@ def _check_args(args) -> None:
     if args.normalize == "BN":
         raise ConfigError("--normalize BN is not supported for π-nets; use None or LN")
     if kind == "infinite" and not args.adapt_readout_only:
-        raise ConfigError("the infinite π-net (--hidden-size -1) adapts the readout only: add "
-                          "--adapt-readout-only (full adaptation works for finite nets)")
+        raise ConfigError(
+            "the infinite π-net (--hidden-size -1) adapts the readout only: add "
+            "--adapt-readout-only (full adaptation works for finite nets)"
+        )
     if args.seed < 0:
         raise ConfigError(f"--seed must be non-negative, got {args.seed}")
     for name in ("num_ways", "num_shots", "batch_size", "num_steps", "infnet_r"):
@@ -209,6 +350,7 @@ def _check_args(args) -> None:
 
 
 # --------------------------------------------------------------------------- precision, model
+
 
 def resolve_precision(kind: str, dtype_name: str, device: torch.device):
     """``(parameter dtype, rows dtype or None, notice or None)`` for ``--dtype``.
@@ -223,14 +365,24 @@ def resolve_precision(kind: str, dtype_name: str, device: torch.device):
     if dtype_name == "float32":
         return torch.float32, None, None
     if canonical_kind(kind) == "infinite":
-        return torch.float32, torch.float16, (
-            "--dtype float16: the infinite layers' rows (A, B) are stored in float16; "
-            "coefficients, input layer, biases and all computation stay float32")
+        return (
+            torch.float32,
+            torch.float16,
+            (
+                "--dtype float16: the infinite layers' rows (A, B) are stored in float16; "
+                "coefficients, input layer, biases and all computation stay float32"
+            ),
+        )
     if device.type == "cuda":
         return torch.float16, None, None
-    return torch.float32, None, (
-        "--dtype float16: half-precision training of a finite network is not supported on the "
-        "CPU; using float32 instead")
+    return (
+        torch.float32,
+        None,
+        (
+            "--dtype float16: half-precision training of a finite network is not supported on the "
+            "CPU; using float32 instead"
+        ),
+    )
 
 
 def build_net(cfg: dict, device: torch.device):
@@ -238,13 +390,23 @@ def build_net(cfg: dict, device: torch.device):
     kind = model_kind_from_args(argparse.Namespace(**cfg))
     dtype, rows_dtype, _ = resolve_precision(kind, cfg["dtype"], device)
     return build_model(
-        kind, IMAGE_SIZE * IMAGE_SIZE, cfg["num_ways"],
+        kind,
+        IMAGE_SIZE * IMAGE_SIZE,
+        cfg["num_ways"],
         width=cfg["hidden_size"] if kind != "infinite" else None,
-        r=cfg["infnet_r"], depth=cfg["depth"], first_layer_alpha=cfg["first_layer_alpha"],
-        last_layer_alpha=cfg["last_layer_alpha"], bias_alpha=cfg["bias_alpha"],
-        last_bias_alpha=cfg["last_bias_alpha"], layernorm=cfg["normalize"] == "LN",
-        readout_zero_init=cfg["readout_zero_init"], dtype=dtype, rows_dtype=rows_dtype, device=device,
-        seed=cfg["seed"])
+        r=cfg["infnet_r"],
+        depth=cfg["depth"],
+        first_layer_alpha=cfg["first_layer_alpha"],
+        last_layer_alpha=cfg["last_layer_alpha"],
+        bias_alpha=cfg["bias_alpha"],
+        last_bias_alpha=cfg["last_bias_alpha"],
+        layernorm=cfg["normalize"] == "LN",
+        readout_zero_init=cfg["readout_zero_init"],
+        dtype=dtype,
+        rows_dtype=rows_dtype,
+        device=device,
+        seed=cfg["seed"],
+    )
 
 
 def load_state(net, path, device, flag: str = "--load-model-path") -> None:
@@ -260,9 +422,11 @@ def load_state(net, path, device, flag: str = "--load-model-path") -> None:
         net.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{flag} {path} does not fit this model ({first}) — use the run's "
-                          f"--hidden-size, --infnet_r, --depth, --num-ways, --mu-net and bias "
-                          f"alphas") from None
+        raise ConfigError(
+            f"{flag} {path} does not fit this model ({first}) — use the run's "
+            f"--hidden-size, --infnet_r, --depth, --num-ways, --mu-net and bias "
+            f"alphas"
+        ) from None
 
 
 def _schedule(optimizer, cfg: dict):
@@ -287,19 +451,34 @@ def make_learner(net, cfg: dict, train: bool = True) -> MetaLearner:
     """MetaLearner (with the outer optimizer and schedule when ``train``) for a config."""
     opt = sched = None
     if train:
-        opt = make_meta_optimizer(net, cfg["meta_lr"], momentum=cfg["meta_momentum"],
-                                  first_layer_lr_mult=cfg["first_layer_lr_mult"],
-                                  last_layer_lr_mult=cfg["last_layer_lr_mult"],
-                                  bias_lr_mult=cfg["bias_lr_mult"], weight_decay=cfg["meta_weight_decay"],
-                                  gproj_outer=cfg["Gproj_outer"])
+        opt = make_meta_optimizer(
+            net,
+            cfg["meta_lr"],
+            momentum=cfg["meta_momentum"],
+            first_layer_lr_mult=cfg["first_layer_lr_mult"],
+            last_layer_lr_mult=cfg["last_layer_lr_mult"],
+            bias_lr_mult=cfg["bias_lr_mult"],
+            weight_decay=cfg["meta_weight_decay"],
+            gproj_outer=cfg["Gproj_outer"],
+        )
         sched = _schedule(opt, cfg)
-    return MetaLearner(net, opt, sched, step_size=cfg["step_size"], num_steps=cfg["num_steps"],
-                       first_order=cfg["first_order"], adapt_readout_only=cfg["adapt_readout_only"],
-                       gproj_inner=cfg["Gproj_inner"], gproj_outer=cfg["Gproj_outer"],
-                       grad_clip=cfg["grad_clip"], gclip_per_param=cfg["gclip_per_param"])
+    return MetaLearner(
+        net,
+        opt,
+        sched,
+        step_size=cfg["step_size"],
+        num_steps=cfg["num_steps"],
+        first_order=cfg["first_order"],
+        adapt_readout_only=cfg["adapt_readout_only"],
+        gproj_inner=cfg["Gproj_inner"],
+        gproj_outer=cfg["Gproj_outer"],
+        grad_clip=cfg["grad_clip"],
+        gclip_per_param=cfg["gclip_per_param"],
+    )
 
 
 # --------------------------------------------------------------------------- data
+
 
 def _split_sizes(spec, n_characters: int):
     if isinstance(spec, (list, tuple)):
@@ -313,7 +492,9 @@ def _split_sizes(spec, n_characters: int):
     except ValueError:
         sizes = ()
     if len(sizes) != 3:
-        raise ConfigError(f"--split-sizes must be 'auto', 'proportional' or three counts 'a,b,c', got {spec!r}")
+        raise ConfigError(
+            f"--split-sizes must be 'auto', 'proportional' or three counts 'a,b,c', got {spec!r}"
+        )
     return sizes
 
 
@@ -329,10 +510,13 @@ def load_splits(folder, split_sizes="auto", names=("train", "val", "test"), cach
         if sizes == "proportional":
             sizes = proportional_split_sizes(len(data))
             if split_sizes == "auto":  # never leave the standard split silently
-                print(f"note: {folder} holds {len(data)} Omniglot characters, fewer than the "
-                      f"{sum(DEFAULT_SPLIT_SIZES)} of the standard split {DEFAULT_SPLIT_SIZES}; "
-                      f"--split-sizes auto uses the proportional split {tuple(sizes)} instead "
-                      f"(not comparable with results on the standard split)", file=sys.stderr)
+                print(
+                    f"note: {folder} holds {len(data)} Omniglot characters, fewer than the "
+                    f"{sum(DEFAULT_SPLIT_SIZES)} of the standard split {DEFAULT_SPLIT_SIZES}; "
+                    f"--split-sizes auto uses the proportional split {tuple(sizes)} instead "
+                    f"(not comparable with results on the standard split)",
+                    file=sys.stderr,
+                )
         return {name: OmniglotSplit(data, name, sizes) for name in names}, tuple(sizes)
     except OmniglotError as e:
         raise ConfigError(str(e)) from e
@@ -343,16 +527,25 @@ def split_seed(seed: int, split: str) -> int:
     return 3 * int(seed) + {"train": 0, "val": 1, "test": 2}[split]
 
 
-def task_sampler(split: OmniglotSplit, cfg: dict, seed: int, batch_size=None,
-                 num_batches=None) -> TaskSampler:
+def task_sampler(
+    split: OmniglotSplit, cfg: dict, seed: int, batch_size=None, num_batches=None
+) -> TaskSampler:
     try:
-        return TaskSampler(split, num_ways=cfg["num_ways"], num_shots=cfg["num_shots"],
-                           num_shots_test=cfg["num_shots_test"],
-                           batch_size=batch_size or cfg["batch_size"], num_batches=num_batches,
-                           seed=seed, flatten=True)
+        return TaskSampler(
+            split,
+            num_ways=cfg["num_ways"],
+            num_shots=cfg["num_shots"],
+            num_shots_test=cfg["num_shots_test"],
+            batch_size=batch_size or cfg["batch_size"],
+            num_batches=num_batches,
+            seed=seed,
+            flatten=True,
+        )
     except ValueError as e:
-        raise ConfigError(f"cannot sample {cfg['num_ways']}-way {cfg['num_shots']}-shot tasks from "
-                          f"the {split.name!r} split: {e}") from e
+        raise ConfigError(
+            f"cannot sample {cfg['num_ways']}-way {cfg['num_shots']}-shot tasks from "
+            f"the {split.name!r} split: {e}"
+        ) from e
 
 
 # --------------------------------------------------------------------------- files
@@ -366,18 +559,20 @@ def _write_json(path: Path, doc) -> None:
 
 
 def _write_metrics(out: Path, config: dict, history: list[dict], summary: dict, finished: bool) -> None:
-    _write_json(out / METRICS_JSON, {"config": config, "summary": summary, "epochs": history,
-                                     "finished": finished})
-    runs.write_csv(out / METRICS_CSV, [{k: row.get(k) for k in METRIC_COLUMNS} for row in history],
-                   METRIC_COLUMNS)
+    _write_json(
+        out / METRICS_JSON, {"config": config, "summary": summary, "epochs": history, "finished": finished}
+    )
+    runs.write_csv(
+        out / METRICS_CSV, [{k: row.get(k) for k in METRIC_COLUMNS} for row in history], METRIC_COLUMNS
+    )
     if history:
-        runs.plot_curves(history, out / "curves.png", f"MAML: {config.get('model_kind')} net",
-                         panels=CURVE_PANELS)
+        runs.plot_curves(
+            history, out / "curves.png", f"MAML: {config.get('model_kind')} net", panels=CURVE_PANELS
+        )
 
 
 def _save_model(net, path: Path, epoch: int = 0, kind: str | None = None) -> None:
-    runs.save_checkpoint(path, {"program": PROGRAM, "kind": kind, "epoch": epoch,
-                                "model": net.state_dict()})
+    runs.save_checkpoint(path, {"program": PROGRAM, "kind": kind, "epoch": epoch, "model": net.state_dict()})
 
 
 def _run_name(cfg: dict, kind: str) -> str:
@@ -398,6 +593,7 @@ def _rows(net) -> list[int] | None:
 
 
 # --------------------------------------------------------------------------- main
+
 
 def main(argv=None) -> dict:
     """Run the program; returns the metrics document. A user error is one line on stderr and
@@ -422,22 +618,34 @@ def _main(args) -> dict:
     if notice:
         print(f"note: {notice}", file=sys.stderr)
     if args.num_workers not in (0, 1):
-        print(f"note: --num-workers {args.num_workers} has no effect: tasks are drawn from images "
-              "held in memory, in the main process", file=sys.stderr)
+        print(
+            f"note: --num-workers {args.num_workers} has no effect: tasks are drawn from images "
+            "held in memory, in the main process",
+            file=sys.stderr,
+        )
 
     eval_split = args.test_dataset_split
-    splits, sizes = load_splits(args.folder, args.split_sizes,
-                                names=(eval_split,) if args.validate_only else ("train", eval_split),
-                                cache_file=args.cache_file)
-    cfg.update(model_kind=kind, split_sizes_resolved=list(sizes), image_size=IMAGE_SIZE,
-               folder=str(Path(args.folder).resolve()))
+    splits, sizes = load_splits(
+        args.folder,
+        args.split_sizes,
+        names=(eval_split,) if args.validate_only else ("train", eval_split),
+        cache_file=args.cache_file,
+    )
+    cfg.update(
+        model_kind=kind,
+        split_sizes_resolved=list(sizes),
+        image_size=IMAGE_SIZE,
+        folder=str(Path(args.folder).resolve()),
+    )
 
     net = build_net(cfg, device)
     if args.load_model_path:
         load_state(net, args.load_model_path, device, "--load-model-path")
     learner = make_learner(net, cfg, train=not args.validate_only)
     eval_sampler = task_sampler(splits[eval_split], cfg, split_seed(args.seed, eval_split))
-    train_sampler = None if args.validate_only else task_sampler(splits["train"], cfg, split_seed(args.seed, "train"))
+    train_sampler = (
+        None if args.validate_only else task_sampler(splits["train"], cfg, split_seed(args.seed, "train"))
+    )
 
     out = None
     if args.output_folder:
@@ -449,35 +657,45 @@ def _main(args) -> dict:
                 doc = {}
             if doc.get("finished"):
                 summary = doc.get("summary") or {}
-                shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                  for k, v in summary.items())
-                print(f"{out} already holds a finished run; skipping (pass --overwrite-existing to "
-                      f"rerun){': ' + shown if shown else ''}")
+                shown = ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                )
+                print(
+                    f"{out} already holds a finished run; skipping (pass --overwrite-existing to "
+                    f"rerun){': ' + shown if shown else ''}"
+                )
                 return doc
-            raise runs.RunExists(f"{out} holds an unfinished run with these options — pass "
-                                 f"--overwrite-existing to start it again, or --run-name NAME")
+            raise runs.RunExists(
+                f"{out} holds an unfinished run with these options — pass "
+                f"--overwrite-existing to start it again, or --run-name NAME"
+            )
         out = runs.run_dir(out.parent, out.name, overwrite=True)  # created; stale temporaries removed
         cfg["run_dir"] = str(out.resolve())
         _write_json(out / CONFIG_JSON, cfg)
     if args.verbose:
         print(json.dumps(cfg, indent=1, default=str))
         print(net)
-    print(f"{kind} net, {sizes} characters in train/val/test, device {device}"
-          + (f", run folder {out}" if out else ""))
+    print(
+        f"{kind} net, {sizes} characters in train/val/test, device {device}"
+        + (f", run folder {out}" if out else "")
+    )
 
     progress = not args.no_progress
     history: list[dict] = []
     summary: dict = {}
     if args.validate_only:
         t0 = time.time()
-        bar = cli.progress_bar(total=args.num_test_batches, desc=f"validate ({eval_split})",
-                               enabled=progress, leave=False)
+        bar = cli.progress_bar(
+            total=args.num_test_batches, desc=f"validate ({eval_split})", enabled=progress, leave=False
+        )
         res = learner.evaluate((eval_sampler.sample_batch(i) for i in range(args.num_test_batches)), bar)
         bar.close()
         summary = {f"{eval_split}_{k}": v for k, v in res.items()}
         summary["time_s"] = time.time() - t0
-        print(f"{eval_split} accuracy {100 * res['accuracy']:.2f}% ± {100 * res['accuracy_ci95']:.2f}% "
-              f"(95% CI, {res['num_tasks']} tasks), outer loss {res['mean_outer_loss']:.4f}")
+        print(
+            f"{eval_split} accuracy {100 * res['accuracy']:.2f}% ± {100 * res['accuracy_ci95']:.2f}% "
+            f"(95% CI, {res['num_tasks']} tasks), outer loss {res['mean_outer_loss']:.4f}"
+        )
         if out:
             _write_metrics(out, cfg, history, summary, True)
         return {"config": cfg, "summary": summary, "epochs": history, "finished": True}
@@ -487,8 +705,12 @@ def _main(args) -> dict:
         t0 = time.time()
         lr = _base_lr(learner.optimizer, args.meta_lr)
         losses, accs, before, gnorms = [], [], [], []
-        bar = cli.progress_bar(range(args.num_batches), desc=f"epoch {epoch + 1}/{args.num_epochs}",
-                               enabled=progress, leave=False)
+        bar = cli.progress_bar(
+            range(args.num_batches),
+            desc=f"epoch {epoch + 1}/{args.num_epochs}",
+            enabled=progress,
+            leave=False,
+        )
         for i in bar:
             res = learner.meta_step(train_sampler.sample_batch(epoch * args.num_batches + i))
             losses += [t.outer_loss for t in res["tasks"]]
@@ -498,32 +720,48 @@ def _main(args) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accs):.4f}")
         bar.close()
         t1 = time.time()
-        vbar = cli.progress_bar(total=args.num_test_batches, desc=f"validate ({eval_split})",
-                                enabled=progress, leave=False)
+        vbar = cli.progress_bar(
+            total=args.num_test_batches, desc=f"validate ({eval_split})", enabled=progress, leave=False
+        )
         val = learner.evaluate((eval_sampler.sample_batch(i) for i in range(args.num_test_batches)), vbar)
         vbar.close()
         t2 = time.time()
-        row = {"epoch": epoch + 1,
-               "train_mean_outer_loss": float(np.mean(losses)) if losses else float("nan"),
-               "train_median_outer_loss": float(np.median(losses)) if losses else float("nan"),
-               "train_accuracy": float(np.mean(accs)) if accs else float("nan"),
-               "train_accuracy_before": float(np.mean(before)) if before else float("nan"),
-               "train_grad_norm": float(np.mean(gnorms)) if gnorms else float("nan"),
-               "val_mean_outer_loss": val["mean_outer_loss"], "val_median_outer_loss": val["median_outer_loss"],
-               "val_accuracy": val["accuracy"], "val_accuracy_ci95": val["accuracy_ci95"],
-               "lr": lr, "rows": _rows(net), "train_time_s": t1 - t0, "val_time_s": t2 - t1}
+        row = {
+            "epoch": epoch + 1,
+            "train_mean_outer_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_median_outer_loss": float(np.median(losses)) if losses else float("nan"),
+            "train_accuracy": float(np.mean(accs)) if accs else float("nan"),
+            "train_accuracy_before": float(np.mean(before)) if before else float("nan"),
+            "train_grad_norm": float(np.mean(gnorms)) if gnorms else float("nan"),
+            "val_mean_outer_loss": val["mean_outer_loss"],
+            "val_median_outer_loss": val["median_outer_loss"],
+            "val_accuracy": val["accuracy"],
+            "val_accuracy_ci95": val["accuracy_ci95"],
+            "lr": lr,
+            "rows": _rows(net),
+            "train_time_s": t1 - t0,
+            "val_time_s": t2 - t1,
+        }
         history.append(row)
-        print(f"epoch {epoch + 1}: train loss {row['train_mean_outer_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-              f"{eval_split} loss {val['mean_outer_loss']:.4f} acc {val['accuracy']:.4f} "
-              f"± {val['accuracy_ci95']:.4f} | {t1 - t0:.1f}s + {t2 - t1:.1f}s"
-              + (f" | rows {row['rows']}" if row["rows"] else ""))
+        print(
+            f"epoch {epoch + 1}: train loss {row['train_mean_outer_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"{eval_split} loss {val['mean_outer_loss']:.4f} acc {val['accuracy']:.4f} "
+            f"± {val['accuracy_ci95']:.4f} | {t1 - t0:.1f}s + {t2 - t1:.1f}s"
+            + (f" | rows {row['rows']}" if row["rows"] else "")
+        )
         improved = val["accuracy"] > best or not math.isfinite(best)
         if improved:
             best = val["accuracy"]
-            summary = {"best_epoch": epoch + 1, f"best_{eval_split}_accuracy": best,
-                       f"best_{eval_split}_accuracy_ci95": val["accuracy_ci95"]}
-        summary.update(epochs_done=epoch + 1, final_train_accuracy=row["train_accuracy"],
-                       **{f"final_{eval_split}_accuracy": val["accuracy"]})
+            summary = {
+                "best_epoch": epoch + 1,
+                f"best_{eval_split}_accuracy": best,
+                f"best_{eval_split}_accuracy_ci95": val["accuracy_ci95"],
+            }
+        summary.update(
+            epochs_done=epoch + 1,
+            final_train_accuracy=row["train_accuracy"],
+            **{f"final_{eval_split}_accuracy": val["accuracy"]},
+        )
         if out:
             if improved:
                 _save_model(net, out / BEST_MODEL, epoch + 1, kind)

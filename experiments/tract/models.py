@@ -13,14 +13,23 @@
 runs on small machines. :data:`FIRST_LAYER` names the layer that TrAct wraps;
 :func:`apply_tract` wraps it in place (parameters and state-dict keys stay the same).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BasicBlock", "ResNet", "resnet18", "ViT", "vit_small", "build_model",
-           "FIRST_LAYER", "apply_tract"]
+__all__ = [
+    "BasicBlock",
+    "ResNet",
+    "resnet18",
+    "ViT",
+    "vit_small",
+    "build_model",
+    "FIRST_LAYER",
+    "apply_tract",
+]
 
 # attribute holding the input layer that TrAct wraps, per model name
 FIRST_LAYER = {"resnet18": "conv1", "vit": "patch_embed"}
@@ -41,8 +50,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         if stride != 1 or in_channels != channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(channels))
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
         else:
             self.shortcut = nn.Identity()
 
@@ -55,8 +64,13 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet with BasicBlocks: 3×3 stem ``conv1``, no max-pool, 4 stages, ``fc`` head."""
 
-    def __init__(self, blocks_per_stage=(2, 2, 2, 2), num_classes: int = 10,
-                 in_channels: int = 3, width_mult: float = 1.0):
+    def __init__(
+        self,
+        blocks_per_stage=(2, 2, 2, 2),
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width_mult: float = 1.0,
+    ):
         super().__init__()
         widths = [_scaled(w, width_mult) for w in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
@@ -107,8 +121,7 @@ class _Block(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.attn = _SelfAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), nn.GELU(),
-                                 nn.Linear(mlp_width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), nn.GELU(), nn.Linear(mlp_width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -120,9 +133,17 @@ class ViT(nn.Module):
     positional embedding, ``depth`` pre-norm layers, final LayerNorm and linear ``head`` on the
     class token. No dropout, so training is deterministic given the data order."""
 
-    def __init__(self, num_classes: int = 10, image_size: int = 32, patch_size: int = 4,
-                 width: int = 128, depth: int = 12, heads: int = 4, mlp_ratio: int = 4,
-                 in_channels: int = 3):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 32,
+        patch_size: int = 4,
+        width: int = 128,
+        depth: int = 12,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        in_channels: int = 3,
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of patch {patch_size}")
@@ -130,8 +151,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, width))
-        self.blocks = nn.Sequential(*[_Block(width, heads, mlp_ratio * width)
-                                      for _ in range(depth)])
+        self.blocks = nn.Sequential(*[_Block(width, heads, mlp_ratio * width) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

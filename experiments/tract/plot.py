@@ -7,6 +7,7 @@ scale). One line per run; runs that differ only in ``--seed`` share a colour and
 in the printed summary (final and best test accuracy, mean ± std over seeds). Reads each run's
 ``metrics.json``, so it works on unfinished runs too.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,11 @@ def load_run(run_dir) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is not readable JSON ({type(err).__name__}) — rerun that "
-                          f"training command to rewrite it") from None
+        raise ConfigError(
+            f"{path} is not readable JSON ({type(err).__name__}) — rerun that training command to rewrite it"
+        ) from None
     if not isinstance(doc, dict) or "config" not in doc or "epochs" not in doc:
-        raise ConfigError(f"{path} is not a train_cifar metrics file — pass train_cifar --out "
-                          f"folders")
+        raise ConfigError(f"{path} is not a train_cifar metrics file — pass train_cifar --out folders")
     doc["dir"] = str(run_dir)
     return doc
 
@@ -46,8 +47,10 @@ def _group_key(config: dict) -> tuple:
 
 def run_label(config: dict, with_seed: bool = True) -> str:
     method = f"TrAct l={config['l']:g}" if config.get("method") == "tract" else "normal"
-    label = (f"{config.get('model')} {method}, {config.get('optim')} lr={config.get('lr'):g}, "
-             f"{config.get('n_epochs')} ep")
+    label = (
+        f"{config.get('model')} {method}, {config.get('optim')} lr={config.get('lr'):g}, "
+        f"{config.get('n_epochs')} ep"
+    )
     return f"{label}, seed {config.get('seed')}" if with_seed else label
 
 
@@ -78,8 +81,14 @@ def compare_runs(run_dirs, out_png, title: str | None = None) -> dict:
             if len(members) > 1:
                 label += f" ({len(members)} seeds)"
             # markers: a run of one epoch is one point
-            kwargs = dict(color=colours(g % 10), lw=1.4, alpha=0.9, marker="o", markersize=4,
-                          label=label if i == 0 else None)
+            kwargs = dict(
+                color=colours(g % 10),
+                lw=1.4,
+                alpha=0.9,
+                marker="o",
+                markersize=4,
+                label=label if i == 0 else None,
+            )
             ax_acc.plot(epochs, [row["test_acc"] for row in run["epochs"]], **kwargs)
             ax_loss.plot(epochs, [row["train_loss"] for row in run["epochs"]], **kwargs)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
@@ -95,22 +104,36 @@ def compare_runs(run_dirs, out_png, title: str | None = None) -> dict:
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
-    run_rows = [{"dir": run["dir"], "label": run_label(run["config"]),
-                 "epochs": len(run["epochs"]),
-                 "final_test_acc": run["epochs"][-1]["test_acc"] if run["epochs"] else None,
-                 "best_test_acc": max((r["test_acc"] for r in run["epochs"]), default=None)}
-                for run in runs]
+    run_rows = [
+        {
+            "dir": run["dir"],
+            "label": run_label(run["config"]),
+            "epochs": len(run["epochs"]),
+            "final_test_acc": run["epochs"][-1]["test_acc"] if run["epochs"] else None,
+            "best_test_acc": max((r["test_acc"] for r in run["epochs"]), default=None),
+        }
+        for run in runs
+    ]
     group_rows = []
     for members in groups.values():
         finals = [m["epochs"][-1]["test_acc"] for m in members if m["epochs"]]
         bests = [max(r["test_acc"] for r in m["epochs"]) for m in members if m["epochs"]]
-        group_rows.append({"label": run_label(members[0]["config"], with_seed=False),
-                           "seeds": [m["config"].get("seed") for m in members],
-                           "final_test_acc": _mean_std(finals) if finals else None,
-                           "best_test_acc": _mean_std(bests) if bests else None})
+        group_rows.append(
+            {
+                "label": run_label(members[0]["config"], with_seed=False),
+                "seeds": [m["config"].get("seed") for m in members],
+                "final_test_acc": _mean_std(finals) if finals else None,
+                "best_test_acc": _mean_std(bests) if bests else None,
+            }
+        )
     for row in group_rows:
-        log.info("%-60s seeds %-10s final test acc %s  best %s", row["label"],
-                 ",".join(map(str, row["seeds"])), row["final_test_acc"], row["best_test_acc"])
+        log.info(
+            "%-60s seeds %-10s final test acc %s  best %s",
+            row["label"],
+            ",".join(map(str, row["seeds"])),
+            row["final_test_acc"],
+            row["best_test_acc"],
+        )
     log.info("figure written to %s", out_png)
     return {"runs": run_rows, "groups": group_rows, "figure": str(out_png)}
 

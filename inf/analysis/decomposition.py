@@ -40,6 +40,7 @@ when two gradients are parallel.
 any training loop — InfSGD on an infinite π-net included — and computes all of the above,
 for a basis given up front or chosen after training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,10 +53,23 @@ import torch
 from torch import nn
 
 __all__ = [
-    "FunctionBasis", "function_basis", "network_basis", "penultimate_features", "basis_gradients",
-    "eigenbasis", "conjugate_kernel", "after_kernel", "beta_coefficients", "reconstruct", "gradient_gram",
-    "gradient_independence", "tangent_kernel", "TrajectoryRecorder", "plot_beta_curves",
-    "plot_beta_vs_gradnorm", "plot_independence",
+    "FunctionBasis",
+    "function_basis",
+    "network_basis",
+    "penultimate_features",
+    "basis_gradients",
+    "eigenbasis",
+    "conjugate_kernel",
+    "after_kernel",
+    "beta_coefficients",
+    "reconstruct",
+    "gradient_gram",
+    "gradient_independence",
+    "tangent_kernel",
+    "TrajectoryRecorder",
+    "plot_beta_curves",
+    "plot_beta_vs_gradnorm",
+    "plot_independence",
 ]
 
 
@@ -103,8 +117,9 @@ def _output_is_infinite(net) -> bool:
 
 
 @torch.no_grad()
-def penultimate_features(net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = None,
-                         batch_size: int = 1024) -> torch.Tensor:
+def penultimate_features(
+    net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = None, batch_size: int = 1024
+) -> torch.Tensor:
     """The features Φ (N × D, float64) that the last linear map of ``net`` reads, on ``X``.
 
     * ``feature_fn(net, x)`` when given;
@@ -117,16 +132,20 @@ def penultimate_features(net: nn.Module, X: torch.Tensor, feature_fn: Callable |
     matrix) instead. Runs in eval mode.
     """
     if feature_fn is None and _output_is_infinite(net):
-        raise TypeError("an infinite π-net has infinitely many penultimate features: use after_kernel(net, X)")
+        raise TypeError(
+            "an infinite π-net has infinitely many penultimate features: use after_kernel(net, X)"
+        )
     if feature_fn is None and not hasattr(net, "features"):
-        raise TypeError(f"penultimate_features does not know the last hidden layer of {type(net).__name__}: "
-                        "give feature_fn(net, x) or define net.features(x)")
+        raise TypeError(
+            f"penultimate_features does not know the last hidden layer of {type(net).__name__}: "
+            "give feature_fn(net, x) or define net.features(x)"
+        )
     was_training = net.training
     net.eval()
     try:
         feats = []
         for i in range(0, len(X), batch_size):
-            x = X[i:i + batch_size]
+            x = X[i : i + batch_size]
             if feature_fn is not None:
                 h = torch.as_tensor(feature_fn(net, x))
             elif _is_pi_mlp(net):
@@ -143,8 +162,9 @@ def penultimate_features(net: nn.Module, X: torch.Tensor, feature_fn: Callable |
 
 
 @torch.no_grad()
-def after_kernel(net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = None,
-                 batch_size: int = 1024) -> torch.Tensor:
+def after_kernel(
+    net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = None, batch_size: int = 1024
+) -> torch.Tensor:
     """The conjugate kernel of ``net``'s last hidden layer on ``X`` (N × N, float64).
 
     * infinite π-net (output layer an ``InfPiLinearReLU``): the last hidden state ``g``
@@ -162,7 +182,9 @@ def after_kernel(net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = 
         was_training = net.training
         net.eval()
         try:
-            H = torch.cat([net.features(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]).double()
+            H = torch.cat(
+                [net.features(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]
+            ).double()
         finally:
             net.train(was_training)
         s, g = pi_features(H, getattr(net.output_layer, "layernorm", False))
@@ -238,9 +260,12 @@ class FunctionBasis:
         head = g[order]
         m = len(self)
         total = float((f.pow(2).sum() / self.N - head.pow(2).sum()).clamp_min(0).sqrt())
-        return {"index": [(int(k) // m, int(k) % m) for k in order], "values": head,
-                "grid_residual": float((g.pow(2).sum() - head.pow(2).sum()).clamp_min(0).sqrt()),
-                "total_residual": total}
+        return {
+            "index": [(int(k) // m, int(k) % m) for k in order],
+            "values": head,
+            "grid_residual": float((g.pow(2).sum() - head.pow(2).sum()).clamp_min(0).sqrt()),
+            "total_residual": total,
+        }
 
 
 def _rank(S: torch.Tensor, rtol: float) -> int:
@@ -249,8 +274,9 @@ def _rank(S: torch.Tensor, rtol: float) -> int:
     return int((S > rtol * S[0]).sum())
 
 
-def function_basis(features=None, readout_weight=None, *, outputs=None, kernel=None,
-                   rtol: float = 1e-10) -> FunctionBasis:
+def function_basis(
+    features=None, readout_weight=None, *, outputs=None, kernel=None, rtol: float = 1e-10
+) -> FunctionBasis:
     """The paper's basis (:class:`FunctionBasis`) of a final network on a held-out set.
 
     Give either
@@ -306,8 +332,9 @@ def function_basis(features=None, readout_weight=None, *, outputs=None, kernel=N
     return FunctionBasis(U, S, u * sign, s, vh.T * sign)
 
 
-def network_basis(net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = None,
-                  batch_size: int = 1024) -> FunctionBasis:
+def network_basis(
+    net: nn.Module, X: torch.Tensor, feature_fn: Callable | None = None, batch_size: int = 1024
+) -> FunctionBasis:
     """:func:`function_basis` of a final network on held-out inputs ``X``: the features
     from :func:`penultimate_features` (or the kernel :func:`after_kernel` for an infinite
     π-net) and the network's outputs."""
@@ -315,7 +342,7 @@ def network_basis(net: nn.Module, X: torch.Tensor, feature_fn: Callable | None =
     net.eval()
     try:
         with torch.no_grad():
-            f = torch.cat([net(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]).double()
+            f = torch.cat([net(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]).double()
     finally:
         net.train(was_training)
     f = f.reshape(len(f), -1)
@@ -324,8 +351,15 @@ def network_basis(net: nn.Module, X: torch.Tensor, feature_fn: Callable | None =
     return function_basis(penultimate_features(net, X, feature_fn, batch_size), outputs=f)
 
 
-def basis_gradients(net: nn.Module, X: torch.Tensor, basis: FunctionBasis, top: int | None = 10,
-                    batch_size: int = 512, proj_dim: int | None = None, seed: int = 0) -> dict:
+def basis_gradients(
+    net: nn.Module,
+    X: torch.Tensor,
+    basis: FunctionBasis,
+    top: int | None = 10,
+    batch_size: int = 512,
+    proj_dim: int | None = None,
+    seed: int = 0,
+) -> dict:
     """``β_i(θ)``, ``‖∇_θ β_i‖`` and ``cos(∇β_i, ∇β_j)`` for i, j ≤ ``top`` at the network's
     current parameters, on the held-out inputs ``X`` of ``basis``.
 
@@ -347,16 +381,18 @@ def basis_gradients(net: nn.Module, X: torch.Tensor, basis: FunctionBasis, top: 
     if _output_is_infinite(net) or proj_dim is not None:
         if _output_is_infinite(net):
             from .inf_ntk import inf_ntk
+
             theta = inf_ntk(net, X, kind="full").double()
         else:
             from .pntk import pntk
+
             theta = pntk(net, X, proj_dim=proj_dim, kind="full", seed=seed).double()
         gram = torch.einsum("icn,nmcd,jdm->ij", W, theta, W)
         was_training = net.training
         net.eval()
         try:
             with torch.no_grad():
-                f = torch.cat([net(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]).double()
+                f = torch.cat([net(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]).double()
         finally:
             net.train(was_training)
         beta = torch.einsum("icn,nc->i", W, f.reshape(len(f), -1))
@@ -370,14 +406,18 @@ def basis_gradients(net: nn.Module, X: torch.Tensor, basis: FunctionBasis, top: 
         net.eval()
         try:
             for a in range(0, len(X), batch_size):
-                out = net(X[a:a + batch_size])
+                out = net(X[a : a + batch_size])
                 out = out.reshape(len(out), -1)
-                w = W[:, :, a:a + batch_size].to(out.dtype)
+                w = W[:, :, a : a + batch_size].to(out.dtype)
                 for i in range(k):
                     b = (out * w[i].T).sum()
                     g = torch.autograd.grad(b, params, retain_graph=i < k - 1, allow_unused=True)
-                    grads[i] += torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1).double()
-                                           for p, gi in zip(params, g)])
+                    grads[i] += torch.cat(
+                        [
+                            (torch.zeros_like(p) if gi is None else gi).reshape(-1).double()
+                            for p, gi in zip(params, g)
+                        ]
+                    )
                     beta[i] += float(b.detach())
         finally:
             net.train(was_training)
@@ -433,8 +473,9 @@ def gradient_independence(gram: torch.Tensor, top: int | None = None) -> dict:
     return {"norms": norms, "cos": cos, "max_cos": float(off.max()) if len(G) > 1 else 0.0}
 
 
-def tangent_kernel(net: nn.Module, X: torch.Tensor, proj_dim: int | None = 512, lr_mults=None,
-                   seed: int = 0) -> torch.Tensor:
+def tangent_kernel(
+    net: nn.Module, X: torch.Tensor, proj_dim: int | None = 512, lr_mults=None, seed: int = 0
+) -> torch.Tensor:
     """The trace tangent kernel on ``X``: exact for an infinite π-net (``inf_ntk``), the
     projected NTK (``proj_dim``; None: exact) of any other model."""
     from ..layers import InfPiLinearReLU
@@ -480,9 +521,19 @@ class TrajectoryRecorder:
         batch_size: examples per forward pass when recording outputs.
     """
 
-    def __init__(self, phi=None, X=None, y=None, *, eigvals=None, num_classes: int | None = None,
-                 kernel_fn: Callable | None = None, kernel_every: int = 1, batch_size: int = 1024,
-                 snapshots: bool = False):
+    def __init__(
+        self,
+        phi=None,
+        X=None,
+        y=None,
+        *,
+        eigvals=None,
+        num_classes: int | None = None,
+        kernel_fn: Callable | None = None,
+        kernel_every: int = 1,
+        batch_size: int = 1024,
+        snapshots: bool = False,
+    ):
         if X is None or y is None:
             raise ValueError("TrajectoryRecorder needs the training inputs X and targets y")
         if len(X) != len(y):
@@ -515,8 +566,9 @@ class TrajectoryRecorder:
         :func:`eigenbasis`, so ``rec.set_basis(*eigenbasis(K))`` works."""
         phi = torch.as_tensor(phi).double()
         if phi.ndim != 2 or phi.shape[0] != len(self.X):
-            raise ValueError(f"the basis must be (N × m) with N = {len(self.X)} training examples, "
-                             f"got {tuple(phi.shape)}")
+            raise ValueError(
+                f"the basis must be (N × m) with N = {len(self.X)} training examples, got {tuple(phi.shape)}"
+            )
         self.phi = phi
         self.eigvals = None if eigvals is None else torch.as_tensor(eigvals).double()
         self.basis = None
@@ -541,7 +593,7 @@ class TrajectoryRecorder:
         was_training = net.training
         net.eval()
         try:
-            outs = [net(self.X[i:i + self.batch_size]) for i in range(0, len(self.X), self.batch_size)]
+            outs = [net(self.X[i : i + self.batch_size]) for i in range(0, len(self.X), self.batch_size)]
         finally:
             net.train(was_training)
         out = torch.cat(outs).detach().double().cpu()
@@ -554,10 +606,14 @@ class TrajectoryRecorder:
         parameters, for :meth:`compute_gradients`."""
         out = self._outputs(net)
         if out.shape[1] != self.targets.shape[1]:
-            raise ValueError(f"the network has {out.shape[1]} outputs but the targets {self.targets.shape[1]}")
+            raise ValueError(
+                f"the network has {out.shape[1]} outputs but the targets {self.targets.shape[1]}"
+            )
         if self.steps and step <= self.steps[-1]:
             raise ValueError(f"steps must increase: got {step} after {self.steps[-1]}")
-        want_kernel = kernel is not None or (self.kernel_fn is not None and len(self.steps) % self.kernel_every == 0)
+        want_kernel = kernel is not None or (
+            self.kernel_fn is not None and len(self.steps) % self.kernel_every == 0
+        )
         self.steps.append(int(step))
         self.outputs.append(out)
         if self.snapshots if snapshot is None else snapshot:
@@ -574,7 +630,9 @@ class TrajectoryRecorder:
     # ------------------------------------------------------------------ analysis
     def _need_basis(self):
         if self.phi is None and self.basis is None:
-            raise RuntimeError("no basis yet: call set_basis(eigvals, phi), e.g. with eigenbasis(after_kernel(net, X))")
+            raise RuntimeError(
+                "no basis yet: call set_basis(eigvals, phi), e.g. with eigenbasis(after_kernel(net, X))"
+            )
 
     def betas(self) -> torch.Tensor:
         """``β_i(t)`` for every recorded step: (T, m, O) for a kernel basis, (T, m, 1) for the
@@ -599,8 +657,14 @@ class TrajectoryRecorder:
             return self.basis.coefficients(self.targets)[:, None]
         return beta_coefficients(self.phi, self.targets)
 
-    def compute_gradients(self, net: nn.Module, top: int | None = 10, proj_dim: int | None = None, seed: int = 0,
-                          progress: bool = False) -> list[dict]:
+    def compute_gradients(
+        self,
+        net: nn.Module,
+        top: int | None = 10,
+        proj_dim: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> list[dict]:
         """With the paper's basis set and ``snapshots=True``: :func:`basis_gradients` at every
         recorded snapshot (loaded into a copy of ``net``). Exact by default; with
         ``proj_dim`` through a projected NTK with a fresh sketch per snapshot
@@ -618,8 +682,17 @@ class TrajectoryRecorder:
             model = snap if isinstance(snap, nn.Module) else work
             if not isinstance(snap, nn.Module):
                 work.load_state_dict(snap)
-            results.append(basis_gradients(model, self.X, self.basis, top=top, batch_size=self.batch_size,
-                                           proj_dim=proj_dim, seed=seed + k))
+            results.append(
+                basis_gradients(
+                    model,
+                    self.X,
+                    self.basis,
+                    top=top,
+                    batch_size=self.batch_size,
+                    proj_dim=proj_dim,
+                    seed=seed + k,
+                )
+            )
         self.gradient_steps, self.gradient_results = list(self.snapshot_steps), results
         return results
 
@@ -641,7 +714,9 @@ class TrajectoryRecorder:
 
     def independence(self, top: int | None = 10) -> torch.Tensor:
         """``max_{i≠j≤top} |cos(∇β_i, ∇β_j)|`` at each step with a recorded kernel: (T_k,)."""
-        return torch.tensor([gradient_independence(G, top)["max_cos"] for G in self.grams()], dtype=torch.float64)
+        return torch.tensor(
+            [gradient_independence(G, top)["max_cos"] for G in self.grams()], dtype=torch.float64
+        )
 
     @property
     def grad_steps(self) -> list[int]:
@@ -652,9 +727,12 @@ class TrajectoryRecorder:
         """Everything recorded, as a ``.npz`` file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"steps": np.array(self.steps), "targets": self.targets.numpy(),
-                  "outputs": torch.stack(self.outputs).numpy() if self.outputs else np.zeros((0,)),
-                  "kernel_steps": np.array(self.kernel_steps)}
+        arrays = {
+            "steps": np.array(self.steps),
+            "targets": self.targets.numpy(),
+            "outputs": torch.stack(self.outputs).numpy() if self.outputs else np.zeros((0,)),
+            "kernel_steps": np.array(self.kernel_steps),
+        }
         if self.kernels:
             arrays["kernels"] = torch.stack(self.kernels).numpy()
         if self.phi is not None:
@@ -713,10 +791,20 @@ def atomic_savez(path, **arrays) -> Path:
 # ---------------------------------------------------------------------- plots
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.size": 13, "axes.titlesize": 14, "axes.labelsize": 14, "legend.fontsize": 11,
-                         "xtick.labelsize": 12, "ytick.labelsize": 12})
+
+    plt.rcParams.update(
+        {
+            "font.size": 13,
+            "axes.titlesize": 14,
+            "axes.labelsize": 14,
+            "legend.fontsize": 11,
+            "xtick.labelsize": 12,
+            "ytick.labelsize": 12,
+        }
+    )
     return plt
 
 
@@ -729,7 +817,9 @@ def _basis_label(rec) -> str:
     return "paper's basis" if rec.basis is not None else "kernel eigenbasis"
 
 
-def plot_beta_curves(rec: TrajectoryRecorder, path, top: int = 12, title: str | None = None, dpi: int = 100) -> Path:
+def plot_beta_curves(
+    rec: TrajectoryRecorder, path, top: int = 12, title: str | None = None, dpi: int = 100
+) -> Path:
     """``|β_i(t)|`` of the leading basis functions against the step (left; dashed: ``|β*_i|``,
     the targets' coefficients — with the paper's basis the final ``s_i``) and the remaining
     fraction ``|β_i(t) − β*_i| / |β*_i|``
@@ -745,27 +835,35 @@ def plot_beta_curves(rec: TrajectoryRecorder, path, top: int = 12, title: str | 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.2))
     for i in range(m):
         c = cmap(i)
-        a1.plot(x, B[:, i].norm(dim=1).numpy(), color=c, lw=2, label=fr"$\beta_{{{i + 1}}}$")
+        a1.plot(x, B[:, i].norm(dim=1).numpy(), color=c, lw=2, label=rf"$\beta_{{{i + 1}}}$")
         a1.axhline(float(star[i].norm()), color=c, lw=1, ls="--")
         frac = (B[:, i] - star[i]).norm(dim=1) / star[i].norm().clamp_min(1e-300)
-        a2.plot(x, frac.numpy(), color=c, lw=2, label=fr"$\beta_{{{i + 1}}}$")
+        a2.plot(x, frac.numpy(), color=c, lw=2, label=rf"$\beta_{{{i + 1}}}$")
     for a in (a1, a2):
         a.set_xscale("log")
         a.set_xlabel("step + 1")
         a.grid(alpha=0.3)
     ref = r"s_i" if paper else r"\beta^*_i"
-    a1.set_ylabel(r"$|\beta_i(t)|$  (dashed: " + (r"final $s_i$)" if paper else r"$|\beta^*_i|$ of the targets)"))
+    a1.set_ylabel(
+        r"$|\beta_i(t)|$  (dashed: " + (r"final $s_i$)" if paper else r"$|\beta^*_i|$ of the targets)")
+    )
     a2.set_ylabel(rf"$|\beta_i(t)-{ref}| \,/\, |{ref}|$")
     a2.set_ylim(0, 1.5)
-    fig.legend(*a1.get_legend_handles_labels(), loc="center right", title="basis function",
-               ncol=1 if m <= 12 else 2, frameon=False)
+    fig.legend(
+        *a1.get_legend_handles_labels(),
+        loc="center right",
+        title="basis function",
+        ncol=1 if m <= 12 else 2,
+        frameon=False,
+    )
     fig.suptitle(title or f"coefficients on the {_basis_label(rec)}")
     fig.tight_layout(rect=(0, 0, 0.88 if m <= 12 else 0.82, 1))
     return _save(fig, path, dpi)
 
 
-def plot_beta_vs_gradnorm(rec: TrajectoryRecorder, path, top: int | None = 100, title: str | None = None,
-                          dpi: int = 100) -> Path:
+def plot_beta_vs_gradnorm(
+    rec: TrajectoryRecorder, path, top: int | None = 100, title: str | None = None, dpi: int = 100
+) -> Path:
     """``|β_i|`` against ``‖∇β_i‖`` (log axes) for every basis function, coloured by the
     recorded step (colorbar)."""
     plt = _plt()
@@ -794,8 +892,13 @@ def plot_beta_vs_gradnorm(rec: TrajectoryRecorder, path, top: int | None = 100, 
     return _save(fig, path, dpi)
 
 
-def plot_independence(rec: TrajectoryRecorder, path, tops: tuple[int, ...] = (5, 10, 20), title: str | None = None,
-                      dpi: int = 100) -> Path:
+def plot_independence(
+    rec: TrajectoryRecorder,
+    path,
+    tops: tuple[int, ...] = (5, 10, 20),
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
     """The gradient-independence measure over training, for the leading 5, 10, 20 basis functions."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(12, 6))

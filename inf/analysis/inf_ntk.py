@@ -43,6 +43,7 @@ SGD is plain SGD), gradient clipping, and TrAct's preconditioner of the input we
 ``kind="trace"`` returns ``Σ_k Θ_kk`` (N × M); ``kind="pseudo"`` returns
 ``(1/O) Σ_{k,k'} Θ_kk'``; ``kind="full"`` the whole (N, M, O, O) array.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -64,16 +65,25 @@ def _check_net(net) -> list:
     except AttributeError:
         layers = []
     if len(layers) < 2 or not all(isinstance(m, InfPiLinearReLU) for m in layers[1:]):
-        raise TypeError("inf_ntk needs an infinite π-net with input_layer, hidden_layers and output_layer "
-                        "(e.g. inf.networks.InfMLP); for finite models use inf.analysis.pntk / empirical_ntk")
+        raise TypeError(
+            "inf_ntk needs an infinite π-net with input_layer, hidden_layers and output_layer "
+            "(e.g. inf.networks.InfMLP); for finite models use inf.analysis.pntk / empirical_ntk"
+        )
     if not layers[-1].output_layer:
         raise TypeError("the net's output_layer must be InfPiLinearReLU(output_layer=True)")
     return layers
 
 
 def _layer_forward(layer: InfPiLinearReLU, g: torch.Tensor) -> torch.Tensor:
-    out = inf_pi_linear_relu(g, layer.A, layer.coefficients.detach(), layer.B, recording=None, layernorm=layer.layernorm,
-                             chunk_rows=layer._chunk_rows(g.shape[0], g.dtype))
+    out = inf_pi_linear_relu(
+        g,
+        layer.A,
+        layer.coefficients.detach(),
+        layer.B,
+        recording=None,
+        layernorm=layer.layernorm,
+        chunk_rows=layer._chunk_rows(g.shape[0], g.dtype),
+    )
     if layer.bias is not None:
         out = out + (layer.bias_alpha * layer.bias.detach()).to(out.dtype)
     return out
@@ -121,8 +131,16 @@ def _rows_weight(ha: torch.Tensor, hb: torch.Tensor, layernorm: bool) -> torch.T
     return sa[:, None] * sb[None, :] * F00(ga @ gb.T)
 
 
-def inf_ntk(net, X: torch.Tensor, Y: torch.Tensor | None = None, lr_mults=None, kind: str = "full",
-            base_lr: float | None = None, chunk_size: int = 512, by_term: bool = False):
+def inf_ntk(
+    net,
+    X: torch.Tensor,
+    Y: torch.Tensor | None = None,
+    lr_mults=None,
+    kind: str = "full",
+    base_lr: float | None = None,
+    chunk_size: int = 512,
+    by_term: bool = False,
+):
     """The tangent kernel Θ(x, y) of an infinite π-net under InfSGD (module docstring).
 
     Args:
@@ -146,8 +164,11 @@ def inf_ntk(net, X: torch.Tensor, Y: torch.Tensor | None = None, lr_mults=None, 
     layers = _check_net(net)
     first = layers[0]
     if hasattr(first, "unwrap"):
-        warnings.warn("the input layer trains with TrAct; inf_ntk gives the tangent kernel of plain SGD, "
-                      "without TrAct's preconditioning of the input weight", RuntimeWarning)
+        warnings.warn(
+            "the input layer trains with TrAct; inf_ntk gives the tangent kernel of plain SGD, "
+            "without TrAct's preconditioning of the input weight",
+            RuntimeWarning,
+        )
     dtype = first.A.dtype if first.A.dtype in (torch.float32, torch.float64) else torch.float32
     device = first.A.device
     X = torch.as_tensor(X).to(device=device, dtype=dtype)
@@ -163,10 +184,13 @@ def inf_ntk(net, X: torch.Tensor, Y: torch.Tensor | None = None, lr_mults=None, 
         return mults.get(id(p), 1.0)
 
     def states(Z):
-        parts = [inf_jacobians(net, Z[i:i + chunk_size]) for i in range(0, Z.shape[0], chunk_size)]
-        return {"J": [torch.cat([p["J"][l] for p in parts]) for l in range(len(parts[0]["J"]))],
-                "h": [torch.cat([p["h"][l] for p in parts]) for l in range(len(parts[0]["h"]))],
-                "x": Z}
+        parts = [inf_jacobians(net, Z[i : i + chunk_size]) for i in range(0, Z.shape[0], chunk_size)]
+        return {
+            "J": [torch.cat([p["J"][l] for p in parts]) for l in range(len(parts[0]["J"]))],
+            "h": [torch.cat([p["h"][l] for p in parts]) for l in range(len(parts[0]["h"]))],
+            "x": Z,
+        }
+
     # the π-layers run with no row store: a gradient the caller has pending is left as it was
     sx = states(X)
     sy = sx if Y is X else states(Y)
@@ -178,18 +202,18 @@ def inf_ntk(net, X: torch.Tensor, Y: torch.Tensor | None = None, lr_mults=None, 
     # (name, weight matrix N × M, index of J, or None for the output layer's α_L I)
     terms = []
     if first.A.requires_grad:
-        terms.append(("layers.0.A", m(first.A) * a1 ** 2 * (sx["x"] @ sy["x"].T), 0))
+        terms.append(("layers.0.A", m(first.A) * a1**2 * (sx["x"] @ sy["x"].T), 0))
     if first.bias is not None and first.bias.requires_grad:
-        w = m(first.bias) * a1 ** 2 * first.bias_alpha ** 2
+        w = m(first.bias) * a1**2 * first.bias_alpha**2
         terms.append(("layers.0.bias", torch.full((N, M), w, dtype=dtype, device=device), 0))
     for i, layer in enumerate(layers[1:], start=1):
         jac = None if layer.output_layer else i
-        scale = aL ** 2 if layer.output_layer else 1.0
+        scale = aL**2 if layer.output_layer else 1.0
         if layer.coefficients.requires_grad:
             W = _rows_weight(sx["h"][i - 1], sy["h"][i - 1], layer.layernorm)
             terms.append((f"layers.{i}.rows", m(layer.coefficients) * scale * W, jac))
         if layer.bias is not None and layer.bias.requires_grad:
-            w = m(layer.bias) * scale * layer.bias_alpha ** 2
+            w = m(layer.bias) * scale * layer.bias_alpha**2
             terms.append((f"layers.{i}.bias", torch.full((N, M), w, dtype=dtype, device=device), jac))
 
     shape = (N, M, O, O) if kind == "full" else (N, M)
@@ -207,11 +231,28 @@ def inf_ntk(net, X: torch.Tensor, Y: torch.Tensor | None = None, lr_mults=None, 
     return (total, per_term) if by_term else total
 
 
-def inf_ntk_diagonal(net, X: torch.Tensor, lr_mults=None, kind: str = "trace", base_lr: float | None = None,
-                     chunk_size: int = 256) -> torch.Tensor:
+def inf_ntk_diagonal(
+    net,
+    X: torch.Tensor,
+    lr_mults=None,
+    kind: str = "trace",
+    base_lr: float | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """``Θ(x, x)`` for every example (``kind`` trace or pseudo), without the N × N matrix."""
     if kind not in ("trace", "pseudo"):
         raise ValueError(f"inf_ntk_diagonal supports kind 'trace' or 'pseudo', got {kind!r}")
     X = torch.as_tensor(X)
-    return torch.cat([inf_ntk(net, X[i:i + chunk_size], lr_mults=lr_mults, kind=kind, base_lr=base_lr,
-                              chunk_size=chunk_size).diagonal() for i in range(0, X.shape[0], chunk_size)])
+    return torch.cat(
+        [
+            inf_ntk(
+                net,
+                X[i : i + chunk_size],
+                lr_mults=lr_mults,
+                kind=kind,
+                base_lr=base_lr,
+                chunk_size=chunk_size,
+            ).diagonal()
+            for i in range(0, X.shape[0], chunk_size)
+        ]
+    )

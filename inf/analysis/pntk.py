@@ -54,6 +54,7 @@ Also here: the top-k most similar training examples of each test example
 logistic or ridge model fitted on the kernel — with its agreement with the network
 (:class:`KernelSurrogate`, :func:`surrogate_agreement`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,10 +75,27 @@ from torch import nn
 from ..tensors import FinPiParameter, owner_of
 
 __all__ = [
-    "Features", "pntk_features", "load_features", "empirical_ntk", "exact_ntk", "pntk", "ntk_from_features",
-    "ntk_over_checkpoints", "kernel_diagonal", "cosine_normalize", "projection_layout", "topk_similar",
-    "save_topk_grid", "KernelSurrogate", "surrogate_agreement", "misclassification_overlap", "resolve_lr_mults",
-    "trainable_parameters", "make_projector", "KINDS", "PROJ_TYPES",
+    "Features",
+    "pntk_features",
+    "load_features",
+    "empirical_ntk",
+    "exact_ntk",
+    "pntk",
+    "ntk_from_features",
+    "ntk_over_checkpoints",
+    "kernel_diagonal",
+    "cosine_normalize",
+    "projection_layout",
+    "topk_similar",
+    "save_topk_grid",
+    "KernelSurrogate",
+    "surrogate_agreement",
+    "misclassification_overlap",
+    "resolve_lr_mults",
+    "trainable_parameters",
+    "make_projector",
+    "KINDS",
+    "PROJ_TYPES",
 ]
 
 KINDS = ("full", "trace", "pseudo")
@@ -97,9 +115,11 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, InfPiLinearReLU) for m in model.modules()):
-        raise TypeError("this model contains infinite π-layers (InfPiLinearReLU), whose weights are rows, "
-                        "not parameters: use inf.analysis.inf_ntk(net, X) for its exact tangent kernel, or "
-                        "the pNTK of a finite net sampled from it (net.sample(n))")
+        raise TypeError(
+            "this model contains infinite π-layers (InfPiLinearReLU), whose weights are rows, "
+            "not parameters: use inf.analysis.inf_ntk(net, X) for its exact tangent kernel, or "
+            "the pNTK of a finite net sampled from it (net.sample(n))"
+        )
     params = {}
     seen = set()
     for name, p in model.named_parameters():
@@ -107,8 +127,10 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(p))
             params[name] = p
     if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
-                         "its tangent kernel is zero")
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
+            "its tangent kernel is zero"
+        )
     return params
 
 
@@ -155,14 +177,18 @@ def resolve_lr_mults(model: nn.Module, lr_mults=None, base_lr: float | None = No
             m["last_bias"] = float(lr_mults.get("last_bias", m["bias"] * m["last"]))
             roles = _layer_roles(model)
             if not roles:
-                raise ValueError("lr_mults by role needs a net with .layers (input, hidden…, output); "
-                                 "give a dict of parameter names or the optimizer's param groups instead")
+                raise ValueError(
+                    "lr_mults by role needs a net with .layers (input, hidden…, output); "
+                    "give a dict of parameter names or the optimizer's param groups instead"
+                )
             return {pid: m[role] for pid, role in roles.items()}
         names = dict(model.named_parameters())
         unknown = keys - set(names)
         if unknown:
-            raise ValueError(f"lr_mults names {sorted(unknown)[:5]} are neither roles {_ROLES} nor parameters "
-                             f"of the model (e.g. {list(names)[:3]})")
+            raise ValueError(
+                f"lr_mults names {sorted(unknown)[:5]} are neither roles {_ROLES} nor parameters "
+                f"of the model (e.g. {list(names)[:3]})"
+            )
         return {id(names[k]): float(v) for k, v in lr_mults.items()}
     if isinstance(lr_mults, (list, tuple)):
         for g in lr_mults:
@@ -173,7 +199,9 @@ def resolve_lr_mults(model: nn.Module, lr_mults=None, base_lr: float | None = No
             elif base_lr:
                 mult = float(g["lr"]) / float(base_lr)
             else:
-                raise ValueError("a param group without 'lr_mult' needs base_lr to turn its lr into a multiplier")
+                raise ValueError(
+                    "a param group without 'lr_mult' needs base_lr to turn its lr into a multiplier"
+                )
             for p in g["params"]:
                 out[id(p)] = mult
         return out
@@ -219,8 +247,12 @@ def _fingerprint_data(X, chunk: int = 4096) -> str:
     h = hashlib.sha1()
     h.update(str(tuple(X.shape)).encode())
     for lo in range(0, len(X), chunk):
-        part = X[lo:lo + chunk]
-        a = part.detach().cpu().contiguous().numpy() if isinstance(part, torch.Tensor) else np.ascontiguousarray(part)
+        part = X[lo : lo + chunk]
+        a = (
+            part.detach().cpu().contiguous().numpy()
+            if isinstance(part, torch.Tensor)
+            else np.ascontiguousarray(part)
+        )
         h.update(a.tobytes())
     return h.hexdigest()
 
@@ -243,15 +275,27 @@ def _check_proj_type(proj_type: str):
 def _projector_plan(grad_dim: int, proj_dim: int, device, dtype, memory_bytes: int) -> tuple[str, int]:
     """``("cuda", 0)`` for TRAK's CudaProjector, else ``("basic", column block size)``."""
     device = torch.device(device)
-    if (device.type == "cuda" and dtype in (torch.float16, torch.float32) and proj_dim % 512 == 0
-            and _fast_jl_available()):
+    if (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.float32)
+        and proj_dim % 512 == 0
+        and _fast_jl_available()
+    ):
         return "cuda", 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     return "basic", int(max(1, min(proj_dim, memory_bytes // max(1, grad_dim * itemsize))))
 
 
-def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "sparse",
-                   device="cpu", dtype=torch.float32, memory_bytes: int = 64 * 2**20, nnz: int = 1):
+def make_projector(
+    grad_dim: int,
+    proj_dim: int,
+    seed: int,
+    proj_type: str = "sparse",
+    device="cpu",
+    dtype=torch.float32,
+    memory_bytes: int = 64 * 2**20,
+    nnz: int = 1,
+):
     """A projector from ``grad_dim`` to ``proj_dim`` in TRAK's convention (``project``
     returns ``√K`` times a unit-scaled sketch). Returns ``(projector, description)``.
 
@@ -273,14 +317,19 @@ def make_projector(grad_dim: int, proj_dim: int, seed: int, proj_type: str = "sp
     try:
         from trak.projectors import BasicProjector, CudaProjector, ProjectionType
     except ImportError as e:  # pragma: no cover - exercised only without the dependency
-        raise ImportError(f"proj_type={proj_type!r} needs the 'traker' package (TRAK's projectors): "
-                          "pip install --no-deps traker, or use proj_type='sparse'") from e
+        raise ImportError(
+            f"proj_type={proj_type!r} needs the 'traker' package (TRAK's projectors): "
+            "pip install --no-deps traker, or use proj_type='sparse'"
+        ) from e
     kind, block = _projector_plan(grad_dim, proj_dim, device, dtype, memory_bytes)
     if kind == "cuda":
-        proj = CudaProjector(grad_dim, proj_dim, seed, ProjectionType(proj_type), torch.device(device),
-                             max_batch_size=32)
+        proj = CudaProjector(
+            grad_dim, proj_dim, seed, ProjectionType(proj_type), torch.device(device), max_batch_size=32
+        )
         return proj, "cuda"
-    proj = BasicProjector(grad_dim, proj_dim, seed, proj_type, torch.device(device), block_size=block, dtype=dtype)
+    proj = BasicProjector(
+        grad_dim, proj_dim, seed, proj_type, torch.device(device), block_size=block, dtype=dtype
+    )
     return proj, f"basic(block={block})"
 
 
@@ -349,8 +398,14 @@ class _GradientMap:
         return jac if s == 1.0 else jac * s
 
 
-def _jacobian_fn(model: nn.Module, outputs: str, n_out: int, frozen: dict[str, torch.Tensor],
-                 params: dict[str, torch.Tensor], gmap: _GradientMap):
+def _jacobian_fn(
+    model: nn.Module,
+    outputs: str,
+    n_out: int,
+    frozen: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    gmap: _GradientMap,
+):
     from torch.func import functional_call
 
     norm = 1.0 / math.sqrt(n_out)
@@ -362,6 +417,7 @@ def _jacobian_fn(model: nn.Module, outputs: str, n_out: int, frozen: dict[str, t
             raise TypeError("the model must return one tensor of outputs (batch × O)")
         out = out.reshape(-1)
         return out.sum(0, keepdim=True) * norm if outputs == "sum" else out
+
     return f
 
 
@@ -381,8 +437,11 @@ def _per_example_jacobian(model, names, params, gmap, x, outputs, n_out, state) 
             if "vmap" not in msg and "data-dependent" not in msg and "Batching rule" not in msg:
                 raise
             state["no_vmap"] = True
-            warnings.warn(f"{type(model).__name__} does not run under torch.func.vmap ({msg.splitlines()[0][:120]}); "
-                          "computing per-example gradients one example at a time (slower)", RuntimeWarning)
+            warnings.warn(
+                f"{type(model).__name__} does not run under torch.func.vmap ({msg.splitlines()[0][:120]}); "
+                "computing per-example gradients one example at a time (slower)",
+                RuntimeWarning,
+            )
     rows = [jf(block, x[i]) for i in range(x.shape[0])]
     return {n: torch.stack([r[n] for r in rows]) for n in names}
 
@@ -430,28 +489,64 @@ class Features:
         return tuple(self.array.shape)
 
 
-def _settings(model, X, params, gmap, blocks, proj_dim, proj_type, seed, outputs, n_out, dtype, K,
-              projector_kinds, lr_fingerprint) -> dict:
+def _settings(
+    model,
+    X,
+    params,
+    gmap,
+    blocks,
+    proj_dim,
+    proj_type,
+    seed,
+    outputs,
+    n_out,
+    dtype,
+    K,
+    projector_kinds,
+    lr_fingerprint,
+) -> dict:
     return {
         "format": _FORMAT_VERSION,
-        "N": int(len(X)), "O": int(1 if outputs == "sum" else n_out), "n_outputs": int(n_out), "K": int(K),
-        "proj_dim": proj_dim, "proj_type": proj_type, "seed": int(seed), "outputs": outputs,
+        "N": int(len(X)),
+        "O": int(1 if outputs == "sum" else n_out),
+        "n_outputs": int(n_out),
+        "K": int(K),
+        "proj_dim": proj_dim,
+        "proj_type": proj_type,
+        "seed": int(seed),
+        "outputs": outputs,
         "dtype": str(dtype).replace("torch.", ""),
         "params": [[n, list(params[n].shape), gmap.dims[n], n in gmap.basis] for n in params],
-        "blocks": blocks, "projectors": projector_kinds,
+        "blocks": blocks,
+        "projectors": projector_kinds,
         "lr_mults": lr_fingerprint,
         "model": _fingerprint_tensors([*params.values(), *model.buffers()]),
         "data": _fingerprint_data(X),
     }
 
 
-def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str | os.PathLike | None = None,
-                  proj_type: str = "sparse", seed: int = 0, outputs: str = "all", pi_project: bool = True,
-                  proj_nnz: int = 1,
-                  lr_mults=None, base_lr: float | None = None, chunk_size: int | None = None,
-                  block_numel: int = 2**22, memory_bytes: int = 256 * 2**20, proj_memory: int = 512 * 2**20,
-                  max_chunks: int | None = None,
-                  overwrite: bool = False, dtype: torch.dtype | None = None, progress: bool = False) -> Features:
+def pntk_features(
+    model: nn.Module,
+    X,
+    proj_dim: int | None = 1024,
+    *,
+    path: str | os.PathLike | None = None,
+    proj_type: str = "sparse",
+    seed: int = 0,
+    outputs: str = "all",
+    pi_project: bool = True,
+    proj_nnz: int = 1,
+    lr_mults=None,
+    base_lr: float | None = None,
+    chunk_size: int | None = None,
+    block_numel: int = 2**22,
+    memory_bytes: int = 256 * 2**20,
+    proj_memory: int = 512 * 2**20,
+    max_chunks: int | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Features:
     """Projected per-example gradients ``φ(x) = J(x) R`` of ``model`` on ``X`` (N × O × K).
 
     Args:
@@ -488,8 +583,9 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
     """
     if outputs not in ("all", "sum"):
         raise ValueError(f"outputs must be 'all' or 'sum', got {outputs!r}")
-    if proj_dim is not None and (not isinstance(proj_dim, (int, np.integer)) or isinstance(proj_dim, bool)
-                                 or proj_dim <= 0):
+    if proj_dim is not None and (
+        not isinstance(proj_dim, (int, np.integer)) or isinstance(proj_dim, bool) or proj_dim <= 0
+    ):
         raise ValueError(f"proj_dim (K) must be a positive integer or None (exact), got {proj_dim!r}")
     if len(X) == 0:
         raise ValueError("X is empty")
@@ -525,8 +621,9 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
             kind, block = _projector_plan(d, K, device, pdtype, budget)
             kinds.append(kind if kind == "cuda" else f"basic(block={block})")
     lr_fp = sorted([n, mults[id(p)]] for n, p in params.items() if id(p) in mults)
-    meta = _settings(model, X, params, gmap, blocks, proj_dim, proj_type, seed, outputs, n_out, dtype, K, kinds,
-                     lr_fp)
+    meta = _settings(
+        model, X, params, gmap, blocks, proj_dim, proj_type, seed, outputs, n_out, dtype, K, kinds, lr_fp
+    )
     if chunk_size is None:
         # vmap materialises the raw gradient of a block (π-weights included) per example and output
         biggest = max(sum(params[n].numel() for n in names) for names in blocks)
@@ -541,14 +638,16 @@ def pntk_features(model: nn.Module, X, proj_dim: int | None = 1024, *, path: str
     chunk_size = feats.chunk_size
     todo = [i for i in range(len(feats.done)) if not feats.done[i]]
     if max_chunks is not None:
-        todo = todo[:max(0, int(max_chunks))]
+        todo = todo[: max(0, int(max_chunks))]
     if todo:
         projectors = []
         if proj_dim is not None and proj_type == "sparse":
             projectors = [make_projector(P, K, seed, "sparse", device, pdtype, nnz=proj_nnz)[0]]
         elif proj_dim is not None:
-            projectors = [make_projector(d, K, seed + 10_000_019 * b, proj_type, device, pdtype, budget)[0]
-                          for b, (d, budget) in enumerate(zip(dims, budgets))]
+            projectors = [
+                make_projector(d, K, seed + 10_000_019 * b, proj_type, device, pdtype, budget)[0]
+                for b, (d, budget) in enumerate(zip(dims, budgets))
+            ]
         bar = _progress(todo, progress, "pNTK features")
         state: dict[str, Any] = {}
         with _vmap_friendly(model):
@@ -598,13 +697,16 @@ def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
     from tqdm.auto import tqdm
+
     return tqdm(items, desc=desc, leave=False)
 
 
 def _open_store(path, meta: dict, shape: tuple, np_dtype, chunk_size: int, overwrite: bool) -> Features:
     n_chunks = -(-shape[0] // chunk_size)
     if path is None:
-        return Features(np.zeros(shape, dtype=np_dtype), meta, np.zeros(n_chunks, dtype=bool), None, chunk_size)
+        return Features(
+            np.zeros(shape, dtype=np_dtype), meta, np.zeros(n_chunks, dtype=bool), None, chunk_size
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta_file, feat_file, done_file = path / "meta.json", path / "features.npy", path / "done.npy"
@@ -612,14 +714,18 @@ def _open_store(path, meta: dict, shape: tuple, np_dtype, chunk_size: int, overw
         stored = json.loads(meta_file.read_text())
         diff = [k for k in meta if stored.get("settings", {}).get(k) != json.loads(json.dumps(meta[k]))]
         if diff:
-            raise ValueError(f"{path} holds features computed with different {', '.join(diff)}: "
-                             "pass overwrite=True or another path")
+            raise ValueError(
+                f"{path} holds features computed with different {', '.join(diff)}: "
+                "pass overwrite=True or another path"
+            )
         chunk_size = int(stored["chunk_size"])
         array = np.load(feat_file, mmap_mode="r+")
         done = np.load(done_file, mmap_mode="r+")
         if array.shape != shape or done.shape != (-(-shape[0] // chunk_size),):
-            raise ValueError(f"{path}: stored arrays have unexpected shapes {array.shape}, {done.shape}; "
-                             "the folder is corrupt: pass overwrite=True")
+            raise ValueError(
+                f"{path}: stored arrays have unexpected shapes {array.shape}, {done.shape}; "
+                "the folder is corrupt: pass overwrite=True"
+            )
         return Features(array, meta, done, path, chunk_size)
     for f in (meta_file, feat_file, done_file):
         if f.exists():
@@ -639,9 +745,20 @@ def empirical_ntk(model: nn.Module, X, Y=None, kind: str = "full", **kw) -> torc
     return pntk(model, X, Y, proj_dim=None, kind=kind, **kw)
 
 
-def exact_ntk(model: nn.Module, X, Y=None, kind: str = "trace", *, pi_project: bool = True, lr_mults=None,
-              base_lr: float | None = None, chunk_size: int = 64, memory_bytes: int = 128 * 2**20,
-              dtype: torch.dtype = torch.float64, progress: bool = False) -> torch.Tensor:
+def exact_ntk(
+    model: nn.Module,
+    X,
+    Y=None,
+    kind: str = "trace",
+    *,
+    pi_project: bool = True,
+    lr_mults=None,
+    base_lr: float | None = None,
+    chunk_size: int = 64,
+    memory_bytes: int = 128 * 2**20,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+) -> torch.Tensor:
     """The exact empirical NTK between ``X`` and ``Y`` (default ``X``), computed parameter by
     parameter (and in coordinate slices of large parameters), so that only one slice of
     the Jacobian — ``(N + M) · O · slice`` numbers, within ``memory_bytes`` — is held:
@@ -675,9 +792,11 @@ def exact_ntk(model: nn.Module, X, Y=None, kind: str = "trace", *, pi_project: b
             for S in sets:
                 F = torch.empty(len(S), O, hi - lo, dtype=dtype)
                 for a in range(0, len(S), chunk_size):
-                    x = _as_tensor(S[a:a + chunk_size], device, pdtype)
+                    x = _as_tensor(S[a : a + chunk_size], device, pdtype)
                     jac = _per_example_jacobian(model, [name], params, gmap, x, outputs, n_out, state)
-                    F[a:a + x.shape[0]] = gmap.flatten(name, jac[name])[:, :, lo:hi].detach().to("cpu", dtype)
+                    F[a : a + x.shape[0]] = (
+                        gmap.flatten(name, jac[name])[:, :, lo:hi].detach().to("cpu", dtype)
+                    )
                 feats.append(F)
             FX, FY = feats[0], feats[-1]
             if kind == "full":
@@ -701,15 +820,26 @@ def pntk(model: nn.Module, X, Y=None, proj_dim: int | None = 1024, kind: str = "
 
 def _check_compatible_inputs(X, Y):
     if tuple(X.shape[1:]) != tuple(Y.shape[1:]):
-        raise ValueError(f"the two data sets have different example shapes {tuple(X.shape[1:])} and "
-                         f"{tuple(Y.shape[1:])}")
+        raise ValueError(
+            f"the two data sets have different example shapes {tuple(X.shape[1:])} and {tuple(Y.shape[1:])}"
+        )
 
 
 # ----------------------------------------------------------------------------- kernels
 # what fixes the random projection (and the meaning of a feature coordinate): features whose
 # layouts differ are sketches with different matrices, and their inner products are noise
-_LAYOUT_KEYS = ("seed", "proj_type", "proj_dim", "K", "model_id", "projectors", "blocks", "params", "lr_mults",
-                "n_outputs")
+_LAYOUT_KEYS = (
+    "seed",
+    "proj_type",
+    "proj_dim",
+    "K",
+    "model_id",
+    "projectors",
+    "blocks",
+    "params",
+    "lr_mults",
+    "n_outputs",
+)
 
 
 def projection_layout(meta: dict) -> dict:
@@ -726,8 +856,10 @@ def load_features(path: str | os.PathLike) -> Features:
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} holds no stored features (no meta.json): give the folder that "
-                                "pntk_features(..., path=...) wrote")
+        raise FileNotFoundError(
+            f"{path} holds no stored features (no meta.json): give the folder that "
+            "pntk_features(..., path=...) wrote"
+        )
     stored = json.loads(meta_file.read_text())
     if "settings" not in stored or "chunk_size" not in stored:
         raise ValueError(f"{meta_file} is not a feature description written by pntk_features")
@@ -735,8 +867,10 @@ def load_features(path: str | os.PathLike) -> Features:
     done = np.load(path / "done.npy", mmap_mode="r")
     meta = stored["settings"]
     if array.shape != (meta["N"], meta["O"], meta["K"]):
-        raise ValueError(f"{path}: features.npy has shape {array.shape}, meta.json says "
-                         f"{(meta['N'], meta['O'], meta['K'])}; the folder is corrupt")
+        raise ValueError(
+            f"{path}: features.npy has shape {array.shape}, meta.json says "
+            f"{(meta['N'], meta['O'], meta['K'])}; the folder is corrupt"
+        )
     return Features(array, meta, done, path, int(stored["chunk_size"]))
 
 
@@ -744,8 +878,10 @@ def _features_array(F) -> tuple[Any, str | None, dict | None]:
     """``(array N × O × K, outputs or None, meta or None)`` of features, an array or a tensor."""
     if isinstance(F, Features):
         if not F.complete:
-            raise ValueError(f"the features are incomplete ({F.missing_chunks} chunks missing): call "
-                             "pntk_features again with the same arguments to finish them")
+            raise ValueError(
+                f"the features are incomplete ({F.missing_chunks} chunks missing): call "
+                "pntk_features again with the same arguments to finish them"
+            )
         return F.array, F.outputs, F.meta
     if isinstance(F, torch.Tensor):
         F = F.detach().cpu().numpy()
@@ -759,8 +895,10 @@ def _features_array(F) -> tuple[Any, str | None, dict | None]:
 
 def _check_pair(A, B, oa, ob, ma=None, mb=None):
     if A.shape[1:] != B.shape[1:]:
-        raise ValueError(f"features of the two data sets do not match: {A.shape[1:]} vs {B.shape[1:]} "
-                         "(O × K); compute both with the same model, proj_dim, seed and outputs")
+        raise ValueError(
+            f"features of the two data sets do not match: {A.shape[1:]} vs {B.shape[1:]} "
+            "(O × K); compute both with the same model, proj_dim, seed and outputs"
+        )
     if oa is not None and ob is not None and oa != ob:
         raise ValueError(f"features computed with outputs={oa!r} and outputs={ob!r} cannot be combined")
     if ma is not None and mb is not None and ma is not mb:
@@ -768,9 +906,11 @@ def _check_pair(A, B, oa, ob, ma=None, mb=None):
         diff = [k for k in _LAYOUT_KEYS if la.get(k) != lb.get(k)]
         if diff:
             shown = ", ".join(f"{k} {_short(la.get(k))} vs {_short(lb.get(k))}" for k in diff[:2])
-            raise ValueError(f"cannot combine features made with different random projections ({shown}): their "
-                             "inner products estimate no kernel; compute both with the same proj_type, seed, "
-                             "proj_dim, proj_memory and model architecture")
+            raise ValueError(
+                f"cannot combine features made with different random projections ({shown}): their "
+                "inner products estimate no kernel; compute both with the same proj_type, seed, "
+                "proj_dim, proj_memory and model architecture"
+            )
 
 
 def _short(v) -> str:
@@ -786,21 +926,27 @@ def _reduce(block: torch.Tensor, kind: str, outputs: str | None) -> torch.Tensor
             return block[:, 0]
         return block.sum(1) / math.sqrt(O)
     if outputs == "sum":
-        raise ValueError(f"the {kind!r} kernel needs per-output features (outputs='all'); these hold only the "
-                         "gradient of the summed output (pseudo-NTK)")
+        raise ValueError(
+            f"the {kind!r} kernel needs per-output features (outputs='all'); these hold only the "
+            "gradient of the summed output (pseudo-NTK)"
+        )
     return block.reshape(block.shape[0], -1)
 
 
 def _pseudo_factor(kind: str, pseudo_scale: str, meta: dict | None, O: int) -> float:
     """C for the pseudo-NTK without its 1/C, else 1."""
     if pseudo_scale not in ("mean", "sum"):
-        raise ValueError(f"pseudo_scale must be 'mean' (1/C, Mohamadi et al.) or 'sum' (no 1/C), got {pseudo_scale!r}")
+        raise ValueError(
+            f"pseudo_scale must be 'mean' (1/C, Mohamadi et al.) or 'sum' (no 1/C), got {pseudo_scale!r}"
+        )
     if kind != "pseudo" or pseudo_scale == "mean":
         return 1.0
     C = meta.get("n_outputs") if meta is not None else (O if O > 1 else None)
     if not C:
-        raise ValueError("pseudo_scale='sum' needs the number of outputs C: pass Features that record it, or "
-                         "per-output features, not a bare N × K array")
+        raise ValueError(
+            "pseudo_scale='sum' needs the number of outputs C: pass Features that record it, or "
+            "per-output features, not a bare N × K array"
+        )
     return float(C)
 
 
@@ -813,8 +959,15 @@ def _kernel_dtype(dtype, numel: int) -> torch.dtype:
     return torch.float64 if numel <= LARGE_KERNEL else torch.float32
 
 
-def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048, dtype: torch.dtype | None = None,
-                      normalize: bool = False, pseudo_scale: str = "mean") -> torch.Tensor:
+def ntk_from_features(
+    FA,
+    FB=None,
+    kind: str = "trace",
+    block_size: int = 2048,
+    dtype: torch.dtype | None = None,
+    normalize: bool = False,
+    pseudo_scale: str = "mean",
+) -> torch.Tensor:
     """The kernel between two feature sets (N × O × K and M × O × K), blockwise.
 
     ``kind``: ``"full"`` (N, M, O, O), ``"trace"`` (N, M) or ``"pseudo"`` (N, M); see the
@@ -853,13 +1006,15 @@ def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048, 
         dtype = _kernel_dtype(dtype, N * M)
         out = torch.empty(N, M, dtype=dtype)
     for i in range(0, N, block_size):
-        a = torch.from_numpy(np.array(A[i:i + block_size])).to(dtype)
+        a = torch.from_numpy(np.array(A[i : i + block_size])).to(dtype)
         for j in range(0, M, block_size):
-            b = a if (FB is None and i == j) else torch.from_numpy(np.array(B[j:j + block_size])).to(dtype)
+            b = a if (FB is None and i == j) else torch.from_numpy(np.array(B[j : j + block_size])).to(dtype)
             if kind == "full":
-                out[i:i + a.shape[0], j:j + b.shape[0]] = torch.einsum("nak,mbk->nmab", a, b)
+                out[i : i + a.shape[0], j : j + b.shape[0]] = torch.einsum("nak,mbk->nmab", a, b)
             else:
-                out[i:i + a.shape[0], j:j + b.shape[0]] = _reduce(a, kind, outputs) @ _reduce(b, kind, outputs).T
+                out[i : i + a.shape[0], j : j + b.shape[0]] = (
+                    _reduce(a, kind, outputs) @ _reduce(b, kind, outputs).T
+                )
     if normalize:
         da = kernel_diagonal(FA, kind, dtype=dtype)
         db = da if FB is None else kernel_diagonal(FB, kind, dtype=dtype)
@@ -869,8 +1024,9 @@ def ntk_from_features(FA, FB=None, kind: str = "trace", block_size: int = 2048, 
     return out
 
 
-def kernel_diagonal(F, kind: str = "trace", block_size: int = 4096, dtype=torch.float64,
-                    pseudo_scale: str = "mean") -> torch.Tensor:
+def kernel_diagonal(
+    F, kind: str = "trace", block_size: int = 4096, dtype=torch.float64, pseudo_scale: str = "mean"
+) -> torch.Tensor:
     """``k(x, x)`` for every example of a feature set (``kind`` trace or pseudo)."""
     if kind not in ("trace", "pseudo"):
         raise ValueError(f"kernel_diagonal supports kind 'trace' or 'pseudo', got {kind!r}")
@@ -878,25 +1034,30 @@ def kernel_diagonal(F, kind: str = "trace", block_size: int = 4096, dtype=torch.
     factor = _pseudo_factor(kind, pseudo_scale, ma, A.shape[1])
     parts = []
     for i in range(0, A.shape[0], block_size):
-        r = _reduce(torch.from_numpy(np.array(A[i:i + block_size])).to(dtype), kind, oa)
+        r = _reduce(torch.from_numpy(np.array(A[i : i + block_size])).to(dtype), kind, oa)
         parts.append((r * r).sum(1))
     d = torch.cat(parts)
     return d * factor if factor != 1.0 else d
 
 
-def cosine_normalize(kernel: torch.Tensor, diag_rows: torch.Tensor, diag_cols: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+def cosine_normalize(
+    kernel: torch.Tensor, diag_rows: torch.Tensor, diag_cols: torch.Tensor | None = None
+) -> torch.Tensor:
     """``k(x, x') / √(k(x, x) k(x', x'))`` of a precomputed kernel, given its diagonals."""
     diag_cols = diag_rows if diag_cols is None else diag_cols
     k = torch.as_tensor(kernel)
     dr = torch.as_tensor(diag_rows, dtype=k.dtype)
     dc = torch.as_tensor(diag_cols, dtype=k.dtype)
     if k.ndim != 2 or dr.shape != (k.shape[0],) or dc.shape != (k.shape[1],):
-        raise ValueError(f"kernel {tuple(k.shape)} and diagonals {tuple(dr.shape)}, {tuple(dc.shape)} do not match")
+        raise ValueError(
+            f"kernel {tuple(k.shape)} and diagonals {tuple(dr.shape)}, {tuple(dc.shape)} do not match"
+        )
     return k / torch.sqrt(dr[:, None].clamp_min(1e-300) * dc[None, :].clamp_min(1e-300))
 
 
-def ntk_over_checkpoints(FAs: Sequence, FBs: Sequence | None = None, kind: str = "trace", **kw) -> torch.Tensor:
+def ntk_over_checkpoints(
+    FAs: Sequence, FBs: Sequence | None = None, kind: str = "trace", **kw
+) -> torch.Tensor:
     """The mean over checkpoints of the kernels of matching feature sets (``FAs[i]`` with
     ``FBs[i]``, each pair made at one checkpoint); keywords as :func:`ntk_from_features`
     (with ``normalize`` each checkpoint's kernel is normalised before averaging)."""
@@ -911,8 +1072,15 @@ def ntk_over_checkpoints(FAs: Sequence, FBs: Sequence | None = None, kind: str =
     return total / len(FAs)
 
 
-def topk_similar(F_test, F_train=None, k: int = 8, kind: str = "trace", normalize: bool = True,
-                 kernel: torch.Tensor | None = None, block_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_similar(
+    F_test,
+    F_train=None,
+    k: int = 8,
+    kind: str = "trace",
+    normalize: bool = True,
+    kernel: torch.Tensor | None = None,
+    block_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each test example, the ``k`` training examples with the largest kernel value.
 
     Either from features (``F_test``, ``F_train``) or from a precomputed test × train
@@ -934,8 +1102,10 @@ def topk_similar(F_test, F_train=None, k: int = 8, kind: str = "trace", normaliz
         if normalize:
             if diag_test is None:
                 raise ValueError("normalize=True with a kernel needs (kernel, diag_test, diag_train)")
-            sim = kernel / torch.sqrt(torch.as_tensor(diag_test, dtype=torch.float64)[:, None].clamp_min(1e-300)
-                                      * torch.as_tensor(diag_train, dtype=torch.float64)[None, :].clamp_min(1e-300))
+            sim = kernel / torch.sqrt(
+                torch.as_tensor(diag_test, dtype=torch.float64)[:, None].clamp_min(1e-300)
+                * torch.as_tensor(diag_train, dtype=torch.float64)[None, :].clamp_min(1e-300)
+            )
         return torch.topk(sim, k, dim=1)
     if F_train is None:
         raise ValueError("topk_similar needs training features (or a kernel)")
@@ -947,7 +1117,7 @@ def topk_similar(F_test, F_train=None, k: int = 8, kind: str = "trace", normaliz
     dtrain = kernel_diagonal(F_train, kind) if normalize else None
     vals, idxs = [], []
     for i in range(0, A.shape[0], block_size):
-        Fa = A[i:i + block_size]
+        Fa = A[i : i + block_size]
         K = ntk_from_features(Fa, F_train, kind=kind, block_size=block_size)
         if normalize:
             da = kernel_diagonal(Fa, kind)
@@ -972,12 +1142,22 @@ def _to_image(img) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def save_topk_grid(path, test_images, train_images, indices, values=None, test_labels=None,
-                   train_labels=None, class_names: Sequence[str] | None = None, dpi: int | None = None,
-                   title: str | None = None) -> Path:
+def save_topk_grid(
+    path,
+    test_images,
+    train_images,
+    indices,
+    values=None,
+    test_labels=None,
+    train_labels=None,
+    class_names: Sequence[str] | None = None,
+    dpi: int | None = None,
+    title: str | None = None,
+) -> Path:
     """A PNG grid: one row per test example (first column), then its most similar training
     examples (``indices`` from :func:`topk_similar`), captioned with label and similarity."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1046,7 +1226,9 @@ class KernelSurrogate:
     METHODS = ("logistic", "ridge", "svm", "glm")
     DEFAULT_REG = {"logistic": 1e-3, "ridge": 1e-3, "svm": 1.0, "glm": 1e-4}
 
-    def __init__(self, method: str = "logistic", reg: float | None = None, max_iter: int = 2000, seed: int = 0):
+    def __init__(
+        self, method: str = "logistic", reg: float | None = None, max_iter: int = 2000, seed: int = 0
+    ):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         reg = self.DEFAULT_REG[method] if reg is None else reg
@@ -1077,8 +1259,14 @@ class KernelSurrogate:
         elif self.method == "glm":
             from sklearn.linear_model import SGDClassifier
 
-            self.model = SGDClassifier(loss="log_loss", penalty="l2", alpha=self.reg, class_weight="balanced",
-                                       max_iter=self.max_iter, random_state=self.seed)
+            self.model = SGDClassifier(
+                loss="log_loss",
+                penalty="l2",
+                alpha=self.reg,
+                class_weight="balanced",
+                max_iter=self.max_iter,
+                random_state=self.seed,
+            )
             self.model.fit((K / self.scale).numpy(), y.numpy())
         else:
             Y = torch.nn.functional.one_hot(y, self.num_classes).double() - 1.0 / self.num_classes
@@ -1095,12 +1283,15 @@ class KernelSurrogate:
         def nll(log_t):
             logp = torch.log_softmax(scores / math.exp(log_t), dim=1)
             return float(-logp[torch.arange(len(y)), y].mean())
+
         res = minimize_scalar(nll, bounds=(-12.0, 6.0), method="bounded")
         return math.exp(res.x)
 
     def _svm_scores(self, K: torch.Tensor) -> torch.Tensor:
         """One-vs-rest decision values of the SVM, (n, num_classes) (absent classes: −inf)."""
-        d = torch.from_numpy(np.asarray(self.model.decision_function((K / self.scale).numpy()), dtype=np.float64))
+        d = torch.from_numpy(
+            np.asarray(self.model.decision_function((K / self.scale).numpy()), dtype=np.float64)
+        )
         if d.ndim == 1:  # two classes: one signed margin
             d = torch.stack([-d, d], 1) / 2
         full = torch.full((d.shape[0], self.num_classes), -math.inf, dtype=torch.float64)
@@ -1144,14 +1335,20 @@ def misclassification_overlap(net_pred, surrogate_pred, labels) -> dict:
     both, either = int((wa & wb).sum()), int((wa | wb).sum())
     N, W, V = len(y), int(wa.sum()), int(wb.sum())
     return {
-        "net_errors": W, "surrogate_errors": V, "common_errors": both,
+        "net_errors": W,
+        "surrogate_errors": V,
+        "common_errors": both,
         "overlap": both / either if either else float("nan"),
         "p_value": float(hypergeom.sf(both - 1, N, W, V)) if W and V else float("nan"),
     }
 
 
-def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor, labels: torch.Tensor,
-                        surrogate_pred: torch.Tensor | None = None) -> dict:
+def surrogate_agreement(
+    net_logits: torch.Tensor,
+    surrogate_proba: torch.Tensor,
+    labels: torch.Tensor,
+    surrogate_pred: torch.Tensor | None = None,
+) -> dict:
     """How well a kernel surrogate matches the network on test data.
 
     Returns test accuracies of both, the fraction of equal predictions, Spearman and
@@ -1167,8 +1364,10 @@ def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor,
     p_sur = torch.as_tensor(surrogate_proba, dtype=torch.float64)
     y = torch.as_tensor(labels).long()
     if p_net.shape != p_sur.shape or len(y) != p_net.shape[0]:
-        raise ValueError(f"shapes do not match: network {tuple(p_net.shape)}, surrogate {tuple(p_sur.shape)}, "
-                         f"labels {tuple(y.shape)}")
+        raise ValueError(
+            f"shapes do not match: network {tuple(p_net.shape)}, surrogate {tuple(p_sur.shape)}, "
+            f"labels {tuple(y.shape)}"
+        )
     idx = torch.arange(len(y))
     pred_net = p_net.argmax(1)
     pred_sur = p_sur.argmax(1) if surrogate_pred is None else torch.as_tensor(surrogate_pred).long()
@@ -1194,6 +1393,7 @@ def surrogate_agreement(net_logits: torch.Tensor, surrogate_proba: torch.Tensor,
         "kendall_true_class": corr(kendalltau, p_net[idx, y].numpy(), p_sur[idx, y].numpy()),
         "misclassified_overlap": overlap["overlap"],
         "misclassified_overlap_p": overlap["p_value"],
-        "net_errors": overlap["net_errors"], "surrogate_errors": overlap["surrogate_errors"],
+        "net_errors": overlap["net_errors"],
+        "surrogate_errors": overlap["surrogate_errors"],
         "common_errors": overlap["common_errors"],
     }

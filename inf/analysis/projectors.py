@@ -27,6 +27,7 @@ is not divided by √K (a TRAK projector's entries are ±1 or N(0, 1)), i.e. it 
 ``trak.projectors.AbstractProjector``); :meth:`SparseJLProjector.sketch` returns ``S x``
 itself. This module does not import ``trak``.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,9 @@ _MAX_SEED = (1 << 63) - 1
 
 def _chunk_seed(seed: int, chunk: int, proj_dim: int, nnz: int) -> int:
     """A well-mixed 63-bit seed for one chunk of coordinates."""
-    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(chunk),
-                                    int(proj_dim), int(nnz), 0x5EED]).generate_state(2, dtype=np.uint32)
+    words = np.random.SeedSequence(
+        [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(chunk), int(proj_dim), int(nnz), 0x5EED]
+    ).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31 ^ int(words[1])) & _MAX_SEED
 
 
@@ -67,9 +69,20 @@ class SparseJLProjector:
             compared).
     """
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int = 0, proj_type: str = "sparse",
-                 device: str | torch.device = "cpu", nnz: int = 1, dtype: torch.dtype = torch.float32,
-                 cache_bytes: int = 512 * 2**20, model_id: int = 0, *args, **kwargs) -> None:
+    def __init__(
+        self,
+        grad_dim: int,
+        proj_dim: int,
+        seed: int = 0,
+        proj_type: str = "sparse",
+        device: str | torch.device = "cpu",
+        nnz: int = 1,
+        dtype: torch.dtype = torch.float32,
+        cache_bytes: int = 512 * 2**20,
+        model_id: int = 0,
+        *args,
+        **kwargs,
+    ) -> None:
         for name, v, lo in (("grad_dim", grad_dim, 1), ("proj_dim", proj_dim, 1), ("nnz", nnz, 1)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -90,12 +103,19 @@ class SparseJLProjector:
     # ------------------------------------------------------------------ description
     def layout(self) -> dict[str, Any]:
         """What fixes the projection: two sketches are comparable iff their layouts are equal."""
-        return {"projector": "sparse", "proj_dim": self.proj_dim, "seed": self.seed, "nnz": self.nnz,
-                "hash_chunk": HASH_CHUNK}
+        return {
+            "projector": "sparse",
+            "proj_dim": self.proj_dim,
+            "seed": self.seed,
+            "nnz": self.nnz,
+            "hash_chunk": HASH_CHUNK,
+        }
 
     def __repr__(self) -> str:
-        return (f"SparseJLProjector(grad_dim={self.grad_dim}, proj_dim={self.proj_dim}, seed={self.seed}, "
-                f"nnz={self.nnz})")
+        return (
+            f"SparseJLProjector(grad_dim={self.grad_dim}, proj_dim={self.proj_dim}, seed={self.seed}, "
+            f"nnz={self.nnz})"
+        )
 
     # ------------------------------------------------------------------ hashes
     def _hashes(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +141,10 @@ class SparseJLProjector:
             raise ValueError(f"expected a batch of vectors (B × n), got shape {tuple(x.shape)}")
         n = x.shape[1]
         if offset < 0 or offset + n > self.grad_dim:
-            raise ValueError(f"coordinates {offset}…{offset + n - 1} are outside 0…{self.grad_dim - 1} "
-                             f"(grad_dim={self.grad_dim})")
+            raise ValueError(
+                f"coordinates {offset}…{offset + n - 1} are outside 0…{self.grad_dim - 1} "
+                f"(grad_dim={self.grad_dim})"
+            )
         x = x.to(device=self.device, dtype=self.dtype)
         if out is None:
             out = torch.zeros(x.shape[0], self.proj_dim, dtype=self.dtype, device=self.device)
@@ -133,10 +155,10 @@ class SparseJLProjector:
             chunk, start = divmod(coord, HASH_CHUNK)
             m = min(n - pos, HASH_CHUNK - start)
             buckets, signs = self._hashes(chunk)
-            piece = x[:, pos:pos + m]
+            piece = x[:, pos : pos + m]
             for t in range(self.nnz):
-                s = signs[t, start:start + m]
-                out.index_add_(1, buckets[t, start:start + m], piece * (s * scale if self.nnz > 1 else s))
+                s = signs[t, start : start + m]
+                out.index_add_(1, buckets[t, start : start + m], piece * (s * scale if self.nnz > 1 else s))
             pos += m
         return out
 
@@ -149,7 +171,9 @@ class SparseJLProjector:
             parts = [grads.reshape(grads.shape[0], -1)]
         total = sum(p.shape[1] for p in parts)
         if total != self.grad_dim:
-            raise ValueError(f"gradients have {total} coordinates, the projector expects grad_dim={self.grad_dim}")
+            raise ValueError(
+                f"gradients have {total} coordinates, the projector expects grad_dim={self.grad_dim}"
+            )
         out = None
         offset = 0
         for p in parts:

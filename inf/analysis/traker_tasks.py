@@ -25,6 +25,7 @@ Use ``use_half_precision=False`` (TRAKer's default stores float16: ~1e-3 relativ
 every kernel entry) and, on the CPU, ``projector=SparseJLProjector(P, K, seed)`` (TRAK's
 CPU ``BasicProjector`` regenerates its P × K matrix for every batch).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,18 @@ try:
     from trak.modelout_functions import TASK_TO_MODELOUT, AbstractModelOutput
     from trak.projectors import AbstractProjector
 except ImportError as e:  # pragma: no cover - traker is a dependency of the analysis extra
-    raise ImportError("inf.analysis.traker_tasks needs the 'traker' package: pip install --no-deps traker") from e
+    raise ImportError(
+        "inf.analysis.traker_tasks needs the 'traker' package: pip install --no-deps traker"
+    ) from e
 
-__all__ = ["PNTKModelOutput", "TrNTKModelOutput", "featurize_loader", "load_traker_features",
-           "write_traker_layout", "LAYOUT_FILE"]
+__all__ = [
+    "PNTKModelOutput",
+    "TrNTKModelOutput",
+    "featurize_loader",
+    "load_traker_features",
+    "write_traker_layout",
+    "LAYOUT_FILE",
+]
 
 LAYOUT_FILE = "pntk_layout.json"
 
@@ -111,8 +120,10 @@ class TrNTKModelOutput(AbstractModelOutput):
 
     def _classes(self) -> int:
         if self.num_classes is None:
-            raise ValueError("TrNTKModelOutput needs num_classes (TrNTKModelOutput(num_classes=C)), or let "
-                             "featurize_loader find it from the model's output")
+            raise ValueError(
+                "TrNTKModelOutput needs num_classes (TrNTKModelOutput(num_classes=C)), or let "
+                "featurize_loader find it from the model's output"
+            )
         return self.num_classes
 
     def expand(self, batch) -> tuple:
@@ -127,8 +138,10 @@ class TrNTKModelOutput(AbstractModelOutput):
 
     def get_output(self, model, weights, buffers, x, *rest) -> torch.Tensor:
         if len(rest) != 2 or rest[1].dtype != torch.bool:
-            raise TypeError("the trNTK task needs expanded batches: traker.featurize(task.expand(batch), "
-                            "num_samples=task.rows(len(batch[0]))), or use featurize_loader")
+            raise TypeError(
+                "the trNTK task needs expanded batches: traker.featurize(task.expand(batch), "
+                "num_samples=task.rows(len(batch[0]))), or use featurize_loader"
+            )
         out = _call(model, weights, buffers, x)
         onehot = (torch.arange(out.numel(), device=out.device) == rest[0]).to(out.dtype)
         return (out * onehot).sum()
@@ -154,9 +167,14 @@ def _projector_layout(proj) -> tuple[dict, bool]:
     if isinstance(proj, SparseJLProjector):
         return proj.layout(), False
     name = type(proj).__name__
-    desc = {"projector": f"trak.{name}", "seed": int(getattr(proj, "seed", -1)),
-            "proj_type": str(getattr(getattr(proj, "proj_type", None), "value", getattr(proj, "proj_type", None))),
-            "proj_dim": int(getattr(proj, "proj_dim", 0))}
+    desc = {
+        "projector": f"trak.{name}",
+        "seed": int(getattr(proj, "seed", -1)),
+        "proj_type": str(
+            getattr(getattr(proj, "proj_type", None), "value", getattr(proj, "proj_type", None))
+        ),
+        "proj_dim": int(getattr(proj, "proj_dim", 0)),
+    }
     if hasattr(proj, "block_size"):
         desc["block_size"] = int(proj.block_size)  # BasicProjector: one seed per column block
     if name == "NoOpProjector":
@@ -169,17 +187,29 @@ def write_traker_layout(traker, num_examples: int | None = None, num_classes: in
     so that :func:`load_traker_features` can read the features without model or data."""
     task = traker.task
     if not isinstance(task, (PNTKModelOutput, TrNTKModelOutput)):
-        raise TypeError(f"the TRAKer's task is {type(task).__name__}, not PNTKModelOutput or TrNTKModelOutput")
+        raise TypeError(
+            f"the TRAKer's task is {type(task).__name__}, not PNTKModelOutput or TrNTKModelOutput"
+        )
     layout, per_id = _projector_layout(traker.projector)
-    info = {"format": 1, **task.describe(), "grad_dim": int(traker.num_params_for_grad
-                                                            if hasattr(traker, "num_params_for_grad")
-                                                            else traker.num_params),
-            "proj_dim": int(traker.proj_dim), "rows": int(traker.train_set_size),
-            "projector": layout, "projector_per_model_id": per_id,
-            "normalize_factor": float(traker.normalize_factor), "dtype": str(traker.dtype).replace("torch.", "")}
+    info = {
+        "format": 1,
+        **task.describe(),
+        "grad_dim": int(
+            traker.num_params_for_grad if hasattr(traker, "num_params_for_grad") else traker.num_params
+        ),
+        "proj_dim": int(traker.proj_dim),
+        "rows": int(traker.train_set_size),
+        "projector": layout,
+        "projector_per_model_id": per_id,
+        "normalize_factor": float(traker.normalize_factor),
+        "dtype": str(traker.dtype).replace("torch.", ""),
+    }
     wrt = getattr(traker, "grad_wrt", None)
-    info["params"] = [[n, list(q.shape), int(q.numel()), False] for n, q in traker.model.named_parameters()
-                      if wrt is None or n in wrt]
+    info["params"] = [
+        [n, list(q.shape), int(q.numel()), False]
+        for n, q in traker.model.named_parameters()
+        if wrt is None or n in wrt
+    ]
     if num_examples is not None:
         info["num_examples"] = int(num_examples)
     C = num_classes or getattr(task, "num_classes", None)
@@ -201,8 +231,13 @@ def _as_batch(batch, device) -> tuple:
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
 
 
-def featurize_loader(traker, loader: Iterable, checkpoints: Sequence[dict] | None = None,
-                     model_ids: Sequence[int] | None = None, progress: bool = False) -> list[int]:
+def featurize_loader(
+    traker,
+    loader: Iterable,
+    checkpoints: Sequence[dict] | None = None,
+    model_ids: Sequence[int] | None = None,
+    progress: bool = False,
+) -> list[int]:
     """``traker.load_checkpoint`` + ``traker.featurize`` over every batch of ``loader``
     (in order, so row i is example i), for each checkpoint (state dicts; None: the model
     as it is, model id 0). A partly featurized checkpoint resumes where it stopped. As in
@@ -210,8 +245,10 @@ def featurize_loader(traker, loader: Iterable, checkpoints: Sequence[dict] | Non
     Writes ``pntk_layout.json``; returns the model ids."""
     task = traker.task
     if not isinstance(task, (PNTKModelOutput, TrNTKModelOutput)):
-        raise TypeError(f"featurize_loader needs a TRAKer with task PNTKModelOutput or TrNTKModelOutput (or "
-                        f"'pNTK'/'trNTK'), got {type(task).__name__}")
+        raise TypeError(
+            f"featurize_loader needs a TRAKer with task PNTKModelOutput or TrNTKModelOutput (or "
+            f"'pNTK'/'trNTK'), got {type(task).__name__}"
+        )
     ckpts = [None] if checkpoints is None else list(checkpoints)
     ids = list(range(len(ckpts))) if model_ids is None else [int(i) for i in model_ids]
     if len(ids) != len(ckpts):
@@ -220,7 +257,9 @@ def featurize_loader(traker, loader: Iterable, checkpoints: Sequence[dict] | Non
 
     n_examples = num_classes = None
     for ckpt, mid in zip(ckpts, ids):
-        state = {k: v.detach().clone() for k, v in traker.model.state_dict().items()} if ckpt is None else ckpt
+        state = (
+            {k: v.detach().clone() for k, v in traker.model.state_dict().items()} if ckpt is None else ckpt
+        )
         traker.load_checkpoint(state, model_id=mid)
         n = done_rows = 0
         with _vmap_friendly(traker.model):
@@ -233,14 +272,18 @@ def featurize_loader(traker, loader: Iterable, checkpoints: Sequence[dict] | Non
                         task.num_classes = num_classes
                 rows = task.rows(batch[0].shape[0])
                 if done_rows + rows > traker.train_set_size:
-                    raise ValueError(f"the loader holds more than the {traker.train_set_size} rows the TRAKer was "
-                                     "made for: use train_set_size=task.rows(len(dataset))")
+                    raise ValueError(
+                        f"the loader holds more than the {traker.train_set_size} rows the TRAKer was "
+                        "made for: use train_set_size=task.rows(len(dataset))"
+                    )
                 traker.featurize(task.prepare(batch), num_samples=rows)
                 n += batch[0].shape[0]
                 done_rows += rows
         if done_rows != traker.train_set_size:
-            raise ValueError(f"the loader gave {n} examples = {done_rows} rows, but the TRAKer stores "
-                             f"train_set_size={traker.train_set_size}: make it with train_set_size=task.rows({n})")
+            raise ValueError(
+                f"the loader gave {n} examples = {done_rows} rows, but the TRAKer stores "
+                f"train_set_size={traker.train_set_size}: make it with train_set_size=task.rows({n})"
+            )
         n_examples = n
     write_traker_layout(traker, n_examples, num_classes)
     return ids
@@ -266,11 +309,11 @@ class _ScaledRows:
         lo, hi, step = item.indices(self.shape[0])
         if step != 1:
             raise TypeError("read TRAK features by contiguous slices")
-        part = np.asarray(self.grads[lo * self.O:hi * self.O], dtype=np.float32) * np.float32(self.scale)
+        part = np.asarray(self.grads[lo * self.O : hi * self.O], dtype=np.float32) * np.float32(self.scale)
         return part.reshape(-1, self.O, self.shape[2])
 
     def __array__(self, dtype=None, copy=None):
-        return self[0:self.shape[0]].astype(dtype or np.float32)
+        return self[0 : self.shape[0]].astype(dtype or np.float32)
 
 
 def load_traker_features(save_dir: str | os.PathLike, model_id: int | None = None):
@@ -282,12 +325,17 @@ def load_traker_features(save_dir: str | os.PathLike, model_id: int | None = Non
     save_dir = Path(save_dir)
     lay_file = save_dir / LAYOUT_FILE
     if not lay_file.is_file():
-        raise FileNotFoundError(f"{save_dir} has no {LAYOUT_FILE}: featurize with inf.analysis.traker_tasks."
-                                "featurize_loader, or call write_traker_layout(traker) after featurizing")
+        raise FileNotFoundError(
+            f"{save_dir} has no {LAYOUT_FILE}: featurize with inf.analysis.traker_tasks."
+            "featurize_loader, or call write_traker_layout(traker) after featurizing"
+        )
     info = json.loads(lay_file.read_text())
     if model_id is None:
-        ids = sorted(int(p.name) for p in save_dir.iterdir() if p.is_dir() and p.name.isdigit()
-                     and (p / "grads.mmap").exists())
+        ids = sorted(
+            int(p.name)
+            for p in save_dir.iterdir()
+            if p.is_dir() and p.name.isdigit() and (p / "grads.mmap").exists()
+        )
         if not ids:
             raise FileNotFoundError(f"{save_dir} holds no featurized checkpoints (no <id>/grads.mmap)")
         return {i: load_traker_features(save_dir, i) for i in ids}
@@ -307,16 +355,30 @@ def load_traker_features(save_dir: str | os.PathLike, model_id: int | None = Non
         O, outputs = 1, "sum"
         if not info.get("average", True):  # the fork's Σ_c f_c: back to this library's Σ_c f_c / √C
             if not C:
-                raise ValueError(f"{lay_file} does not record the number of classes, needed to rescale the "
-                                 "pNTK task with average=False: write_traker_layout(traker, num_classes=C)")
+                raise ValueError(
+                    f"{lay_file} does not record the number of classes, needed to rescale the "
+                    "pNTK task with average=False: write_traker_layout(traker, num_classes=C)"
+                )
             scale /= math.sqrt(C)
     N = rows // O
     done_chunks = done.reshape(N, O).all(1)
-    meta = {"format": 1, "source": "traker", "N": N, "O": O, "K": K, "n_outputs": C, "outputs": outputs,
-            "proj_dim": K, "proj_type": info["projector"].get("proj_type", info["projector"]["projector"]),
-            "seed": info["projector"].get("seed"), "projectors": [info["projector"]],
-            "params": info.get("params") or [["traker", P]], "lr_mults": [], "task": info["task"],
-            "save_dir": str(save_dir)}
+    meta = {
+        "format": 1,
+        "source": "traker",
+        "N": N,
+        "O": O,
+        "K": K,
+        "n_outputs": C,
+        "outputs": outputs,
+        "proj_dim": K,
+        "proj_type": info["projector"].get("proj_type", info["projector"]["projector"]),
+        "seed": info["projector"].get("seed"),
+        "projectors": [info["projector"]],
+        "params": info.get("params") or [["traker", P]],
+        "lr_mults": [],
+        "task": info["task"],
+        "save_dir": str(save_dir),
+    }
     if info.get("projector_per_model_id", True):
         meta["model_id"] = int(model_id)
     return Features(_ScaledRows(grads, O, scale), meta, done_chunks, folder, 1)
