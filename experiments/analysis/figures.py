@@ -1,6 +1,7 @@
 """Figures 2a, 2b, 2c and 3 of Ma, Guo & Fattahi (2022) on scikit-learn's digits (no download).
 
-    python -m experiments.analysis.figures                       # all four, into docs/img
+    python -m experiments.analysis.figures                       # all four, into runs/analysis/figures
+    python -m experiments.analysis.figures --out docs/img        # regenerate the docs' pictures
     python -m experiments.analysis.figures --figures 2a 2b --out runs/figs
     python -m experiments.analysis.figures --projected-check 256  # also: pNTK error of fig 2b
 
@@ -255,7 +256,9 @@ def parse_args(argv=None):
         prog="python -m experiments.analysis.figures", description=__doc__.split("\n")[0]
     )
     p.add_argument("--figures", nargs="+", default=["2a", "2b", "2c", "3"], choices=["2a", "2b", "2c", "3"])
-    p.add_argument("--out", default="docs/img", help="folder for the PNGs")
+    p.add_argument(
+        "--out", default="runs/analysis/figures", help="folder for the PNGs (docs/img: the docs' pictures)"
+    )
     p.add_argument("--json", default="runs/analysis/figures.json", help="where the numbers go")
     p.add_argument(
         "--steps", type=int, default=1000, help="training iterations (the basis is the final network's)"
