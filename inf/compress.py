@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .math import kernels_2pi_
+
 __all__ = [
     "CompressionReport",
     "Landmarks",
@@ -74,23 +76,22 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------ kernel
+def _f00_(q: torch.Tensor) -> torch.Tensor:
+    """``F00(q)``, overwriting ``q`` (clamped); the one kernel evaluation of :mod:`inf.math`."""
+    f11, f02 = kernels_2pi_(q)
+    return f02.addcmul_(q, f11).mul_(1.0 / _TWO_PI)
+
+
 def kernel(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``k(X_i, Y_j) = F00(X_i·Y_j)`` for unit rows (``F00(1) = 1/2``), in the inputs' dtype.
 
-    One ``arccos`` and one ``sin`` per entry: ``2π F00(cos θ) = sin θ + (π − θ) cos θ``;
-    two len(X) × len(Y) buffers, updated in place.
+    One ``arccos`` and one ``sin`` per entry (:func:`inf.math.kernels_2pi_`).
     """
-    q = (X @ Y.T).clamp_(-1.0, 1.0)
-    theta = torch.arccos(q)
-    s = torch.sin(theta)
-    theta.neg_().add_(math.pi).mul_(q)  # (π − θ) q
-    return s.add_(theta).mul_(1.0 / _TWO_PI)
+    return _f00_(X @ Y.T)
 
 
 def _kernel_diag(B: torch.Tensor) -> torch.Tensor:
-    q = (B * B).sum(1).clamp(-1.0, 1.0)
-    theta = torch.arccos(q)
-    return (torch.sin(theta) + (math.pi - theta) * q) / _TWO_PI
+    return _f00_((B * B).sum(1))
 
 
 def _chunk(M: int, cols: int, chunk_bytes: int, itemsize: int = 8) -> int:
