@@ -75,9 +75,19 @@ class PiMLP(nn.Module):
         out = self.readout(h)
         return (out, h) if return_hidden else out
 
+    kind: str = ""
+
     def architecture(self) -> dict:
-        """What a state dict must match to load into this net (saved with it as extra state)."""
-        return {}
+        """What a state dict must match to load into this net (saved with it as extra state):
+        the kind, sizes, rank and/or width, depth, alphas and layernorm."""
+        arch = {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "L": self.L}
+        for key in ("r", "n"):
+            if hasattr(self, key):
+                arch[key] = getattr(self, key)
+        for key in ("first_layer_alpha", "last_layer_alpha", "bias_alpha", "last_bias_alpha"):
+            arch[key] = float(getattr(self, key))
+        arch["layernorm"] = bool(self.layernorm)
+        return arch
 
     def get_extra_state(self):
         return {"architecture": self.architecture()}
@@ -141,6 +151,8 @@ class InfMLP(PiMLP):
         device, dtype: where and in what precision to build it (float64 for reference checks).
     """
 
+    kind = "infinite"
+
     def __init__(
         self,
         d_in: int,
@@ -193,20 +205,6 @@ class InfMLP(PiMLP):
     def rows_per_layer(self) -> list[int]:
         return [m.rows.num_rows for m in self.pi_layers]
 
-    def architecture(self) -> dict:
-        return dict(
-            kind="infinite",
-            d_in=self.d_in,
-            d_out=self.d_out,
-            r=self.r,
-            L=self.L,
-            first_layer_alpha=self.first_layer_alpha,
-            last_layer_alpha=self.last_layer_alpha,
-            bias_alpha=self.bias_alpha,
-            last_bias_alpha=self.last_bias_alpha,
-            layernorm=bool(self.layernorm),
-        )
-
     def sample(self, n: int, generator=None) -> FinPiMLPSample:
         return FinPiMLPSample(self, n, generator=generator)
 
@@ -226,6 +224,8 @@ class FinPiMLPSample(PiMLP):
     trains with TrAct, so does the finite one. Train it with
     :class:`inf.optim.InfSGD` (same lr; gradients are projected onto span(Ω)).
     """
+
+    kind = "finite"
 
     def __init__(self, infnet: InfMLP, n: int, generator=None, dtype=None):
         super().__init__()
@@ -251,21 +251,6 @@ class FinPiMLPSample(PiMLP):
         self.layers = nn.ModuleList(layers)
         if dtype is not None:
             self.to(dtype)
-
-    def architecture(self) -> dict:
-        return dict(
-            kind="finite",
-            n=self.n,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            r=self.r,
-            L=self.L,
-            first_layer_alpha=self.first_layer_alpha,
-            last_layer_alpha=self.last_layer_alpha,
-            bias_alpha=self.bias_alpha,
-            last_bias_alpha=self.last_bias_alpha,
-            layernorm=bool(self.layernorm),
-        )
 
     def extra_repr(self):
         return f"n={self.n}, r={self.r}, L={self.L}, " + super().extra_repr()
@@ -308,6 +293,8 @@ class MuMLP(PiMLP):
     the π-net transfers across widths (μP).
     """
 
+    kind = "mup"
+
     def __init__(
         self,
         d_in: int,
@@ -346,20 +333,6 @@ class MuMLP(PiMLP):
 
             self.layers[0] = TrAct(self.layers[0], lambda_=tract_lambda)
             self.tract_lambda = float(tract_lambda)
-
-    def architecture(self) -> dict:
-        return dict(
-            kind="mup",
-            n=self.n,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            L=self.L,
-            first_layer_alpha=self.first_layer_alpha,
-            last_layer_alpha=self.last_layer_alpha,
-            bias_alpha=self.bias_alpha,
-            last_bias_alpha=self.last_bias_alpha,
-            layernorm=bool(self.layernorm),
-        )
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):
