@@ -251,13 +251,23 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
     g.add_argument("--steps", type=int, default=steps, help="SGD steps")
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--batch-size", dest="batch_size", type=int, default=batch_size)
-    g.add_argument("--loss", choices=("xent", "mse"), default=loss)
+    g.add_argument(
+        "--loss",
+        choices=("xent", "sse"),
+        default=loss,
+        help="xent: cross-entropy; sse: half the squared error to one-hot targets, summed over classes "
+        "and averaged over the batch (not the other programs' --loss mse, which averages over classes "
+        "with centred targets: experiments/losses.py)",
+    )
 
 
 def loss_fn(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, or half the squared error to one-hot targets (summed over classes, batch mean)."""
+    """Cross-entropy (``xent``), or half the squared error to one-hot targets (``sse``: summed over
+    classes, batch mean)."""
     if kind == "xent":
         return F.cross_entropy(out, y)
+    if kind != "sse":
+        raise ValueError(f"unknown loss {kind!r}; expected 'xent' or 'sse'")
     target = F.one_hot(y, out.shape[1]).to(out.dtype)
     return 0.5 * ((out - target) ** 2).sum(1).mean()
 

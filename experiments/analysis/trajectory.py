@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_model_args(p, default_model="inf")
     add_data_args(p, n_train=256, n_test=None)
-    add_train_args(p, steps=600, lr=0.2, batch_size=32, loss="mse")
+    add_train_args(p, steps=600, lr=0.2, batch_size=32, loss="sse")
     a = p.add_argument_group("analysis")
     a.add_argument(
         "--basis",
