@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from experiments.kernels import NTK_VARIANTS, feature_kernel, kernel_ridge_regression, make_mlp_kernel
+from inf.fileio import atomic_write
 from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_, pi_param_groups
@@ -548,18 +548,14 @@ def main(argv=None) -> dict:
         f"{len(data.y_test)} test), {seeds} seeds, {args.epochs} epochs, r = {args.r}, "
         f"width {args.width}"
     )
-    tmp_png = out / f".table1.png.tmp{os.getpid()}"
-    save_plot(results, tmp_png, title)
-    os.replace(tmp_png, out / "table1.png")
+    atomic_write(out / "table1.png", lambda fh: save_plot(results, fh, title))
     _atomic_write_text(out / RESULTS_JSON, json.dumps(doc, indent=1))
     print(f"\nwritten: {out / 'table.md'}, {out / RESULTS_JSON}, {out / 'table1.png'}")
     return doc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def _cli() -> None:

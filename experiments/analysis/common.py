@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.cli import ConfigError, apply_threads, positive_int
+from inf.fileio import atomic_write
 from inf.networks import InfMLP, MuMLP
 from inf.optim import InfSGD
 
@@ -323,14 +323,8 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def save_checkpoint(path, net: nn.Module, cfg: dict, extra: dict | None = None) -> Path:
     """``{"model": state_dict, "config": cfg, **extra}``, written atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save({"model": net.state_dict(), "config": cfg, **(extra or {})}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    state = {"model": net.state_dict(), "config": cfg, **(extra or {})}
+    atomic_write(path, lambda fh: torch.save(state, fh))
     return path
 
 

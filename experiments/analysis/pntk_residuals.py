@@ -30,6 +30,7 @@ import torch
 
 from experiments.cli import ArgumentParser, positive_int, run_main
 from inf.analysis import exact_ntk, ntk_from_features, pntk_features
+from inf.fileio import atomic_write
 
 from .common import (
     add_data_args,
@@ -132,11 +133,8 @@ def plot(result: dict, path: Path) -> Path:
         fontsize=13,
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

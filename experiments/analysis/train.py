@@ -33,9 +33,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from inf.fileio import atomic_write
 
 log = logging.getLogger("analysis.train")
 
@@ -305,15 +305,8 @@ def run_folder(args) -> Path:
     raise UserError(f"could not create a new run folder under {base}")
 
 
-def _atomic_write(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic_write_text(path: Path, text: str) -> Path:
+    atomic_write(path, lambda fh: fh.write(text.encode()))
     return path
 
 
@@ -492,7 +485,7 @@ def train(args) -> dict:
         "final_beta_minus_s": float((beta[-1] - basis.s).abs().max()),
         **record,
     }
-    _atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+    _atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
     _plots(
         out,
         record,

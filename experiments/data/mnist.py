@@ -13,13 +13,13 @@ number of dimensions d — then d big-endian uint32 sizes, then the data in C or
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from inf.fileio import atomic_write
 
 __all__ = ["load_mnist", "read_idx", "write_idx", "write_synthetic_mnist", "MnistNotFoundError"]
 
@@ -70,11 +70,7 @@ def write_idx(path, array: np.ndarray, compress: bool | None = None) -> Path:
     raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
     if compress if compress is not None else path.suffix == ".gz":
         raw = gzip.compress(raw, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(raw)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fh.write(raw))
     return path
 
 

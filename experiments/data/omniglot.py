@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inf.fileio import atomic_write
+
 __all__ = [
     "SET_NAMES",
     "SPLIT_NAMES",
@@ -377,25 +379,19 @@ def _read_cache_file(path: Path, fingerprint: str, image_size: int, resample: st
 
 
 def _write_cache_file(path: Path, payload: dict, fingerprint: str, image_size: int, resample: str):
-    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = dict(
+        version=np.int64(_CACHE_VERSION),
+        fingerprint=np.str_(fingerprint),
+        image_size=np.int64(image_size),
+        resample=np.str_(resample),
+        keys=np.array(payload["keys"], dtype=np.str_).reshape(-1, 3),
+        images=payload["images"],
+        counts=payload["counts"],
+    )
     try:
-        np.savez(
-            tmp,
-            version=np.int64(_CACHE_VERSION),
-            fingerprint=np.str_(fingerprint),
-            image_size=np.int64(image_size),
-            resample=np.str_(resample),
-            keys=np.array(payload["keys"], dtype=np.str_).reshape(-1, 3),
-            images=payload["images"],
-            counts=payload["counts"],
-        )
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
     except OSError as e:
         warnings.warn(f"Could not write Omniglot cache file {path}: {e}")
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
 
 
 def load_omniglot(

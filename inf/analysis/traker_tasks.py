@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
 from .pntk import Features, _vmap_friendly
 from .projectors import SparseJLProjector
 
@@ -216,9 +217,8 @@ def write_traker_layout(traker, num_examples: int | None = None, num_classes: in
     if C is not None:
         info["num_classes"] = int(C)
     path = Path(traker.save_dir) / LAYOUT_FILE
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    text = json.dumps(info, indent=1)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
     return path
 
 
