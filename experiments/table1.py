@@ -33,7 +33,7 @@ unless ``--overwrite``).
 The digits defaults take about half a minute of CPU on one thread (measured: 31 s CPU, 43 s
 wall on a shared 2-core machine; several minutes when the cores are busy). They are chosen for
 that, not tuned per method; with them the kernels still lead on digits (NNGP 98.9 %, NTK
-98.7 %, networks 96.4–97.2 %). CIFAR-10 with the paper's settings (r = 400, width 2048, 50
+98.7 %, networks 96.4–97.3 %). CIFAR-10 with the paper's settings (r = 400, width 2048, 50
 epochs, 50 000 images) is a GPU job: see docs/experiments_cifar_imagenet.md for the original
 commands.
 """
@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from experiments.kernels import NTK_VARIANTS, feature_kernel, kernel_ridge_regression, make_mlp_kernel
+from experiments.models import ModelSpec, build_model
 from inf.fileio import atomic_write
-from inf.networks import FinPiMLPSample, InfMLP, MuMLP
 from inf.optim import InfSGD
 from inf.utils import clip_grad_norm_, pi_param_groups
 
@@ -147,25 +147,26 @@ def load_dataset(
 # --------------------------------------------------------------------------- methods
 
 
-def _net_kwargs(args) -> dict:
-    return dict(
-        first_layer_alpha=args.first_layer_alpha,
-        last_layer_alpha=args.last_layer_alpha,
-        bias_alpha=args.bias_alpha,
-    )
+_KIND_OF_METHOD = {"infinite π-net": "infinite", "finite π-net": "finite", "μP MLP": "mup"}
 
 
 def build_net(method: str, args, d_in: int, num_classes: int, seed: int) -> torch.nn.Module:
-    """The network of ``method`` for ``seed``; the finite π-net is sampled from the infinite
-    net that the same seed initialises."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    if method == "μP MLP":
-        return MuMLP(d_in, num_classes, args.width, L=args.depth, generator=gen, **_net_kwargs(args))
-    infnet = InfMLP(d_in, num_classes, args.r, L=args.depth, **_net_kwargs(args))
-    if method == "infinite π-net":
-        return infnet
-    return FinPiMLPSample(infnet, args.width, generator=gen)
+    """The network of ``method`` for ``seed``, from the programs' one builder
+    (:func:`experiments.models.build_model`): the finite π-net is sampled from the infinite net
+    that the same seed initialises."""
+    spec = ModelSpec(
+        kind=_KIND_OF_METHOD[method],
+        d_in=d_in,
+        d_out=num_classes,
+        r=args.r,
+        width=args.width,
+        depth=args.depth,
+        first_layer_alpha=args.first_layer_alpha,
+        last_layer_alpha=args.last_layer_alpha,
+        bias_alpha=args.bias_alpha,
+        seed=seed,
+    )
+    return build_model(spec)
 
 
 @torch.no_grad()

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.cli import ConfigError, apply_threads, positive_int
+from experiments.models import ModelSpec, canonical_kind
+from experiments.models import build_model as build_spec
 from inf.fileio import atomic_write
-from inf.networks import InfMLP, MuMLP
 from inf.optim import InfSGD
 
 MODELS = ("inf", "fin", "mu", "cnn")
@@ -180,20 +181,22 @@ def build_model(cfg: dict) -> nn.Module:
     in_shape = tuple(cfg["in_shape"])
     d_in, d_out = int(np.prod(in_shape)), int(cfg["d_out"])
     torch.manual_seed(int(cfg.get("seed", 0)))
-    g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-    alphas = dict(
-        first_layer_alpha=cfg.get("first_layer_alpha", 1.0),
-        last_layer_alpha=cfg.get("last_layer_alpha", 1.0),
-        bias_alpha=cfg.get("bias_alpha", 1.0),
-        layernorm=cfg.get("layernorm", False),
-    )
-    if kind in ("inf", "fin"):
-        net = InfMLP(d_in, d_out, cfg.get("r", 32), L=cfg.get("L", 1), dtype=dtype, **alphas)
-        return net if kind == "inf" else net.sample(cfg.get("width", 512), generator=g)
-    if kind == "mu":
-        return MuMLP(
-            d_in, d_out, cfg.get("width", 512), L=cfg.get("L", 1), dtype=dtype, generator=g, **alphas
+    if kind in ("inf", "fin", "mu"):  # the MLPs through the programs' one builder
+        spec = ModelSpec(
+            kind=kind,
+            d_in=d_in,
+            d_out=d_out,
+            r=int(cfg.get("r", 32)),
+            width=int(cfg.get("width", 512)),
+            depth=int(cfg.get("L", 1)),
+            first_layer_alpha=cfg.get("first_layer_alpha", 1.0),
+            last_layer_alpha=cfg.get("last_layer_alpha", 1.0),
+            bias_alpha=cfg.get("bias_alpha", 1.0),
+            layernorm=cfg.get("layernorm", False),
+            seed=int(cfg.get("seed", 0)),
+            dtype=dtype,
         )
+        return build_spec(spec)
     return SmallCNN(in_shape[0], d_out, cfg.get("channels", 16), cfg.get("hidden", 64)).to(dtype)
 
 
@@ -204,9 +207,29 @@ def model_inputs(cfg: dict, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1)
 
 
+_SHORT_KIND = {"infinite": "inf", "finite": "fin", "mup": "mu"}
+
+
+def _model_name(text: str) -> str:
+    """The analysis programs' short model name for any spelling of experiments.models' kinds."""
+    if text.strip().lower() == "cnn":
+        return "cnn"
+    try:
+        return _SHORT_KIND[canonical_kind(text)]
+    except ConfigError:
+        return text  # argparse's choices check reports it
+
+
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "mu"):
     g = p.add_argument_group("model (ignored when a checkpoint carries its config)")
-    g.add_argument("--model", choices=MODELS, default=default_model)
+    g.add_argument(
+        "--model",
+        type=_model_name,
+        choices=MODELS,
+        default=default_model,
+        help="inf (infinite π-MLP), fin (finite π-MLP), mu (μP MLP), cnn; the programs' kind names "
+        "infinite, finite, mup are accepted too",
+    )
     g.add_argument("--r", type=int, default=32, help="rank of the π-nets")
     g.add_argument("--width", type=int, default=256, help="width of fin/mu MLPs")
     g.add_argument("--L", type=int, default=1, help="hidden layers of the MLPs")
