@@ -39,7 +39,7 @@ Kernels from features (:func:`ntk_from_features`):
 Per-parameter learning-rate multipliers ``m_p`` (as in ``inf.utils.pi_param_groups``)
 enter as ``Θ = Σ_p m_p J_p J_pᵀ``: the gradient block of parameter p is scaled by ``√m_p``.
 
-**Finite π-nets.** Their π-weights (:class:`inf.tensors.FinPiParameter`: every weight
+**Finite π-nets.** Their π-weights (:class:`inf.parameters.FinPiParameter`: every weight
 and bias except the output layer's) are trained with the gradient projected onto
 ``span(Ω)`` on its output side, ``G ← Q Qᵀ G`` with ``Q`` the layer's orthonormal basis
 ``omega_basis`` (docs/math.md §6). The tangent kernel of that training rule is ``J P Jᵀ`` with
