@@ -24,6 +24,7 @@ options) sets torch's CPU threads as soon as the command line is parsed.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import pickle
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from experiments.models import ModelSpec, canonical_kind
 from experiments.models import build_model as build_spec
 from inf.fileio import atomic_write
 from inf.optim import InfSGD
+
+log = logging.getLogger("analysis")
 
 MODELS = ("inf", "fin", "mu", "cnn")
 MODEL_KEYS = (
@@ -416,3 +419,35 @@ def log_spaced_steps(steps: int, count: int) -> list[int]:
         return [0]
     pts = np.unique(np.round(np.logspace(0, math.log10(steps + 1), count) - 1).astype(int))
     return sorted(set(pts.tolist()) | {0, steps})
+
+
+def trained_or_loaded(args, data, out: Path) -> tuple[nn.Module, dict]:
+    """The model of ``--checkpoint``, or a fresh one trained on ``data`` with the training flags
+    and saved as ``out/model.pt`` (the pNTK programs' shared start)."""
+    cfg = model_config(args, data)
+    if args.checkpoint:
+        net, cfg = load_checkpoint(args.checkpoint, cfg)
+        log.info("loaded %s (%s)", args.checkpoint, cfg["model"])
+        return net, cfg
+    net = build_model(cfg)
+    losses = train(
+        net,
+        cfg,
+        data.x_train,
+        data.y_train,
+        args.steps,
+        args.lr,
+        args.batch_size,
+        args.loss,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    save_checkpoint(out / "model.pt", net, cfg, {"losses": losses})
+    log.info(
+        "trained %s for %d steps (final loss %.4f); saved %s",
+        cfg["model"],
+        args.steps,
+        losses[-1] if losses else float("nan"),
+        out / "model.pt",
+    )
+    return net, cfg

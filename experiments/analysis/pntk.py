@@ -59,14 +59,10 @@ from .common import (
     add_data_args,
     add_model_args,
     add_train_args,
-    build_model,
-    load_checkpoint,
     load_data,
-    model_config,
     model_inputs,
     predict,
-    save_checkpoint,
-    train,
+    trained_or_loaded,
 )
 
 log = logging.getLogger("pntk")
@@ -192,32 +188,7 @@ def main(argv=None) -> dict:
     data = load_data(args.data, args.data_root, args.n_train, args.n_test, seed=args.seed, dtype=dtype)
     out = Path(args.out or f"runs/analysis/pntk_{args.data}_{args.model}")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(args, data)
-    if args.checkpoint:
-        net, cfg = load_checkpoint(args.checkpoint, cfg)
-        log.info("loaded %s (%s)", args.checkpoint, cfg["model"])
-    else:
-        net = build_model(cfg)
-        losses = train(
-            net,
-            cfg,
-            data.x_train,
-            data.y_train,
-            args.steps,
-            args.lr,
-            args.batch_size,
-            args.loss,
-            seed=args.seed,
-            progress=args.progress,
-        )
-        save_checkpoint(out / "model.pt", net, cfg, {"losses": losses})
-        log.info(
-            "trained %s for %d steps (final loss %.4f); saved %s",
-            cfg["model"],
-            args.steps,
-            losses[-1] if losses else float("nan"),
-            out / "model.pt",
-        )
+    net, cfg = trained_or_loaded(args, data, out)
     net.eval()
     ker = kernels(net, cfg, data, args, out)
     np.save(out / "kernel_test_train.npy", ker["test"].numpy())

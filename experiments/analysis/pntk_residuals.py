@@ -36,13 +36,9 @@ from .common import (
     add_data_args,
     add_model_args,
     add_train_args,
-    build_model,
-    load_checkpoint,
     load_data,
-    model_config,
     model_inputs,
-    save_checkpoint,
-    train,
+    trained_or_loaded,
 )
 
 log = logging.getLogger("pntk_residuals")
@@ -145,24 +141,7 @@ def main(argv=None) -> dict:
     data = load_data(args.data, args.data_root, args.n_train, 1, seed=args.seed, dtype=dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(args, data)
-    if args.checkpoint:
-        net, cfg = load_checkpoint(args.checkpoint, cfg)
-    else:
-        net = build_model(cfg)
-        train(
-            net,
-            cfg,
-            data.x_train,
-            data.y_train,
-            args.steps,
-            args.lr,
-            args.batch_size,
-            args.loss,
-            seed=args.seed,
-            progress=args.progress,
-        )
-        save_checkpoint(out / "model.pt", net, cfg)
+    net, cfg = trained_or_loaded(args, data, out)
     if cfg["model"] == "inf":
         from experiments.cli import ConfigError
 
